@@ -1,0 +1,54 @@
+"""Client-visible Matrix errors and the exact strings lk-jwt-service sends (protocol.md §3.0)."""
+
+from __future__ import annotations
+
+# errcodes
+M_NOT_JSON = "M_NOT_JSON"
+M_BAD_JSON = "M_BAD_JSON"
+M_UNAUTHORIZED = "M_UNAUTHORIZED"
+M_FORBIDDEN = "M_FORBIDDEN"
+M_UNKNOWN = "M_UNKNOWN"
+M_TOO_LARGE = "M_TOO_LARGE"
+
+# error texts, byte-exact with upstream (note the ungrammatical "a `id`" in the -GT forms)
+E_NOTJSON = "Error reading request"
+E_ROOMSLOT = "The request body is missing `room_id` or `slot_id`"
+E_MEMBER_GT = "The request body `member` is missing a `id`, `claimed_user_id` or `claimed_device_id`"
+E_MEMBER_DL = "The request body `member` is missing `id`, `claimed_user_id` or `claimed_device_id`"
+E_OPENID_GT = "The request body `openid_token` is missing a `access_token` or `matrix_server_name`"
+E_OPENID_DL = "The request body `openid_token` is missing `access_token` or `matrix_server_name`"
+E_DELAY = "The request body is missing `delay_id` or `delay_timeout`"
+E_ROOM = "Missing room parameter"
+E_OPENID_LG = "Missing OpenID token parameters"
+E_DELEG = "Delegation of delayed events is only supported for full access users"
+E_CSAPI = "Unable to resolve client-server API"
+E_UNAUTH = "The request could not be authorised."
+E_INTERNAL = "Internal Server Error"
+E_CREATE = "Unable to create room on SFU"
+E_SHUTDOWN = "Service is shutting down"
+E_TOO_LARGE = "Request body too large"
+
+
+class MatrixError(Exception):
+    """An error answered to the client as ``{"errcode", "error"}`` with an HTTP status."""
+
+    def __init__(self, status: int, errcode: str, message: str) -> None:
+        super().__init__(status, errcode, message)
+        self.status = status
+        self.errcode = errcode
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"MatrixError({self.status}, {self.errcode!r}, {self.message!r})"
+
+
+def not_json() -> MatrixError:
+    return MatrixError(400, M_NOT_JSON, E_NOTJSON)
+
+
+def bad_json(message: str) -> MatrixError:
+    return MatrixError(400, M_BAD_JSON, message)
+
+
+def unauthorized() -> MatrixError:
+    return MatrixError(401, M_UNAUTHORIZED, E_UNAUTH)

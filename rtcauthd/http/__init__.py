@@ -1,0 +1,1 @@
+"""HTTP: the inbound Klein app and the outbound client."""

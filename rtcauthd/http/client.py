@@ -1,0 +1,241 @@
+"""Outbound HTTP: one bounded-time, bounded-size request helper over an injected IAgent.
+
+Why not ``treq.request``: treq parses URLs with hyperlink, which IDNA-encodes IPv6
+literals and raises before connecting (protocol.md §9.4). ``Agent.request`` takes the URL
+as bytes and handles ``[::1]`` correctly, so every outbound call (federation, LiveKit
+Twirp, client-server API) goes through :class:`HTTPClient`, which talks to the agent
+directly and reads the body itself so that it can enforce a size cap and abort the
+connection on timeout. Tests inject ``treq.testing.RequestTraversalAgent`` or a
+memory-reactor agent; production injects a pooled, keep-alive ``Agent``.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+import attr
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError as DeferTimeout, fail, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.web.client import PartialDownloadError, ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IBodyProducer, IResponse
+from zope.interface import implementer
+
+DEFAULT_TIMEOUT = 10.0
+DEFAULT_MAX_BODY = 64 * 1024
+
+
+class OutboundError(Exception):
+    """An outbound request failed; ``step`` names what failed, for the log."""
+
+    def __init__(self, step: str, detail: str) -> None:
+        super().__init__(step, detail)
+        self.step = step
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return f"{self.step}: {self.detail}"
+
+
+class RequestTimedOut(OutboundError):
+    """No complete answer within the time bound."""
+
+
+class BodyTooLarge(OutboundError):
+    """The answer was larger than we are willing to read."""
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class HTTPResponse:
+    """A fully read response."""
+
+    code: int
+    headers: Headers
+    body: bytes
+
+    def header(self, name: str) -> Optional[str]:
+        values = self.headers.getRawHeaders(name)
+        if not values:
+            return None
+        value = values[0]
+        return value.decode("latin-1") if isinstance(value, bytes) else value
+
+
+class _CappedBodyReader(Protocol):
+    """Collects a response body up to ``limit`` bytes, then aborts."""
+
+    def __init__(self, finished: Deferred, limit: int) -> None:
+        self._finished: Optional[Deferred] = finished
+        self._limit = limit
+        self._chunks: list[bytes] = []
+        self._size = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._finished is None:
+            return
+        self._size += len(data)
+        if self._size > self._limit:
+            finished, self._finished = self._finished, None
+            self.abort()
+            finished.errback(
+                BodyTooLarge("read body", f"response body exceeds {self._limit} bytes")
+            )
+            return
+        self._chunks.append(data)
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self._finished is None:
+            return
+        finished, self._finished = self._finished, None
+        if reason.check(ResponseDone, PotentialDataLoss):
+            finished.callback(b"".join(self._chunks))
+        elif reason.check(PartialDownloadError):
+            finished.errback(OutboundError("read body", "connection closed mid-body"))
+        else:
+            finished.errback(
+                OutboundError("read body", f"connection lost: {reason.getErrorMessage()}")
+            )
+
+
+def read_body(response: IResponse, limit: int) -> Deferred:
+    """Read ``response``'s whole body, failing with BodyTooLarge past ``limit`` bytes."""
+    if isinstance(response.length, int) and response.length > limit:
+        # Refuse up front; deliver to a reader that is already finished, then abort.
+        reader = _CappedBodyReader(Deferred(), limit)
+        reader._finished = None
+        response.deliverBody(reader)
+        reader.abort()
+        return fail(
+            BodyTooLarge("read body", f"Content-Length {response.length} exceeds {limit} bytes")
+        )
+    reader_holder: list[_CappedBodyReader] = []
+
+    def cancel(_d: Deferred) -> None:
+        if reader_holder:
+            reader_holder[0].abort()
+
+    finished: Deferred = Deferred(cancel)
+    reader = _CappedBodyReader(finished, limit)
+    reader_holder.append(reader)
+    response.deliverBody(reader)
+    return finished
+
+
+def _as_url_bytes(url: str | bytes) -> bytes:
+    if isinstance(url, bytes):
+        return url
+    try:
+        return url.encode("ascii")
+    except UnicodeEncodeError:
+        raise OutboundError("build URL", f"URL is not ASCII: {url!r}") from None
+
+
+class HTTPClient:
+    """Bounded outbound HTTP over an injected ``IAgent`` (see module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        clock: IReactorTime,
+        agent: IAgent,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_body: int = DEFAULT_MAX_BODY,
+        user_agent: str = "rtcauthd",
+    ) -> None:
+        self._clock = clock
+        self._agent = agent
+        self._timeout = timeout
+        self._max_body = max_body
+        self._user_agent = user_agent.encode("ascii")
+
+    @property
+    def agent(self) -> IAgent:
+        return self._agent
+
+    def request(
+        self,
+        method: bytes,
+        url: str | bytes,
+        *,
+        headers: Optional[Mapping[str, str]] = None,
+        body: Optional[bytes] = None,
+        timeout: Optional[float] = None,
+        max_body: Optional[int] = None,
+        step: str = "request",
+    ) -> "Deferred[HTTPResponse]":
+        """Send one request; the whole exchange (connect to last body byte) is time-bounded.
+
+        Fails with :class:`RequestTimedOut`, :class:`BodyTooLarge` or
+        :class:`OutboundError` (``step`` says which call this was, for the log).
+        """
+        limit = self._max_body if max_body is None else max_body
+        bound = self._timeout if timeout is None else timeout
+        raw_headers = Headers({b"User-Agent": [self._user_agent]})
+        for name, value in (headers or {}).items():
+            raw_headers.setRawHeaders(name.encode("ascii"), [value.encode("latin-1")])
+        try:
+            url_bytes = _as_url_bytes(url)
+        except OutboundError as e:
+            return fail(e)
+        producer = None if body is None else BytesProducer(body)
+
+        d = self._agent.request(method, url_bytes, raw_headers, producer)
+
+        def got_response(response: IResponse) -> Deferred:
+            return read_body(response, limit).addCallback(
+                lambda data: HTTPResponse(code=response.code, headers=response.headers, body=data)
+            )
+
+        d.addCallback(got_response)
+        d.addTimeout(bound, self._clock)
+
+        def translate(failure: Failure) -> Failure:
+            if failure.check(DeferTimeout, CancelledError):
+                raise RequestTimedOut(step, f"no complete answer within {bound:g} s")
+            if failure.check(OutboundError):
+                err = failure.value
+                raise type(err)(f"{step}: {err.step}", err.detail)
+            raise OutboundError(step, _describe(failure))
+
+        d.addErrback(translate)
+        return d
+
+
+def _describe(failure: Failure) -> str:
+    """A one-line reason for a transport failure, without tracebacks."""
+    value = failure.value
+    reasons = getattr(value, "reasons", None)  # ResponseNeverReceived & co. wrap failures
+    if reasons:
+        return "; ".join(_describe(r) for r in reasons)
+    name = type(value).__name__
+    message = failure.getErrorMessage()
+    return f"{name}: {message}" if message and message != name else name
+
+
+@implementer(IBodyProducer)
+class BytesProducer:
+    """A request body that is already in memory, written in one go (no cooperator)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self.length = len(data)
+
+    def startProducing(self, consumer) -> Deferred:
+        consumer.write(self._data)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass

@@ -1,0 +1,1 @@
+"""Delegated MatrixRTC leave (MSC4140) jobs."""

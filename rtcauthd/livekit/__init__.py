@@ -1,0 +1,1 @@
+"""LiveKit: names, tokens, RoomService over Twirp, webhooks."""

@@ -1,0 +1,1 @@
+"""Matrix: server names, federation resolution, OpenID userinfo."""

@@ -1,0 +1,1 @@
+"""Job stores: memory and Redis."""
