@@ -1,0 +1,1 @@
+"""Test support code shared by unit and black-box tests."""
