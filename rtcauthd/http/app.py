@@ -1,0 +1,229 @@
+"""The inbound HTTP surface (protocol.md §2, §3): routes, CORS, methods, bodies, errors.
+
+Every observable detail — which methods get 405 with an empty body, which paths carry the
+CORS headers, the exact 404 text, ``{"errcode","error"}`` + LF bodies — follows upstream,
+because clients and reverse-proxy setups were written against it.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Awaitable, Callable, Optional
+
+from klein import Klein
+from twisted.internet.defer import ensureDeferred
+from twisted.logger import Logger
+from twisted.web.http import Request
+from twisted.web.iweb import IRequest
+from twisted.web.server import Site
+from werkzeug.exceptions import NotFound
+
+from rtcauthd import errors
+from rtcauthd.authorizer import Authorizer
+from rtcauthd.errors import MatrixError
+from rtcauthd.gojson import go_json_dumps
+from rtcauthd.http.models import LegacyTokenRequest, TokenRequest
+
+log = Logger()
+
+CORS_HEADERS = {
+    b"Content-Type": b"application/json",
+    b"Access-Control-Allow-Origin": b"*",
+    b"Access-Control-Allow-Methods": b"POST",
+    b"Access-Control-Allow-Headers": b"Accept, Content-Type, Content-Length, Accept-Encoding, X-CSRF-Token",
+}
+NOT_FOUND_BODY = b"404 page not found\n"
+
+
+def json_body(obj: dict) -> bytes:
+    """Go's encoder output: compact, HTML-escaped, newline-terminated."""
+    return go_json_dumps(obj).encode("utf-8") + b"\n"
+
+
+def error_body(error: MatrixError) -> bytes:
+    return json_body({"errcode": error.errcode, "error": error.message})
+
+
+class WebhookSink:
+    """Receives verified webhook events; the delegated-leave manager provides the real one."""
+
+    def handle(self, authorization: Optional[str], body: bytes) -> None:
+        log.debug("Webhook received but delegated leave is not enabled; ignored")
+
+
+def _cors_json_endpoint(func: Callable[..., Awaitable[bytes]]):
+    """Wrap a POST endpoint: CORS on every answer, OPTIONS 200, other methods 405, errors as JSON."""
+
+    @functools.wraps(func)
+    def wrapper(self: "RtcAuthApp", request: IRequest):
+        for name, value in CORS_HEADERS.items():
+            request.setHeader(name, value)
+        if request.method == b"OPTIONS":
+            return b""
+        if request.method != b"POST":
+            request.setResponseCode(405)
+            return b""
+        too_large = getattr(request, "body_too_large", False)
+        if too_large:
+            return self._error(
+                request,
+                MatrixError(413, errors.M_TOO_LARGE, errors.E_TOO_LARGE),
+            )
+        body = request.content.read() if request.content is not None else b""
+
+        async def run() -> bytes:
+            try:
+                return await func(self, request, body)
+            except MatrixError as e:
+                return self._error(request, e)
+            except Exception:
+                log.failure("Unhandled error in {path}", path=request.path.decode("latin-1"))
+                return self._error(request, MatrixError(500, errors.M_UNKNOWN, errors.E_INTERNAL))
+
+        return ensureDeferred(run())
+
+    return wrapper
+
+
+class RtcAuthApp:
+    """Klein routes bound to one Authorizer (no global state)."""
+
+    app = Klein()
+
+    def __init__(self, *, authorizer: Authorizer, webhooks: Optional[WebhookSink] = None) -> None:
+        self._authorizer = authorizer
+        self._webhooks = webhooks or WebhookSink()
+
+    def resource(self):
+        return self.app.resource()
+
+    @staticmethod
+    def _error(request: IRequest, error: MatrixError) -> bytes:
+        request.setResponseCode(error.status)
+        return error_body(error)
+
+    @app.route("/get_token", branch=False)
+    @_cors_json_endpoint
+    async def get_token(self, request: IRequest, body: bytes) -> bytes:
+        grant = await self._authorizer.get_token(TokenRequest.decode(body))
+        return json_body({"url": grant.url, "jwt": grant.jwt})
+
+    @app.route("/sfu/get", branch=False)
+    @_cors_json_endpoint
+    async def sfu_get(self, request: IRequest, body: bytes) -> bytes:
+        grant = await self._authorizer.sfu_get(LegacyTokenRequest.decode(body))
+        return json_body({"url": grant.url, "jwt": grant.jwt})
+
+    @app.route("/delegate_delayed_leave", branch=False)
+    @_cors_json_endpoint
+    async def delegate_delayed_leave(self, request: IRequest, body: bytes) -> bytes:
+        await self._authorizer.delegate_delayed_leave(TokenRequest.decode(body))
+        return json_body({})
+
+    @app.route("/sfu_webhook", branch=False)
+    def sfu_webhook(self, request: IRequest) -> bytes:
+        """Always 200 with an empty body: failures are only logged (protocol.md §3.4)."""
+        if not getattr(request, "body_too_large", False):
+            body = request.content.read() if request.content is not None else b""
+            auth = request.getHeader(b"Authorization")
+            try:
+                self._webhooks.handle(auth.decode("latin-1") if auth else None, body)
+            except Exception:
+                log.failure("Webhook handling failed")
+        else:
+            log.warn("Webhook body larger than the request size limit; ignored")
+        return b""
+
+    @app.route("/healthz", branch=False)
+    def healthz(self, request: IRequest) -> bytes:
+        if request.method not in (b"GET", b"HEAD"):
+            request.setResponseCode(405)
+        return b""
+
+    @app.handle_errors(NotFound)
+    def not_found(self, request: IRequest, failure) -> bytes:
+        request.setResponseCode(404)
+        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        request.setHeader(b"X-Content-Type-Options", b"nosniff")
+        return NOT_FOUND_BODY
+
+
+# Paths are matched exactly: no merging of "//" into "/" and no redirects (protocol.md §2.1, §16).
+RtcAuthApp.app.url_map.merge_slashes = False
+RtcAuthApp.app.url_map.redirect_defaults = False
+
+
+class SizeLimitingRequest(Request):
+    """Stops buffering a request body past ``max_body`` bytes; the route answers 413."""
+
+    max_body = 64 * 1024
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.body_too_large = False
+        self._body_size = 0
+        self._started = time.monotonic()
+
+    def gotLength(self, length: Optional[int]) -> None:
+        if length is not None and length > self.max_body:
+            self.body_too_large = True
+            length = 0  # keep Twisted from preparing a large buffer
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.body_too_large:
+            return
+        self._body_size += len(data)
+        if self._body_size > self.max_body:
+            self.body_too_large = True
+            self.content.seek(0)
+            self.content.truncate()
+            return
+        super().handleContentChunk(data)
+
+
+class RtcAuthSite(Site):
+    """A Site whose access log is a structured event (healthz only at debug)."""
+
+    def __init__(self, resource, *, max_body: int, reactor=None) -> None:
+        super().__init__(resource, reactor=reactor)
+        self.max_body = max_body
+        self.in_flight = 0  # requests not yet finished; the service drains them on stop
+        self.requestFactory = self._make_request
+        self.displayTracebacks = False
+
+    def _make_request(self, *args, **kwargs) -> SizeLimitingRequest:
+        request = SizeLimitingRequest(*args, **kwargs)
+        request.max_body = self.max_body
+        self.in_flight += 1
+        request.notifyFinish().addBoth(self._finished)
+        return request
+
+    def _finished(self, _result) -> None:
+        self.in_flight -= 1
+
+    def log(self, request: Request) -> None:
+        path = request.path.decode("latin-1", errors="replace")
+        started = getattr(request, "_started", None)
+        duration_ms = (time.monotonic() - started) * 1000 if started is not None else 0.0
+        origin = request.getHeader(b"Origin")
+        event = dict(
+            method=request.method.decode("latin-1", errors="replace"),
+            path=path,
+            status=request.code,
+            duration_ms=round(duration_ms, 1),
+            origin=origin.decode("latin-1", errors="replace") if origin else "-",
+            client=_client_address(request),
+        )
+        fmt = "{client} {method} {path} -> {status} in {duration_ms} ms (origin {origin})"
+        if path == "/healthz":
+            log.debug(fmt, **event)
+        else:
+            log.info(fmt, **event)
+
+
+def _client_address(request: Request) -> str:
+    peer = request.getClientAddress()
+    host = getattr(peer, "host", None)
+    return host if host else str(peer)

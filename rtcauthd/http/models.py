@@ -1,0 +1,291 @@
+"""Request bodies of the three POST endpoints, decoded with Go's ``encoding/json`` semantics.
+
+Upstream decodes into fixed structs with unknown fields disallowed; clients (Element Call,
+Element X) and upstream's black-box suite depend on the exact outcomes of protocol.md §2.4:
+any decode problem is 400 M_NOT_JSON, ``null`` leaves the zero value, keys match fields
+case-insensitively (exact match preferred), the last duplicate wins, integers are strict
+int64, bytes after the first JSON value are ignored, invalid UTF-8 becomes U+FFFD per byte.
+Validation (rules V/L/D, first failure wins) then gives the exact M_BAD_JSON messages.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+from typing import Any, Mapping
+
+import attr
+
+from rtcauthd import errors
+from rtcauthd.errors import MatrixError
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+#: delay_timeout in ms that still fits Go's int64 nanoseconds (protocol.md §12.1)
+MAX_DELAY_TIMEOUT_MS = INT64_MAX // 1_000_000
+
+
+class DecodeError(Exception):
+    """The body is not what Go's decoder would accept (always answered as M_NOT_JSON)."""
+
+
+def _per_byte_replace(error: UnicodeDecodeError) -> tuple[str, int]:
+    # Go replaces every offending byte by U+FFFD; Python's "replace" folds a truncated
+    # multi-byte sequence into one. Replace just the first byte and let decoding resume.
+    return "\ufffd", error.start + 1
+
+
+codecs.register_error("rtcauthd-go-replace", _per_byte_replace)
+
+
+class _Pairs(list):
+    """A JSON object as its (key, value) pairs in order, so duplicates stay visible."""
+
+
+class _Float(float):
+    """Marks a JSON number written with a fraction or exponent (never valid for Go ints)."""
+
+
+def _reject_constant(name: str) -> Any:
+    raise DecodeError(f"{name} is not JSON")
+
+
+_DECODER = json.JSONDecoder(
+    parse_float=_Float, parse_constant=_reject_constant, object_pairs_hook=_Pairs
+)
+_JSON_WHITESPACE = " \t\r\n"
+
+
+def decode_json_value(body: bytes) -> Any:
+    """The first JSON value of ``body`` (trailing bytes ignored), objects as pair lists."""
+    text = body.decode("utf-8", errors="rtcauthd-go-replace")
+    start = len(text) - len(text.lstrip(_JSON_WHITESPACE))
+    if start == len(text):
+        raise DecodeError("empty body")
+    try:
+        value, _end = _DECODER.raw_decode(text, start)
+    except (ValueError, RecursionError) as e:
+        raise DecodeError(str(e)) from None
+    return value
+
+
+def _clean_string(value: str) -> str:
+    # Escaped lone surrogates ("\ud800") decode to surrogate code points in Python; Go
+    # yields U+FFFD. Valid pairs were already combined by the decoder.
+    if any("\ud800" <= ch <= "\udfff" for ch in value):
+        return "".join("\ufffd" if "\ud800" <= ch <= "\udfff" else ch for ch in value)
+    return value
+
+
+def _string(value: Any) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise DecodeError("expected a string")
+    return _clean_string(value)
+
+
+def _int64(value: Any) -> int:
+    if value is None:
+        return 0
+    if type(value) is not int:  # bool is an int subclass; _Float marks 1.0 and 1e3
+        raise DecodeError("expected an integer")
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise DecodeError("integer out of int64 range")
+    return value
+
+
+def _fold(name: str) -> str:
+    # Go's case-insensitive match also folds the Kelvin sign and the long s.
+    return name.replace("\u212a", "k").replace("\u017f", "s").lower()
+
+
+def _decode_struct(value: Any, fields: Mapping[str, Any], into: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Decode a JSON object into the named fields, Go style.
+
+    Absent fields keep their zero value; ``null`` leaves a field as it was; a repeated
+    object key decodes into the struct already there (Go merges, it does not reset).
+    """
+    result = into if into is not None else {name: decode(None, None) for name, decode in fields.items()}
+    if value is None:
+        return result
+    if not isinstance(value, _Pairs):
+        raise DecodeError("expected an object")
+    folded = {_fold(name): name for name in fields}
+    for key, item in value:
+        key = _clean_string(key)
+        name = key if key in fields else folded.get(_fold(key))
+        if name is None:
+            raise DecodeError("unknown field")
+        if item is not None:
+            result[name] = fields[name](item, result[name])
+    return result
+
+
+def _struct(cls: type, fields: Mapping[str, Any]):
+    def decode(value: Any, current: Any):
+        previous = None if current is None else attr.asdict(current)
+        return cls(**_decode_struct(value, fields, previous))
+
+    return decode
+
+
+def _scalar(parse):
+    def decode(value: Any, _current: Any):
+        return parse(value)
+
+    return decode
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class OpenIDToken:
+    access_token: str = attr.ib(default="", repr=False)  # never in a log line
+    token_type: str = ""
+    matrix_server_name: str = ""
+    expires_in: int = 0
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class Member:
+    id: str = ""
+    claimed_user_id: str = ""
+    claimed_device_id: str = ""
+
+
+_OPENID_FIELDS = {
+    "access_token": _scalar(_string),
+    "token_type": _scalar(_string),
+    "matrix_server_name": _scalar(_string),
+    "expires_in": _scalar(_int64),
+}
+_MEMBER_FIELDS = {
+    "id": _scalar(_string),
+    "claimed_user_id": _scalar(_string),
+    "claimed_device_id": _scalar(_string),
+}
+
+
+def _decode_body(body: bytes, fields: Mapping[str, Any]) -> dict[str, Any]:
+    """Top level: an object or ``null``; anything else, or any decode error, is M_NOT_JSON."""
+    try:
+        return _decode_struct(decode_json_value(body), fields)
+    except DecodeError:
+        raise errors.not_json() from None
+
+
+def _delay_pair_invalid(delay_id: str, delay_timeout: int) -> bool:
+    """V4/L3: exactly one of {delay_id non-empty, delay_timeout > 0} is an error."""
+    return bool(delay_id) != (delay_timeout > 0)
+
+
+def _check_delay_range(delay_timeout: int) -> None:
+    if delay_timeout > MAX_DELAY_TIMEOUT_MS:
+        # Upstream fails converting to int64 nanoseconds and answers with the job error text.
+        raise errors.bad_json(
+            f"invalid delay timeout for delayed event job: {delay_timeout}ms is out of range"
+        )
+
+
+_TOKEN_FIELDS = {
+    "room_id": _scalar(_string),
+    "slot_id": _scalar(_string),
+    "openid_token": _struct(OpenIDToken, _OPENID_FIELDS),
+    "member": _struct(Member, _MEMBER_FIELDS),
+    "delay_id": _scalar(_string),
+    "delay_timeout": _scalar(_int64),
+    "delay_cs_api_url": _scalar(_string),
+}
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class TokenRequest:
+    """POST /get_token (MSC4195) and POST /delegate_delayed_leave share this shape."""
+
+    room_id: str
+    slot_id: str
+    openid_token: OpenIDToken
+    member: Member
+    delay_id: str
+    delay_timeout: int
+    delay_cs_api_url: str
+
+    @classmethod
+    def decode(cls, body: bytes) -> "TokenRequest":
+        return cls(**_decode_body(body, _TOKEN_FIELDS))
+
+    def validate_for_token(self) -> None:
+        """Rules V1–V4 (protocol.md §3.1), first failure wins."""
+        if not self.room_id or not self.slot_id:
+            raise errors.bad_json(errors.E_ROOMSLOT)
+        m = self.member
+        if not m.id or not m.claimed_user_id or not m.claimed_device_id:
+            raise errors.bad_json(errors.E_MEMBER_GT)
+        if not self.openid_token.access_token or not self.openid_token.matrix_server_name:
+            raise errors.bad_json(errors.E_OPENID_GT)
+        if _delay_pair_invalid(self.delay_id, self.delay_timeout):
+            raise errors.bad_json(errors.E_DELAY)
+
+    def validate_for_delegation(self) -> None:
+        """Rules D1–D4 (protocol.md §3.3), first failure wins."""
+        if not self.room_id or not self.slot_id:
+            raise errors.bad_json(errors.E_ROOMSLOT)
+        m = self.member
+        if not m.id or not m.claimed_user_id or not m.claimed_device_id:
+            raise errors.bad_json(errors.E_MEMBER_DL)
+        if not self.openid_token.access_token or not self.openid_token.matrix_server_name:
+            raise errors.bad_json(errors.E_OPENID_DL)
+        if not self.delay_id or self.delay_timeout <= 0:
+            raise errors.bad_json(errors.E_DELAY)
+
+    @property
+    def wants_delegation(self) -> bool:
+        return bool(self.delay_id)
+
+
+_LEGACY_FIELDS = {
+    "room": _scalar(_string),
+    "openid_token": _struct(OpenIDToken, _OPENID_FIELDS),
+    "device_id": _scalar(_string),
+    "delay_id": _scalar(_string),
+    "delay_timeout": _scalar(_int64),
+    "delay_cs_api_url": _scalar(_string),
+}
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class LegacyTokenRequest:
+    """POST /sfu/get (pre-Matrix-2.0)."""
+
+    room: str
+    openid_token: OpenIDToken
+    device_id: str
+    delay_id: str
+    delay_timeout: int
+    delay_cs_api_url: str
+
+    @classmethod
+    def decode(cls, body: bytes) -> "LegacyTokenRequest":
+        return cls(**_decode_body(body, _LEGACY_FIELDS))
+
+    def validate(self) -> None:
+        """Rules L1–L3 (protocol.md §3.2)."""
+        if not self.room:
+            raise errors.bad_json(errors.E_ROOM)
+        if not self.openid_token.access_token or not self.openid_token.matrix_server_name:
+            raise errors.bad_json(errors.E_OPENID_LG)
+        if _delay_pair_invalid(self.delay_id, self.delay_timeout):
+            raise errors.bad_json(errors.E_DELAY)
+
+    @property
+    def wants_delegation(self) -> bool:
+        return bool(self.delay_id)
+
+
+__all__ = [
+    "DecodeError",
+    "LegacyTokenRequest",
+    "Member",
+    "MatrixError",
+    "OpenIDToken",
+    "TokenRequest",
+    "decode_json_value",
+]

@@ -1,0 +1,158 @@
+"""Process lifecycle: restore state, then listen, then tell systemd; on stop, drain and persist.
+
+Order matters to operators and to upstream's black-box suite: the first 200 from /healthz
+means "ready", so job recovery finishes *before* the listeners open (protocol.md §3.5).
+A listener that cannot open is fatal (exit status 1), as upstream's is.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Awaitable, Callable, Optional, Sequence
+
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, succeed
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+
+log = Logger()
+
+DRAIN_SECONDS = 8.0  # systemd's default stop timeout is 90 s; upstream's suite wants < 10 s
+_DUAL_STACK_SUFFIX = ":interface=\\:\\:"
+
+
+def sd_notify(message: str, environ=os.environ) -> bool:
+    """Send one sd_notify datagram if systemd asked for it (Type=notify); never raises."""
+    address = environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(address)
+            s.sendall(message.encode("utf-8"))
+        return True
+    except OSError as e:
+        log.warn("sd_notify({message}) failed: {error}", message=message.split("\n")[0], error=e)
+        return False
+
+
+def ipv4_fallback(description: str) -> Optional[str]:
+    """``tcp6:PORT:interface=\\:\\:`` → ``tcp:PORT:interface=0.0.0.0`` for IPv4-only hosts."""
+    if description.startswith("tcp6:") and description.endswith(_DUAL_STACK_SUFFIX):
+        port = description[len("tcp6:") : -len(_DUAL_STACK_SUFFIX)]
+        if port.isdigit():
+            return f"tcp:{port}:interface=0.0.0.0"
+    return None
+
+
+class RtcAuthService(MultiService):
+    """The daemon: child services plus listeners opened only after ``before_listen``."""
+
+    def __init__(
+        self,
+        *,
+        reactor,
+        endpoints: Sequence[str],
+        site,
+        before_listen: Callable[[], Awaitable[None]] = None,
+        after_stop: Callable[[], Awaitable[None]] = None,
+        exit_process: Callable[[int], None] = os._exit,
+    ) -> None:
+        super().__init__()
+        self._reactor = reactor
+        self._endpoints = list(endpoints)
+        self._site = site
+        self._before_listen = before_listen
+        self._after_stop = after_stop
+        self._exit_process = exit_process
+        self.ports: list = []
+        self.ready: Deferred = Deferred()
+
+    def startService(self) -> None:
+        super().startService()
+        ensureDeferred(self._start()).addErrback(self._fatal)
+
+    async def _start(self) -> None:
+        if self._before_listen is not None:
+            await self._before_listen()
+        for description in self._endpoints:
+            self.ports.append(await self._listen(description))
+        for port in self.ports:
+            log.info("Listening on {address}", address=_describe_port(port))
+        sd_notify("READY=1\nSTATUS=serving")
+        self.ready.callback(self.ports)
+
+    async def _listen(self, description: str):
+        try:
+            return await serverFromString(self._reactor, description).listen(self._site)
+        except CannotListenError as e:
+            fallback = ipv4_fallback(description)
+            if fallback is None or not _is_address_family_error(e):
+                raise
+            log.warn(
+                "IPv6 is not available here ({error}); listening on IPv4 only ({fallback})",
+                error=e.socketError,
+                fallback=fallback,
+            )
+            return await serverFromString(self._reactor, fallback).listen(self._site)
+
+    def _fatal(self, failure) -> None:
+        log.critical(
+            "rtcauthd cannot start: {error}", error=failure.getErrorMessage(), log_failure=None
+        )
+        if not self.ready.called:
+            self.ready.errback(failure)
+            self.ready.addErrback(lambda _: None)
+        self._reactor.addSystemEventTrigger("after", "shutdown", self._exit_process, 1)
+        if self._reactor.running:
+            self._reactor.stop()
+        else:
+            self._reactor.callWhenRunning(self._reactor.stop)
+
+    def stopService(self) -> Deferred:
+        sd_notify("STOPPING=1")
+        return ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        ports, self.ports = self.ports, []
+        await DeferredList([port.stopListening() or succeed(None) for port in ports])
+        await self._drain()
+        await super().stopService()
+        if self._after_stop is not None:
+            await self._after_stop()
+        log.info("rtcauthd stopped")
+
+    async def _drain(self) -> None:
+        """Let in-flight requests finish, bounded by DRAIN_SECONDS."""
+        waited = 0.0
+        while getattr(self._site, "in_flight", 0) > 0 and waited < DRAIN_SECONDS:
+            await deferLater(self._reactor, 0.05, lambda: None)
+            waited += 0.05
+        left = getattr(self._site, "in_flight", 0)
+        if left:
+            log.warn("Stopping with {count} request(s) still in flight", count=left)
+
+
+def _is_address_family_error(error: CannotListenError) -> bool:
+    import errno
+
+    code = getattr(error.socketError, "errno", None)
+    return code in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT)
+
+
+def _describe_port(port) -> str:
+    try:
+        address = port.getHost()
+    except Exception:
+        return repr(port)
+    host = getattr(address, "host", None)
+    if host is None:
+        return getattr(address, "name", repr(address))
+    if ":" in host:
+        return f"[{host}]:{address.port}"
+    return f"{host}:{address.port}"

@@ -1,0 +1,199 @@
+"""``twistd rtcauth``: command-line options and the one place that builds real agents.
+
+Everything else receives its reactor, agents and clients; here they are made from the
+Config and wired together.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Mapping
+
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.web.client import HTTPConnectionPool
+
+from rtcauthd import __version__
+from rtcauthd import logging as rtc_logging
+from rtcauthd.config import Config, ConfigError, load_config
+
+log = Logger()
+
+ENVIRONMENT_HELP = """
+Configuration comes from the environment, exactly as lk-jwt-service reads it
+(an env file given with --config is read first; the environment wins over it):
+
+  LIVEKIT_URL                     SFU URL handed to clients (ws:// or wss://); required
+  LIVEKIT_KEY, LIVEKIT_SECRET     LiveKit API key and secret
+  LIVEKIT_KEY_FROM_FILE           file holding the key (overrides LIVEKIT_KEY)
+  LIVEKIT_SECRET_FROM_FILE        file holding the secret (overrides LIVEKIT_SECRET)
+  LIVEKIT_KEY_FILE                LiveKit-style "key: secret" file (overrides the four above)
+  CREDENTIALS_DIRECTORY           systemd credentials: livekit_key, livekit_secret fill in
+                                  whatever the variables above left empty
+  LIVEKIT_FULL_ACCESS_HOMESERVERS required; server names whose users may create rooms and
+                                  delegate leaves (comma/space separated; "*" alone = all)
+  LIVEKIT_JWT_BIND                listen address, default ":8080" (all interfaces, IPv4+IPv6)
+  LIVEKIT_JWT_PORT                deprecated: port only; not together with LIVEKIT_JWT_BIND
+  LIVEKIT_LOG_LEVEL               debug, info (default), warn, error
+  LIVEKIT_CS_API_URL_OVERRIDES    server_name=https://client-api,... (skips .well-known)
+  LIVEKIT_REDIS_URL               redis://[:password@]host[:port][/db] for delegated-leave jobs
+  LIVEKIT_SANITY_CHECK_INTERVAL_SECONDS  SFU presence re-check interval, 0 = off (default)
+  LIVEKIT_INSECURE_SKIP_VERIFY_TLS  YES_I_KNOW_WHAT_I_AM_DOING disables certificate checks
+rtcauthd additions:
+  RTCAUTH_CA_FILE                 PEM CA bundle trusted for outbound TLS (private PKI)
+  RTCAUTH_FEDERATION_IP_RANGE_BLOCKLIST  CIDRs homeservers may not resolve to (replaces
+                                  the default: loopback, private, link-local, CGNAT, ...)
+  RTCAUTH_FEDERATION_IP_RANGE_ALLOWLIST  CIDRs exempt from the blocklist (wins over it)
+  RTCAUTH_OUTBOUND_TIMEOUT_SECONDS  bound on every outbound call (default 10)
+  RTCAUTH_MAX_BODY_BYTES          request body limit, answered 413 (default 65536)
+  RTCAUTH_LOG_FORMAT              auto (JSON under journald, else text), text or json
+  RTCAUTH_LISTEN                  space-separated endpoint strings (like --listen)
+"""
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "rtcauthd: the MatrixRTC authorization service (a drop-in for lk-jwt-service). "
+        "Verifies Matrix OpenID tokens over federation and answers LiveKit access tokens."
+        + ENVIRONMENT_HELP
+    )
+    optFlags = [
+        [
+            "dev",
+            None,
+            "Development mode: LiveKit dev credentials (devkey/secret), ws://localhost:7880 and "
+            "full access for localhost wherever the environment sets nothing. Loudly logged.",
+        ],
+    ]
+    optParameters = [
+        ["config", "c", None, "Read KEY=value settings from this env file first (environment wins)."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+
+    def opt_listen(self, endpoint: str) -> None:
+        """Listen on this Twisted endpoint string (repeatable), e.g. tcp6:8080:interface=\\:\\:,
+        unix:/run/rtcauthd.sock, systemd:domain=INET:index=0. Overrides LIVEKIT_JWT_BIND."""
+        self["listen"].append(endpoint)
+
+    def opt_version(self) -> None:
+        print(f"rtcauthd {__version__}")
+        sys.exit(0)
+
+    def postOptions(self) -> None:
+        # Route twistd's log output through our observer unless --logger was given.
+        parent = getattr(self, "parent", None)
+        if parent is not None and not parent.get("logger"):
+            parent["logger"] = rtc_logging.make_observer
+
+
+def fail_startup(message: str) -> "NoReturn":  # noqa: F821
+    """One line naming the problem on stderr, exit status 1, no traceback."""
+    sys.stderr.write(f"rtcauthd: configuration error: {message}\n")
+    sys.stderr.flush()
+    raise SystemExit(1)
+
+
+def makeService(options: Mapping) -> "RtcAuthService":  # noqa: F821
+    from twisted.internet import reactor
+
+    try:
+        config = load_config(
+            os.environ,
+            config_file=options.get("config"),
+            listen=tuple(options.get("listen") or ()),
+            dev=bool(options.get("dev")),
+        )
+    except ConfigError as e:
+        fail_startup(str(e))
+    rtc_logging.configure(
+        level=config.log_level, log_format=config.log_format, secrets=(config.api_secret,)
+    )
+    try:
+        return build_service(config, reactor)
+    except ConfigError as e:
+        fail_startup(str(e))
+
+
+def build_service(config: Config, reactor, environ: Mapping[str, str] = os.environ):
+    """Wire the daemon from its Config (raises ConfigError for settings that fail to load)."""
+    from rtcauthd.authorizer import Authorizer
+    from rtcauthd.http.app import RtcAuthApp, RtcAuthSite
+    from rtcauthd.http.client import HTTPClient
+    from rtcauthd.livekit.tokens import TokenMinter
+    from rtcauthd.livekit.twirp import RoomServiceClient
+    from rtcauthd.matrix.federation import FederationClient
+    from rtcauthd.matrix.federation_agent import build_federation_agent, build_plain_agent
+    from rtcauthd.matrix.ipfilter import DEFAULT_BLOCKLIST, IPRangeFilter
+    from rtcauthd.service import RtcAuthService
+    from rtcauthd.tls import TLSConfigError, TLSPolicy
+
+    for description in config.listen:
+        try:
+            serverFromString(reactor, description)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"listen endpoint {description!r} is invalid: {e}") from None
+    try:
+        tls_policy = TLSPolicy(ca_file=config.ca_file, insecure=config.insecure_skip_verify_tls)
+    except TLSConfigError as e:
+        raise ConfigError(str(e)) from None
+
+    for warning in config.warnings:
+        log.warn("{warning}", warning=warning)
+    log.info(
+        "rtcauthd {version}: LiveKit {url}, key from {key_source}, secret from {secret_source}, "
+        "full access for {full_access}",
+        version=__version__,
+        url=config.livekit_url,
+        key_source=config.key_source,
+        secret_source=config.secret_source,
+        full_access=", ".join(config.full_access_homeservers) or "(nobody)",
+    )
+
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = 8
+    pool.cachedConnectionTimeout = 120
+    ip_filter = IPRangeFilter(
+        blocklist=list(config.ip_blocklist) if config.ip_blocklist is not None else list(DEFAULT_BLOCKLIST),
+        allowlist=list(config.ip_allowlist),
+    )
+    federation_http = HTTPClient(
+        clock=reactor,
+        agent=build_federation_agent(
+            reactor,
+            tls_policy=tls_policy,
+            ip_filter=ip_filter,
+            is_trusted=config.is_full_access,
+            pool=pool,
+        ),
+        timeout=config.outbound_timeout,
+    )
+    plain_http = HTTPClient(
+        clock=reactor,
+        agent=build_plain_agent(reactor, tls_policy=tls_policy, pool=pool),
+        timeout=config.outbound_timeout,
+    )
+    tokens = TokenMinter(api_key=config.api_key, api_secret=config.api_secret, clock=reactor)
+    rooms = RoomServiceClient(
+        livekit_url=config.livekit_url, http=plain_http, tokens=tokens, timeout=config.outbound_timeout
+    )
+    authorizer = Authorizer(
+        config=config,
+        federation=FederationClient(http=federation_http),
+        tokens=tokens,
+        rooms=rooms,
+    )
+    app = RtcAuthApp(authorizer=authorizer)
+    site = RtcAuthSite(app.resource(), max_body=config.max_body_bytes, reactor=reactor)
+
+    async def after_stop() -> None:
+        await pool.closeCachedConnections()
+
+    return RtcAuthService(
+        reactor=reactor, endpoints=config.listen, site=site, after_stop=after_stop
+    )
