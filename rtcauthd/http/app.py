@@ -14,9 +14,10 @@ from typing import Awaitable, Callable, Optional
 from klein import Klein
 from twisted.internet.defer import ensureDeferred
 from twisted.logger import Logger
-from twisted.web.http import Request
-from twisted.web.iweb import IRequest
-from twisted.web.server import Site
+from twisted.web.server import Request, Site
+from twisted.web.iweb import INonQueuedRequestFactory, IRequest
+from zope.interface import implementer
+
 from werkzeug.exceptions import NotFound
 
 from rtcauthd import errors
@@ -57,6 +58,8 @@ def _cors_json_endpoint(func: Callable[..., Awaitable[bytes]]):
 
     @functools.wraps(func)
     def wrapper(self: "RtcAuthApp", request: IRequest):
+        if not _is_canonical(request):
+            return _not_found(request)
         for name, value in CORS_HEADERS.items():
             request.setHeader(name, value)
         if request.method == b"OPTIONS":
@@ -124,6 +127,8 @@ class RtcAuthApp:
     @app.route("/sfu_webhook", branch=False)
     def sfu_webhook(self, request: IRequest) -> bytes:
         """Always 200 with an empty body: failures are only logged (protocol.md §3.4)."""
+        if not _is_canonical(request):
+            return _not_found(request)
         if not getattr(request, "body_too_large", False):
             body = request.content.read() if request.content is not None else b""
             auth = request.getHeader(b"Authorization")
@@ -137,16 +142,28 @@ class RtcAuthApp:
 
     @app.route("/healthz", branch=False)
     def healthz(self, request: IRequest) -> bytes:
+        if not _is_canonical(request):
+            return _not_found(request)
         if request.method not in (b"GET", b"HEAD"):
             request.setResponseCode(405)
         return b""
 
     @app.handle_errors(NotFound)
     def not_found(self, request: IRequest, failure) -> bytes:
-        request.setResponseCode(404)
-        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
-        request.setHeader(b"X-Content-Type-Options", b"nosniff")
-        return NOT_FOUND_BODY
+        return _not_found(request)
+
+
+def _is_canonical(request: IRequest) -> bool:
+    """Klein folds ``//get_token`` onto ``/get_token``; Go would not serve it, so neither do we."""
+    path = request.path
+    return b"//" not in path and b"/./" not in path and b"/../" not in path and not path.endswith(b"/.")
+
+
+def _not_found(request: IRequest) -> bytes:
+    request.setResponseCode(404)
+    request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+    request.setHeader(b"X-Content-Type-Options", b"nosniff")
+    return NOT_FOUND_BODY
 
 
 # Paths are matched exactly: no merging of "//" into "/" and no redirects (protocol.md §2.1, §16).
@@ -190,11 +207,11 @@ class RtcAuthSite(Site):
         super().__init__(resource, reactor=reactor)
         self.max_body = max_body
         self.in_flight = 0  # requests not yet finished; the service drains them on stop
-        self.requestFactory = self._make_request
+        self.requestFactory = _RequestFactory(self)
         self.displayTracebacks = False
 
-    def _make_request(self, *args, **kwargs) -> SizeLimitingRequest:
-        request = SizeLimitingRequest(*args, **kwargs)
+    def make_request(self, channel) -> SizeLimitingRequest:
+        request = SizeLimitingRequest(channel)
         request.max_body = self.max_body
         self.in_flight += 1
         request.notifyFinish().addBoth(self._finished)
@@ -221,6 +238,17 @@ class RtcAuthSite(Site):
             log.debug(fmt, **event)
         else:
             log.info(fmt, **event)
+
+
+@implementer(INonQueuedRequestFactory)
+class _RequestFactory:
+    """Builds our requests; declaring the interface keeps Twisted from passing ``queued``."""
+
+    def __init__(self, site: RtcAuthSite) -> None:
+        self._site = site
+
+    def __call__(self, channel) -> SizeLimitingRequest:
+        return self._site.make_request(channel)
 
 
 def _client_address(request: Request) -> str:

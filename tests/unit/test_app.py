@@ -1,0 +1,365 @@
+"""The HTTP surface end to end in memory: routes, CORS, status codes, errcodes, access rules.
+
+StubTreq drives real twisted.web Requests through the Klein resource; the homeserver and
+the SFU are small fakes with call logs, so each test also proves what was (not) called.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jwt as pyjwt
+from twisted.internet.defer import fail, succeed
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+import treq
+from treq.client import HTTPClient
+from treq.testing import RequestTraversalAgent
+from twisted.internet.testing import MemoryReactorClock
+
+from rtcauthd import errors
+from rtcauthd.authorizer import Authorizer
+from rtcauthd.config import load_config
+from rtcauthd.http.app import RtcAuthApp, RtcAuthSite
+from rtcauthd.http.client import BytesProducer
+from rtcauthd.livekit import naming
+from rtcauthd.livekit.tokens import TokenMinter
+from rtcauthd.livekit.twirp import TwirpError
+
+SECRET = "unit-test-secret"
+CORS = {
+    b"Content-Type": [b"application/json"],
+    b"Access-Control-Allow-Origin": [b"*"],
+    b"Access-Control-Allow-Methods": [b"POST"],
+    b"Access-Control-Allow-Headers": [b"Accept, Content-Type, Content-Length, Accept-Encoding, X-CSRF-Token"],
+}
+
+
+class OpenIDError(Exception):
+    """Stands in for the federation client's failure (the authorizer only reads step/detail)."""
+
+    def __init__(self, step, detail):
+        super().__init__(step, detail)
+        self.step, self.detail = step, detail
+
+
+class FakeHomeservers:
+    """userinfo(server_name, token): the user for a known (server, token), else an OpenIDError."""
+
+    def __init__(self, users):
+        self.users = users
+        self.calls = []
+
+    def userinfo(self, server_name, access_token):
+        self.calls.append(server_name)
+        user = self.users.get((server_name, access_token))
+        if user is None:
+            return fail(OpenIDError("status 401", "M_UNKNOWN_TOKEN"))
+        return succeed(user)
+
+
+class FakeRooms:
+    def __init__(self):
+        self.created = []
+        self.error = None
+
+    def create_room(self, room):
+        self.created.append(room)
+        if self.error is not None:
+            return fail(self.error)
+        return succeed(None)
+
+
+class FakeDelegation:
+    def __init__(self, resolvable=True):
+        self.resolvable = resolvable
+        self.jobs = []
+        self.resolved = []
+
+    def resolve_cs_api(self, server_name):
+        self.resolved.append(server_name)
+        if not self.resolvable:
+            return fail(LookupError("no .well-known"))
+        return succeed("https://matrix.example.com")
+
+    def add_job(self, job):
+        self.jobs.append(job)
+        return succeed(None)
+
+
+def token_body(**changes):
+    obj = {
+        "room_id": "!room:example.com",
+        "slot_id": "m.call#ROOM",
+        "openid_token": {
+            "access_token": "good-token",
+            "token_type": "Bearer",
+            "matrix_server_name": "example.com",
+            "expires_in": 3600,
+        },
+        "member": {"id": "member-1", "claimed_user_id": "@alice:example.com", "claimed_device_id": "DEVICE"},
+    }
+    for key, value in changes.items():
+        if key in ("openid_token", "member"):
+            obj[key].update(value)
+        else:
+            obj[key] = value
+    return obj
+
+
+class AppTestCase(SynchronousTestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.clock.advance(1785000000)
+        self.config = load_config(
+            {
+                "LIVEKIT_URL": "wss://sfu.example.com",
+                "LIVEKIT_KEY": "devkey",
+                "LIVEKIT_SECRET": SECRET,
+                "LIVEKIT_FULL_ACCESS_HOMESERVERS": "example.com",
+                "RTCAUTH_MAX_BODY_BYTES": "4096",
+            }
+        )
+        self.homeservers = FakeHomeservers(
+            {
+                ("example.com", "good-token"): "@alice:example.com",
+                ("other.org", "remote-token"): "@bob:other.org",
+            }
+        )
+        self.rooms = FakeRooms()
+        self.delegation = FakeDelegation()
+        self.tokens = TokenMinter(api_key="devkey", api_secret=SECRET, clock=self.clock)
+        authorizer = Authorizer(
+            config=self.config,
+            federation=self.homeservers,
+            tokens=self.tokens,
+            rooms=self.rooms,
+            delegation=self.delegation,
+        )
+        self.site = RtcAuthSite(
+            RtcAuthApp(authorizer=authorizer).resource(), max_body=4096, reactor=MemoryReactorClock()
+        )
+        # Serve through our Site (its request factory enforces the body limit).
+        self.agent = RequestTraversalAgent(self.site.resource)
+        self.agent._serverFactory = self.site
+        self.treq = HTTPClient(self.agent, data_to_body_producer=BytesProducer)
+
+    def request(self, method, path, data=b"", headers=None):
+        if not isinstance(data, bytes):
+            data = json.dumps(data).encode()
+        d = self.treq.request(method, "http://rtc.test" + path, data=data, headers=headers)
+        self.agent.flush()
+        response = self.successResultOf(d)
+        body = self.successResultOf(response.content())
+        return response, body
+
+    def raw_request(self, method: bytes, path: bytes):
+        """Bypasses treq, which upper-cases methods."""
+        d = self.agent.request(method, b"http://rtc.test" + path)
+        self.agent.flush()
+        response = self.successResultOf(d)
+        return response, self.successResultOf(treq.content(response))
+
+    def assertMatrixError(self, response, body, status, errcode, message):
+        self.assertEqual(response.code, status)
+        self.assertEqual(body, json.dumps({"errcode": errcode, "error": message}, separators=(",", ":")).encode() + b"\n")
+
+    def assertCORS(self, response):
+        for name, value in CORS.items():
+            self.assertEqual(response.headers.getRawHeaders(name), value, name)
+
+
+class RoutingTests(AppTestCase):
+    def test_healthz(self):
+        for method in ("GET", "HEAD"):
+            response, body = self.request(method, "/healthz")
+            self.assertEqual((response.code, body), (200, b""))
+            self.assertIsNone(response.headers.getRawHeaders(b"Access-Control-Allow-Origin"))
+        for method in ("POST", "PUT", "DELETE", "OPTIONS"):
+            response, body = self.request(method, "/healthz")
+            self.assertEqual((response.code, body), (405, b""), method)
+        response, body = self.raw_request(b"get", b"/healthz")
+        self.assertEqual((response.code, body), (405, b""))
+
+    def test_unknown_paths_are_go_404(self):
+        for path in ("/", "/nope", "/get_token/", "/sfu/get/", "//get_token", "/./get_token", "/x/../healthz", "/GET_TOKEN", "/sfu"):
+            response, body = self.request("POST", path, b"{}")
+            self.assertEqual(response.code, 404, path)
+            self.assertEqual(body, b"404 page not found\n")
+            self.assertEqual(response.headers.getRawHeaders(b"Content-Type"), [b"text/plain; charset=utf-8"])
+
+    def test_query_string_ignored(self):
+        response, _ = self.request("GET", "/healthz?x=1")
+        self.assertEqual(response.code, 200)
+
+    def test_cors_and_methods_on_every_json_endpoint(self):
+        for path in ("/get_token", "/sfu/get", "/delegate_delayed_leave"):
+            response, body = self.request("OPTIONS", path, headers={"Access-Control-Request-Method": "POST"})
+            self.assertEqual((response.code, body), (200, b""))
+            self.assertCORS(response)
+            for method in ("GET", "HEAD", "PUT", "DELETE", "PATCH"):
+                response, body = self.request(method, path)
+                self.assertEqual((response.code, body), (405, b""), (path, method))
+                self.assertCORS(response)
+            response, body = self.raw_request(b"post", path.encode())
+            self.assertEqual((response.code, body), (405, b""), path)
+            response, body = self.request("POST", path, b"{nope")
+            self.assertMatrixError(response, body, 400, "M_NOT_JSON", "Error reading request")
+            self.assertCORS(response)
+
+    def test_webhook_any_method_200_empty(self):
+        for method in ("POST", "GET", "PUT"):
+            response, body = self.request(method, "/sfu_webhook", b"{}")
+            self.assertEqual((response.code, body), (200, b""))
+            self.assertIsNone(response.headers.getRawHeaders(b"Access-Control-Allow-Origin"))
+
+    def test_body_too_large_is_413_and_nothing_happens(self):
+        big = json.dumps(token_body(room_id="x" * 5000)).encode()
+        response, body = self.request("POST", "/get_token", big)
+        self.assertMatrixError(response, body, 413, "M_TOO_LARGE", errors.E_TOO_LARGE)
+        self.assertCORS(response)
+        self.assertEqual((self.homeservers.calls, self.rooms.created), ([], []))
+
+
+class GetTokenTests(AppTestCase):
+    def test_full_access_success(self):
+        response, body = self.request("POST", "/get_token", token_body())
+        self.assertEqual(response.code, 200)
+        self.assertCORS(response)
+        self.assertTrue(body.endswith(b"\n"))
+        self.assertEqual(list(json.loads(body)), ["url", "jwt"])
+        answer = json.loads(body)
+        self.assertEqual(answer["url"], "wss://sfu.example.com")
+        claims = pyjwt.decode(answer["jwt"], SECRET, algorithms=["HS256"], options={"verify_exp": False, "verify_nbf": False})
+        identity = naming.identity("@alice:example.com", "DEVICE", "member-1")
+        room = naming.room_alias("!room:example.com", "m.call#ROOM")
+        self.assertEqual(claims["sub"], identity)
+        self.assertEqual(claims["video"]["room"], room)
+        self.assertEqual(self.rooms.created, [room])
+        self.assertEqual(self.homeservers.calls, ["example.com"])
+
+    def test_restricted_user_gets_token_without_room_creation(self):
+        response, body = self.request(
+            "POST",
+            "/get_token",
+            token_body(
+                openid_token={"access_token": "remote-token", "matrix_server_name": "other.org"},
+                member={"claimed_user_id": "@bob:other.org"},
+            ),
+        )
+        self.assertEqual(response.code, 200)
+        self.assertEqual(self.rooms.created, [])
+
+    def test_unknown_token_401(self):
+        response, body = self.request("POST", "/get_token", token_body(openid_token={"access_token": "forged"}))
+        self.assertMatrixError(response, body, 401, "M_UNAUTHORIZED", "The request could not be authorised.")
+        self.assertEqual(self.rooms.created, [])
+
+    def test_claimed_user_mismatch_401(self):
+        response, body = self.request("POST", "/get_token", token_body(member={"claimed_user_id": "@mallory:example.com"}))
+        self.assertMatrixError(response, body, 401, "M_UNAUTHORIZED", errors.E_UNAUTH)
+        self.assertEqual(self.rooms.created, [])
+
+    def test_validation_happens_before_any_network_call(self):
+        response, body = self.request("POST", "/get_token", token_body(delay_id="d"))
+        self.assertMatrixError(response, body, 400, "M_BAD_JSON", errors.E_DELAY)
+        self.assertEqual(self.homeservers.calls, [])
+
+    def test_restricted_delegation_400_after_one_lookup(self):
+        response, body = self.request(
+            "POST",
+            "/get_token",
+            token_body(
+                openid_token={"access_token": "remote-token", "matrix_server_name": "other.org"},
+                member={"claimed_user_id": "@bob:other.org"},
+                delay_id="syd_1",
+                delay_timeout=8000,
+            ),
+        )
+        self.assertMatrixError(response, body, 400, "M_BAD_JSON", errors.E_DELEG)
+        self.assertEqual(self.homeservers.calls, ["other.org"])
+        self.assertEqual((self.rooms.created, self.delegation.jobs), ([], []))
+
+    def test_full_access_delegation_registers_job(self):
+        response, _ = self.request("POST", "/get_token", token_body(delay_id="syd_1", delay_timeout=8000))
+        self.assertEqual(response.code, 200)
+        [job] = self.delegation.jobs
+        self.assertEqual((job.server_name, job.delay_id, job.delay_timeout_ms), ("example.com", "syd_1", 8000))
+        self.assertEqual(job.room, naming.room_alias("!room:example.com", "m.call#ROOM"))
+
+    def test_unresolvable_cs_api_400_before_room_creation(self):
+        self.delegation.resolvable = False
+        response, body = self.request("POST", "/get_token", token_body(delay_id="syd_1", delay_timeout=8000))
+        self.assertMatrixError(response, body, 400, "M_BAD_JSON", errors.E_CSAPI)
+        self.assertEqual((self.rooms.created, self.delegation.jobs), ([], []))
+
+    def test_sfu_failure_500(self):
+        self.rooms.error = TwirpError("CreateRoom", 503, "unavailable", "down")
+        response, body = self.request("POST", "/get_token", token_body())
+        self.assertMatrixError(response, body, 500, "M_UNKNOWN", errors.E_CREATE)
+
+    def test_unexpected_error_is_500_internal(self):
+        self.rooms.error = RuntimeError("boom")
+        response, body = self.request("POST", "/get_token", token_body())
+        self.assertMatrixError(response, body, 500, "M_UNKNOWN", errors.E_INTERNAL)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+class LegacyTests(AppTestCase):
+    def legacy(self, **changes):
+        obj = {
+            "room": "!room:example.com",
+            "openid_token": {"access_token": "good-token", "matrix_server_name": "example.com"},
+            "device_id": "DEVICE123",
+        }
+        obj.update(changes)
+        return obj
+
+    def test_success_identity_not_hashed(self):
+        response, body = self.request("POST", "/sfu/get", self.legacy())
+        self.assertEqual(response.code, 200)
+        claims = pyjwt.decode(json.loads(body)["jwt"], SECRET, algorithms=["HS256"], options={"verify_exp": False, "verify_nbf": False})
+        self.assertEqual(claims["sub"], "@alice:example.com:DEVICE123")
+        self.assertEqual(claims["video"]["room"], "krj2dgxw2K6EOm9he4GfQJ6JsSVWfJ8a7BkyjZcSmxs")
+        self.assertEqual(self.rooms.created, ["krj2dgxw2K6EOm9he4GfQJ6JsSVWfJ8a7BkyjZcSmxs"])
+
+    def test_missing_device_gives_trailing_colon(self):
+        response, body = self.request("POST", "/sfu/get", self.legacy(device_id=None))
+        claims = pyjwt.decode(json.loads(body)["jwt"], SECRET, algorithms=["HS256"], options={"verify_exp": False, "verify_nbf": False})
+        self.assertEqual(claims["sub"], "@alice:example.com:")
+
+    def test_errors(self):
+        response, body = self.request("POST", "/sfu/get", {})
+        self.assertMatrixError(response, body, 400, "M_BAD_JSON", errors.E_ROOM)
+        response, body = self.request("POST", "/sfu/get", {"room": "r"})
+        self.assertMatrixError(response, body, 400, "M_BAD_JSON", errors.E_OPENID_LG)
+        response, body = self.request("POST", "/sfu/get", self.legacy(openid_token={"access_token": "x", "matrix_server_name": "example.com"}))
+        self.assertMatrixError(response, body, 401, "M_UNAUTHORIZED", errors.E_UNAUTH)
+
+
+class DelegateTests(AppTestCase):
+    def test_success_empty_object(self):
+        response, body = self.request("POST", "/delegate_delayed_leave", token_body(delay_id="syd_1", delay_timeout=10000))
+        self.assertEqual((response.code, body), (200, b"{}\n"))
+        self.assertCORS(response)
+        self.assertEqual(len(self.delegation.jobs), 1)
+        self.assertEqual(self.rooms.created, [])
+
+    def test_restricted_is_403(self):
+        response, body = self.request(
+            "POST",
+            "/delegate_delayed_leave",
+            token_body(
+                openid_token={"access_token": "remote-token", "matrix_server_name": "other.org"},
+                member={"claimed_user_id": "@bob:other.org"},
+                delay_id="syd_1",
+                delay_timeout=10000,
+            ),
+        )
+        self.assertMatrixError(response, body, 403, "M_FORBIDDEN", errors.E_DELEG)
+        self.assertEqual(self.homeservers.calls, ["other.org"])
+
+    def test_missing_delay_400(self):
+        response, body = self.request("POST", "/delegate_delayed_leave", token_body())
+        self.assertMatrixError(response, body, 400, "M_BAD_JSON", errors.E_DELAY)
+        self.assertEqual(self.homeservers.calls, [])

@@ -1,0 +1,265 @@
+"""Configuration parsing: upstream's defaults, precedence, trimming and exact start-up errors."""
+
+from __future__ import annotations
+
+import errno
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from rtcauthd.config import (
+    ConfigError,
+    bind_to_endpoints,
+    load_config,
+    parse_cs_api_overrides,
+    parse_env_file,
+)
+
+BASE = {
+    "LIVEKIT_URL": "wss://sfu.example.com",
+    "LIVEKIT_KEY": "devkey",
+    "LIVEKIT_SECRET": "s3cr3t-value",
+    "LIVEKIT_FULL_ACCESS_HOMESERVERS": "example.com",
+}
+
+
+def files(mapping):
+    def read(path):
+        if path not in mapping:
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", path)
+        return mapping[path]
+
+    return read
+
+
+class LoadConfigTests(SynchronousTestCase):
+    def load(self, overrides=None, remove=(), **kwargs):
+        env = dict(BASE)
+        env.update(overrides or {})
+        for name in remove:
+            env.pop(name, None)
+        kwargs.setdefault("read_file", files({}))
+        return load_config(env, **kwargs)
+
+    def assertConfigError(self, message, overrides=None, remove=(), **kwargs):
+        with self.assertRaises(ConfigError) as cm:
+            self.load(overrides, remove, **kwargs)
+        self.assertEqual(str(cm.exception), message)
+        self.assertNotIn("\n", str(cm.exception))
+
+    def test_defaults_match_upstream(self):
+        c = self.load()
+        self.assertEqual(c.livekit_url, "wss://sfu.example.com")
+        self.assertEqual(c.listen, ("tcp6:8080:interface=\\:\\:",))
+        self.assertEqual(c.log_level, "info")
+        self.assertEqual(c.sanity_check_interval, 0)
+        self.assertEqual(c.cs_api_url_overrides, {})
+        self.assertEqual(c.redis_url, "")
+        self.assertFalse(c.insecure_skip_verify_tls)
+        self.assertEqual(c.outbound_timeout, 10.0)
+        self.assertEqual(c.max_body_bytes, 65536)
+        self.assertIsNone(c.ip_blocklist)
+
+    def test_secret_not_in_repr(self):
+        c = self.load({"LIVEKIT_REDIS_URL": "redis://:hunter2@localhost/0"})
+        self.assertNotIn("s3cr3t-value", repr(c))
+        self.assertNotIn("hunter2", repr(c))
+
+    def test_missing_url_key_or_secret(self):
+        msg = "LIVEKIT_KEY* / LIVEKIT_SECRET* and LIVEKIT_URL must be set"
+        for name in ("LIVEKIT_URL", "LIVEKIT_KEY", "LIVEKIT_SECRET"):
+            self.assertConfigError(msg, remove=(name,))
+        self.assertConfigError(msg, {"LIVEKIT_SECRET": " \r\n"})
+
+    def test_full_access_required_with_exact_message(self):
+        self.assertConfigError(
+            "LIVEKIT_FULL_ACCESS_HOMESERVERS environment variable must be set to the homeserver(s) "
+            "you intend to serve \u2014 see README for guidance",
+            remove=("LIVEKIT_FULL_ACCESS_HOMESERVERS",),
+        )
+
+    def test_full_access_list_split_on_commas_and_spaces(self):
+        c = self.load({"LIVEKIT_FULL_ACCESS_HOMESERVERS": "example.com, test.com,,other.org:8448"})
+        self.assertEqual(c.full_access_homeservers, ("example.com", "test.com", "other.org:8448"))
+        self.assertTrue(c.is_full_access("test.com"))
+        self.assertTrue(c.is_full_access("other.org:8448"))
+        self.assertFalse(c.is_full_access("other.org"))
+        self.assertFalse(c.is_full_access("Example.com"))
+        self.assertFalse(c.is_full_access("matrix.example.com"))
+
+    def test_only_separators_means_nobody(self):
+        c = self.load({"LIVEKIT_FULL_ACCESS_HOMESERVERS": " , "})
+        self.assertEqual(c.full_access_homeservers, ())
+        self.assertFalse(c.is_full_access("example.com"))
+
+    def test_wildcard_only_alone(self):
+        self.assertTrue(self.load({"LIVEKIT_FULL_ACCESS_HOMESERVERS": "*"}).is_full_access("any.org"))
+        mixed = self.load({"LIVEKIT_FULL_ACCESS_HOMESERVERS": "*, example.com"})
+        self.assertFalse(mixed.is_full_access("any.org"))
+        self.assertTrue(mixed.is_full_access("example.com"))
+
+    def test_bind_and_port_exclusive(self):
+        self.assertConfigError(
+            "LIVEKIT_JWT_BIND and LIVEKIT_JWT_PORT must not be set together",
+            {"LIVEKIT_JWT_BIND": ":9000", "LIVEKIT_JWT_PORT": "9001"},
+        )
+
+    def test_deprecated_port_maps_to_all_interfaces_and_warns(self):
+        c = self.load({"LIVEKIT_JWT_PORT": "9001"})
+        self.assertEqual(c.listen, ("tcp6:9001:interface=\\:\\:",))
+        self.assertTrue(any("LIVEKIT_JWT_PORT is deprecated" in w for w in c.warnings))
+
+    def test_cli_listen_overrides_bind(self):
+        c = self.load({"LIVEKIT_JWT_BIND": ":9000"}, listen=("unix:/run/x.sock",))
+        self.assertEqual(c.listen, ("unix:/run/x.sock",))
+
+    def test_sanity_interval(self):
+        self.assertEqual(self.load({"LIVEKIT_SANITY_CHECK_INTERVAL_SECONDS": "+5"}).sanity_check_interval, 5)
+        self.assertEqual(self.load({"LIVEKIT_SANITY_CHECK_INTERVAL_SECONDS": "0"}).sanity_check_interval, 0)
+        for bad in ("not-a-number", "-1", " 5", "1.5"):
+            self.assertConfigError(
+                f'LIVEKIT_SANITY_CHECK_INTERVAL_SECONDS must be a non-negative integer, got "{bad}"',
+                {"LIVEKIT_SANITY_CHECK_INTERVAL_SECONDS": bad},
+            )
+
+    def test_log_level(self):
+        self.assertEqual(self.load({"LIVEKIT_LOG_LEVEL": "DEBUG"}).log_level, "debug")
+        self.assertEqual(self.load({"LIVEKIT_LOG_LEVEL": "warning"}).log_level, "warn")
+        c = self.load({"LIVEKIT_LOG_LEVEL": "loud"})
+        self.assertEqual(c.log_level, "info")
+        self.assertIn("Invalid log level in LIVEKIT_LOG_LEVEL, defaulting to info", c.warnings)
+
+    def test_insecure_only_with_magic_value(self):
+        self.assertTrue(
+            self.load({"LIVEKIT_INSECURE_SKIP_VERIFY_TLS": "YES_I_KNOW_WHAT_I_AM_DOING"}).insecure_skip_verify_tls
+        )
+        c = self.load({"LIVEKIT_INSECURE_SKIP_VERIFY_TLS": "true"})
+        self.assertFalse(c.insecure_skip_verify_tls)
+        self.assertTrue(any("TLS certificates are verified" in w for w in c.warnings))
+
+    def test_key_file(self):
+        read = files({"/k": "keysecret_abc: keysecret_xyz\n"})
+        c = self.load({"LIVEKIT_KEY_FILE": "/k"}, read_file=read)
+        self.assertEqual((c.api_key, c.api_secret), ("keysecret_abc", "keysecret_xyz"))
+        self.assertTrue(any("LIVEKIT_KEY_FILE is set" in w for w in c.warnings))
+
+    def test_key_file_malformed(self):
+        for content in ("only-a-key\n", "a: b: c\n", "a: b\nc: d\n"):
+            self.assertConfigError(
+                "LIVEKIT_KEY_FILE: invalid key secret file format!",
+                {"LIVEKIT_KEY_FILE": "/k"},
+                read_file=files({"/k": content}),
+            )
+
+    def test_unreadable_files_name_the_variable(self):
+        for variable in ("LIVEKIT_KEY_FILE", "LIVEKIT_KEY_FROM_FILE", "LIVEKIT_SECRET_FROM_FILE"):
+            with self.assertRaises(ConfigError) as cm:
+                self.load({variable: "/missing"})
+            self.assertTrue(str(cm.exception).startswith(f"{variable}: cannot read /missing"))
+
+    def test_from_file_overrides_and_trims_crlf_but_not_tabs(self):
+        read = files({"/key": "filekey\r\n", "/secret": "  sec\tret \r\n"})
+        c = self.load(
+            {"LIVEKIT_KEY_FROM_FILE": "/key", "LIVEKIT_SECRET_FROM_FILE": "/secret"}, read_file=read
+        )
+        self.assertEqual(c.api_key, "filekey")
+        self.assertEqual(c.api_secret, "sec\tret")
+        self.assertIn("/secret", c.secret_source)
+
+    def test_systemd_credentials_fill_in_missing_values(self):
+        read = files({"/creds/livekit_key": "credkey\n", "/creds/livekit_secret": "credsecret\n"})
+        c = self.load({"CREDENTIALS_DIRECTORY": "/creds"}, remove=("LIVEKIT_KEY", "LIVEKIT_SECRET"), read_file=read)
+        self.assertEqual((c.api_key, c.api_secret), ("credkey", "credsecret"))
+        self.assertEqual(c.secret_source, "systemd credential livekit_secret")
+        # an explicit variable still wins over a credential
+        c = self.load({"CREDENTIALS_DIRECTORY": "/creds"}, remove=("LIVEKIT_SECRET",), read_file=read)
+        self.assertEqual((c.api_key, c.api_secret), ("devkey", "credsecret"))
+
+    def test_cs_api_overrides(self):
+        c = self.load({"LIVEKIT_CS_API_URL_OVERRIDES": " example.com = https://a , example.org = https://b "})
+        self.assertEqual(c.cs_api_url_overrides, {"example.com": "https://a", "example.org": "https://b"})
+        self.assertEqual(
+            parse_cs_api_overrides("[2001:db8::1]:1234=https://x"), {"[2001:db8::1]:1234": "https://x"}
+        )
+        for bad, entry in (
+            ("example.com", "example.com"),
+            ("=https://x", "=https://x"),
+            ("example.com=", "example.com="),
+            ("a=b,example.com", "example.com"),
+            ("a=b,", ""),
+        ):
+            self.assertConfigError(
+                f'failed parsing LIVEKIT_CS_API_URL_OVERRIDES: invalid entry "{entry}", expected server_name=url',
+                {"LIVEKIT_CS_API_URL_OVERRIDES": bad},
+            )
+
+    def test_ip_ranges(self):
+        c = self.load(
+            {
+                "RTCAUTH_FEDERATION_IP_RANGE_ALLOWLIST": "127.0.0.0/8, ::1",
+                "RTCAUTH_FEDERATION_IP_RANGE_BLOCKLIST": "10.0.0.0/8",
+            }
+        )
+        self.assertEqual(c.ip_allowlist, ("127.0.0.0/8", "::1/128"))
+        self.assertEqual(c.ip_blocklist, ("10.0.0.0/8",))
+        self.assertConfigError(
+            'RTCAUTH_FEDERATION_IP_RANGE_ALLOWLIST: "10.0.0.300/8" is not an IP network (CIDR)',
+            {"RTCAUTH_FEDERATION_IP_RANGE_ALLOWLIST": "10.0.0.300/8"},
+        )
+
+    def test_numbers(self):
+        self.assertEqual(self.load({"RTCAUTH_OUTBOUND_TIMEOUT_SECONDS": "2.5"}).outbound_timeout, 2.5)
+        self.assertConfigError(
+            'RTCAUTH_OUTBOUND_TIMEOUT_SECONDS must be a positive number, got "0"',
+            {"RTCAUTH_OUTBOUND_TIMEOUT_SECONDS": "0"},
+        )
+        self.assertConfigError(
+            'RTCAUTH_MAX_BODY_BYTES must be a positive number, got "lots"',
+            {"RTCAUTH_MAX_BODY_BYTES": "lots"},
+        )
+
+    def test_dev_mode_fills_only_missing_values(self):
+        c = load_config({}, dev=True, read_file=files({}))
+        self.assertEqual((c.api_key, c.api_secret, c.livekit_url), ("devkey", "secret", "ws://localhost:7880"))
+        self.assertTrue(c.is_full_access("localhost"))
+        self.assertTrue(any("DEVELOPMENT MODE" in w for w in c.warnings))
+        c = load_config({"LIVEKIT_URL": "wss://real"}, dev=True, read_file=files({}))
+        self.assertEqual(c.livekit_url, "wss://real")
+
+    def test_without_dev_nothing_is_defaulted(self):
+        with self.assertRaises(ConfigError):
+            load_config({}, read_file=files({}))
+
+    def test_config_file_below_environment(self):
+        read = files({"/etc/rtcauthd.env": "# comment\nLIVEKIT_URL=ws://file\nLIVEKIT_LOG_LEVEL='debug'\n"})
+        c = self.load(remove=("LIVEKIT_URL",), config_file="/etc/rtcauthd.env", read_file=read)
+        self.assertEqual(c.livekit_url, "ws://file")
+        self.assertEqual(c.log_level, "debug")
+        c = self.load(config_file="/etc/rtcauthd.env", read_file=read)
+        self.assertEqual(c.livekit_url, "wss://sfu.example.com")
+
+    def test_env_file_syntax(self):
+        self.assertEqual(parse_env_file('export A=1\nB = " x "\n; c\n'), {"A": "1", "B": " x "})
+        with self.assertRaises(ConfigError):
+            parse_env_file("not a setting\n")
+
+    def test_unknown_variables_warned(self):
+        c = self.load({"LIVEKIT_FULL_ACCESS_HOMESERVER": "typo.org"})
+        self.assertIn("unknown variable LIVEKIT_FULL_ACCESS_HOMESERVER is ignored", c.warnings)
+
+
+class BindTests(SynchronousTestCase):
+    def test_mapping(self):
+        self.assertEqual(bind_to_endpoints(":8080"), ("tcp6:8080:interface=\\:\\:",))
+        self.assertEqual(bind_to_endpoints("127.0.0.1:8080"), ("tcp:8080:interface=127.0.0.1",))
+        self.assertEqual(bind_to_endpoints("[::1]:8080"), ("tcp6:8080:interface=\\:\\:1",))
+        self.assertEqual(bind_to_endpoints("[::]:8080"), ("tcp6:8080:interface=\\:\\:",))
+        self.assertEqual(
+            bind_to_endpoints("localhost:8080"),
+            ("tcp:8080:interface=127.0.0.1", "tcp6:8080:interface=\\:\\:1"),
+        )
+
+    def test_bad(self):
+        for bad in ("8080", "host:port", ":99999", "example.com:80"):
+            with self.assertRaises(ConfigError) as cm:
+                bind_to_endpoints(bad)
+            self.assertIn("LIVEKIT_JWT_BIND", str(cm.exception))
