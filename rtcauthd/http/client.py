@@ -194,16 +194,30 @@ class HTTPClient:
             )
 
         d.addCallback(got_response)
-        d.addTimeout(bound, self._clock)
+        # Our own timer rather than addTimeout: a cancelled agent request surfaces as
+        # ResponseNeverReceived(CancelledError), which addTimeout would not recognise.
+        timed_out = []
+
+        def expire() -> None:
+            timed_out.append(True)
+            d.cancel()
+
+        timer = self._clock.callLater(bound, expire)
+
+        def stop_timer(result):
+            if timer.active():
+                timer.cancel()
+            return result
 
         def translate(failure: Failure) -> Failure:
-            if failure.check(DeferTimeout, CancelledError):
+            if timed_out or failure.check(DeferTimeout):
                 raise RequestTimedOut(step, f"no complete answer within {bound:g} s")
             if failure.check(OutboundError):
                 err = failure.value
                 raise type(err)(f"{step}: {err.step}", err.detail)
             raise OutboundError(step, _describe(failure))
 
+        d.addBoth(stop_timer)
         d.addErrback(translate)
         return d
 

@@ -1,0 +1,348 @@
+"""LiveKit RoomService client over protobuf Twirp (protocol.md §7).
+
+Speaks exactly what upstream's generated Go client sends (protobuf bodies, Twirp v8
+headers, a fresh admin JWT per call, no redirects) so that any SFU or test fake that
+works with lk-jwt-service works with rtcauthd. Error answers are classified the way the
+Go Twirp client does, because "participant absent" must only be concluded from a real
+``not_found`` Twirp error, never from a bare 404 of some proxy in between.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+from typing import Any, Optional
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from rtcauthd.http.client import HTTPClient, HTTPResponse, OutboundError
+from rtcauthd.livekit import protobuf as pb
+from rtcauthd.livekit.tokens import TokenMinter
+
+__all__ = [
+    "Presence",
+    "TwirpError",
+    "RoomServiceClient",
+    "twirp_url",
+    "EMPTY_TIMEOUT",
+    "DEPARTURE_TIMEOUT",
+]
+
+log = Logger()
+
+TWIRP_VERSION = "v8.1.3"
+CONTENT_TYPE = "application/protobuf"
+SERVICE_PATH = "/twirp/livekit.RoomService/"
+
+EMPTY_TIMEOUT = 300  # seconds an empty new room is kept (upstream constant)
+DEPARTURE_TIMEOUT = 20  # seconds a room is kept after the last participant left
+
+SNIPPET_CHARS = 200
+
+# Room (livekit_models.proto)
+_ROOM_CREATION_TIME = 5
+
+VALID_TWIRP_CODES = frozenset(
+    {
+        "canceled",
+        "unknown",
+        "invalid_argument",
+        "malformed",
+        "deadline_exceeded",
+        "not_found",
+        "bad_route",
+        "already_exists",
+        "permission_denied",
+        "unauthenticated",
+        "resource_exhausted",
+        "failed_precondition",
+        "aborted",
+        "out_of_range",
+        "unimplemented",
+        "internal",
+        "unavailable",
+        "dataloss",
+    }
+)
+
+
+class Presence(enum.Enum):
+    """Outcome of a participant lookup (§7.4)."""
+
+    PRESENT = "present"
+    ABSENT = "absent"  # the SFU itself said not_found
+    UNKNOWN = "unknown"  # transport error or an answer we cannot trust
+
+
+class TwirpError(Exception):
+    """A RoomService call failed.
+
+    ``status`` is the HTTP status (None when no answer arrived), ``code`` the Twirp code
+    (from the error body, or synthesised from the status as the Go client does), and
+    ``body_snippet`` at most 200 characters of the answer, for the log.
+    """
+
+    def __init__(
+        self,
+        method: str,
+        status: Optional[int],
+        code: Optional[str],
+        body_snippet: str,
+        detail: str = "",
+    ) -> None:
+        super().__init__(method, status, code, body_snippet, detail)
+        self.method = method
+        self.status = status
+        self.code = code
+        self.body_snippet = body_snippet
+        self.detail = detail
+
+    def __str__(self) -> str:
+        if self.status is None:
+            return f"{self.method}: {self.detail}"
+        text = f"{self.method}: HTTP {self.status}, twirp code {self.code}"
+        if self.detail:
+            text += f" ({self.detail})"
+        return f"{text}, body: {self.body_snippet!r}"
+
+
+def twirp_url(livekit_url: str, method: str) -> str:
+    """Map ``LIVEKIT_URL`` to a RoomService method URL the way upstream does (§7.1).
+
+    A leading ``ws`` becomes ``http`` (so ``wss`` becomes ``https``); the service path is
+    then appended literally, without slash normalisation.
+    """
+    base = "http" + livekit_url[2:] if livekit_url.startswith("ws") else livekit_url
+    return base + SERVICE_PATH + method
+
+
+def create_room_request(room: str) -> bytes:
+    """``livekit.CreateRoomRequest`` with upstream's parameters (§7.3)."""
+    return (
+        pb.string_field(1, room)  # name
+        + pb.varint_field(2, EMPTY_TIMEOUT)  # empty_timeout
+        + pb.varint_field(10, DEPARTURE_TIMEOUT)  # departure_timeout
+    )
+
+
+def participant_identity_request(room: str, identity: str) -> bytes:
+    """``livekit.RoomParticipantIdentity`` (§7.4); proto3 leaves empty strings out."""
+    out = b""
+    if room:
+        out += pb.string_field(1, room)
+    if identity:
+        out += pb.string_field(2, identity)
+    return out
+
+
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
+
+
+def body_snippet(body: bytes) -> str:
+    """At most 200 characters of an answer body, control characters made visible."""
+    text = body.decode("utf-8", "replace")
+    text = _CONTROL.sub(lambda m: "\\x%02x" % ord(m.group()), text)
+    return text[:SNIPPET_CHARS]
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"not JSON: {name}")
+
+
+class _Members(list):
+    """An object's members in wire order, duplicates kept (Go checks each one)."""
+
+
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, object_pairs_hook=_Members)
+_JSON_SPACE = " \t\r\n"
+
+
+def parse_twirp_error(body: bytes) -> Optional[tuple[str, str]]:
+    """``(code, msg)`` if ``body`` is a Twirp error object as Go's client accepts it.
+
+    Mirrors the Go client's strict decode: the first JSON value must be an object whose
+    members are only ``code``, ``msg``, ``meta`` (matched case-insensitively, each
+    occurrence type-checked, later ones win, ``null`` leaves a member unchanged), typed
+    string / string / map of strings, with a non-empty ``code``. Bytes after the value
+    are ignored. Returns None otherwise; whether ``code`` is a valid Twirp code is the
+    caller's business.
+    """
+    text = body.decode("utf-8", "replace").lstrip(_JSON_SPACE)
+    try:
+        value, _end = _DECODER.raw_decode(text)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(value, _Members):
+        return None
+    code = msg = ""
+    for key, member in value:
+        folded = key.lower()
+        if folded not in ("code", "msg", "meta"):
+            return None
+        if member is None:
+            continue
+        if folded == "meta":
+            if not isinstance(member, _Members):
+                return None
+            if not all(v is None or isinstance(v, str) for _k, v in member):
+                return None
+        elif not isinstance(member, str):
+            return None
+        elif folded == "code":
+            code = member
+        else:
+            msg = member
+    if not code:
+        return None
+    return code, msg
+
+
+def code_from_status(status: int) -> str:
+    """The Twirp code the Go client synthesises for a non-Twirp error answer."""
+    if 300 <= status < 400:
+        return "internal"
+    return {
+        400: "internal",
+        401: "unauthenticated",
+        403: "permission_denied",
+        404: "bad_route",
+        429: "resource_exhausted",
+        502: "unavailable",
+        503: "unavailable",
+        504: "unavailable",
+    }.get(status, "unknown")
+
+
+def error_from_response(method: str, response: HTTPResponse) -> TwirpError:
+    """Classify a non-200 answer exactly like the Go Twirp client (§7.4)."""
+    status = response.code
+    snippet = body_snippet(response.body)
+    if 300 <= status < 400:
+        # Redirects are never followed; the Go client reports them as internal errors.
+        location = response.header("Location") or ""
+        return TwirpError(method, status, "internal", snippet, f"redirect to {location!r}")
+    parsed = parse_twirp_error(response.body)
+    if parsed is None:
+        return TwirpError(method, status, code_from_status(status), snippet, "not a Twirp error")
+    code, msg = parsed
+    if code not in VALID_TWIRP_CODES:
+        return TwirpError(method, status, "internal", snippet, f"invalid twirp code {code!r}")
+    return TwirpError(method, status, code, snippet, msg)
+
+
+class RoomServiceClient:
+    """CreateRoom and GetParticipant against the SFU named by ``LIVEKIT_URL``."""
+
+    def __init__(
+        self,
+        *,
+        livekit_url: str,
+        http: HTTPClient,
+        tokens: TokenMinter,
+        timeout: float = 10.0,
+    ) -> None:
+        self._livekit_url = livekit_url
+        self._http = http
+        self._tokens = tokens
+        self._timeout = timeout
+
+    def url_for(self, method: str) -> str:
+        return twirp_url(self._livekit_url, method)
+
+    def _call(self, method: str, body: bytes, token: str) -> "Deferred[HTTPResponse]":
+        """POST one protobuf Twirp request; transport failures become TwirpError."""
+        headers = {
+            "Content-Type": CONTENT_TYPE,
+            "Accept": CONTENT_TYPE,
+            "Twirp-Version": TWIRP_VERSION,
+            "Authorization": "Bearer " + token,
+        }
+        d = self._http.request(
+            b"POST",
+            self.url_for(method),
+            headers=headers,
+            body=body,
+            timeout=self._timeout,
+            step=f"RoomService.{method}",
+        )
+
+        def transport_failed(failure: Failure) -> Failure:
+            failure.trap(OutboundError)
+            raise TwirpError(method, None, None, "", str(failure.value))
+
+        return d.addErrback(transport_failed)
+
+    def create_room(self, room: str) -> "Deferred[None]":
+        """Create (or reuse) ``room`` with upstream's timeouts; fails with TwirpError."""
+        started = self._tokens.now()
+        d = self._call("CreateRoom", create_room_request(room), self._tokens.create_room_token())
+
+        def got(response: HTTPResponse) -> None:
+            if response.code != 200:
+                raise error_from_response("CreateRoom", response)
+            try:
+                message = pb.decode_message(response.body)
+                created = pb.as_int64(pb.last_varint(message, _ROOM_CREATION_TIME))
+            except pb.ProtobufError as e:
+                raise TwirpError(
+                    "CreateRoom", 200, "internal", body_snippet(response.body),
+                    f"undecodable Room: {e}",
+                ) from None
+            # LiveKit's clock may lag ours by a little; a second of slack is enough to
+            # tell a fresh room from one created by an earlier call.
+            log.debug(
+                "LiveKit room {room} {outcome} (creation_time {created})",
+                room=room,
+                outcome="created" if created >= started - 1 else "reused",
+                created=created,
+            )
+
+        return d.addCallback(got)
+
+    def get_participant(self, room: str, identity: str) -> "Deferred[Presence]":
+        """Whether ``identity`` is in ``room`` on the SFU; never fails (§7.4, §12.7)."""
+        d = self._call(
+            "GetParticipant",
+            participant_identity_request(room, identity),
+            self._tokens.room_admin_token(room),
+        )
+
+        def got(response: HTTPResponse) -> Presence:
+            if response.code == 200:
+                try:
+                    # Content is ignored, but like upstream an unparsable answer is an error.
+                    pb.decode_message(response.body)
+                except pb.ProtobufError as e:
+                    log.warn(
+                        "GetParticipant for {identity} in {room}: undecodable 200 body: {error}",
+                        identity=identity,
+                        room=room,
+                        error=str(e),
+                    )
+                    return Presence.UNKNOWN
+                return Presence.PRESENT
+            error = error_from_response("GetParticipant", response)
+            if error.code == "not_found":
+                return Presence.ABSENT
+            log.warn(
+                "GetParticipant for {identity} in {room} failed: {error}",
+                identity=identity,
+                room=room,
+                error=str(error),
+            )
+            return Presence.UNKNOWN
+
+        def failed(failure: Failure) -> Presence:
+            failure.trap(TwirpError)
+            log.warn(
+                "GetParticipant for {identity} in {room} failed: {error}",
+                identity=identity,
+                room=room,
+                error=str(failure.value),
+            )
+            return Presence.UNKNOWN
+
+        return d.addCallbacks(got, failed)

@@ -1,0 +1,90 @@
+"""The bounded outbound HTTP helper: time bound, size bound, IPv6 literals, error steps."""
+
+from __future__ import annotations
+
+from treq.testing import RequestTraversalAgent
+from twisted.internet.defer import fail
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from rtcauthd.http.client import BodyTooLarge, HTTPClient, OutboundError, RequestTimedOut
+
+
+class Echo(Resource):
+    isLeaf = True
+
+    def __init__(self):
+        super().__init__()
+        self.pending = []
+
+    def render(self, request):
+        if request.path == b"/hang":
+            self.pending.append(request)
+            return NOT_DONE_YET
+        if request.path == b"/stream":
+            request.write(b"x" * 100)  # chunked, no Content-Length
+            request.write(b"y" * 100)
+            request.finish()
+            return NOT_DONE_YET
+        return b"%s %s host=%s body=%s" % (
+            request.method,
+            request.uri,
+            request.getHeader(b"host"),
+            request.content.read(),
+        )
+
+
+class HTTPClientTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.server = Echo()
+        self.agent = RequestTraversalAgent(self.server)
+        self.http = HTTPClient(clock=self.clock, agent=self.agent, timeout=3, max_body=150)
+
+    def request(self, *args, **kwargs):
+        d = self.http.request(*args, **kwargs)
+        self.agent.flush()
+        return d
+
+    def test_ipv6_literal_url_and_body(self):
+        response = self.successResultOf(self.request(b"POST", "http://[::1]:7880/twirp?x=1", body=b"{}"))
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.body, b"POST /twirp?x=1 host=[::1]:7880 body={}")
+
+    def test_timeout_names_the_step(self):
+        d = self.request(b"GET", "http://127.0.0.1/hang", step="userinfo")
+        self.clock.advance(2.9)
+        self.assertNoResult(d)
+        self.clock.advance(0.1)
+        error = self.failureResultOf(d, RequestTimedOut).value
+        self.assertEqual(error.step, "userinfo")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_no_timer_left_after_success(self):
+        self.successResultOf(self.request(b"GET", "http://127.0.0.1/"))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_body_cap_with_and_without_length(self):
+        self.server.putChild  # noqa: B018 - Echo is a leaf; paths select behaviour
+        self.failureResultOf(self.request(b"POST", "http://127.0.0.1/", body=b"z" * 200), BodyTooLarge)
+        self.failureResultOf(self.request(b"GET", "http://127.0.0.1/stream"), BodyTooLarge)
+        ok = self.successResultOf(self.request(b"GET", "http://127.0.0.1/stream", max_body=1000))
+        self.assertEqual(len(ok.body), 200)
+
+    def test_non_ascii_url_is_an_error_not_a_crash(self):
+        error = self.failureResultOf(self.request(b"GET", "http://exämple.org/"), OutboundError).value
+        self.assertIn("not ASCII", error.detail)
+
+    def test_transport_error_described_without_traceback(self):
+        class Refusing:
+            def request(self, *a, **k):
+                return fail(ConnectionRefusedError("127.0.0.1:1"))
+
+        http = HTTPClient(clock=self.clock, agent=Refusing())
+        error = self.failureResultOf(http.request(b"GET", "http://127.0.0.1:1/", step="connect"), OutboundError).value
+        self.assertEqual(error.step, "connect")
+        self.assertIn("ConnectionRefusedError", error.detail)
+        self.assertEqual(self.clock.getDelayedCalls(), [])

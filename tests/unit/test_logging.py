@@ -1,0 +1,73 @@
+"""Log observer: level filter, text and JSON lines, and the secret scrubber."""
+
+from __future__ import annotations
+
+import io
+import json
+
+from twisted.logger import Logger, LogPublisher
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from rtcauthd.logging import RtcAuthObserver, scrub
+
+JWT = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJpc3MiOiJkZXZrZXkifQ.Rlnvqwg4Kv9NsctP_IFAKk7_KGSMgbfuPLSQ6gteo6E"
+
+
+class ObserverTests(SynchronousTestCase):
+    def make(self, level="info", fmt="text", secrets=("s3cr3t-value",)):
+        stream = io.StringIO()
+        settings = {"level": level, "format": fmt, "secrets": secrets}
+        publisher = LogPublisher(RtcAuthObserver(stream, settings=settings))
+        return Logger(namespace="rtcauthd.test", observer=publisher), stream
+
+    def test_level_filter(self):
+        log, stream = self.make(level="warn")
+        log.debug("dropped {x}", x=1)
+        log.info("dropped too")
+        log.warn("kept {x}", x=2)
+        log.error("kept error")
+        lines = stream.getvalue().splitlines()
+        self.assertEqual(len(lines), 2)
+        self.assertIn("[warn] rtcauthd.test: kept 2", lines[0])
+        self.assertIn("[error]", lines[1])
+
+    def test_debug_level_shows_debug(self):
+        log, stream = self.make(level="debug")
+        log.debug("visible")
+        self.assertIn("visible", stream.getvalue())
+
+    def test_json_lines_carry_fields(self):
+        log, stream = self.make(fmt="json")
+        log.info("issued token for {user_id}", user_id="@alice:example.com", status=200)
+        record = json.loads(stream.getvalue())
+        self.assertEqual(record["message"], "issued token for @alice:example.com")
+        self.assertEqual(record["user_id"], "@alice:example.com")
+        self.assertEqual(record["status"], 200)
+        self.assertEqual(record["level"], "info")
+        self.assertEqual(record["namespace"], "rtcauthd.test")
+
+    def test_secrets_scrubbed_in_both_formats(self):
+        for fmt in ("text", "json"):
+            log, stream = self.make(fmt=fmt)
+            log.info(
+                "oops {url} {secret} {jwt}",
+                url="https://hs/_matrix/federation/v1/openid/userinfo?access_token=syt_topsecret&x=1",
+                secret="s3cr3t-value",
+                jwt=JWT,
+            )
+            out = stream.getvalue()
+            for leaked in ("syt_topsecret", "s3cr3t-value", JWT):
+                self.assertNotIn(leaked, out, fmt)
+            self.assertIn("access_token=<redacted>&x=1", out)
+
+    def test_failure_traceback_included(self):
+        log, stream = self.make()
+        try:
+            1 / 0
+        except ZeroDivisionError:
+            log.failure("it broke", failure=Failure())
+        self.assertIn("ZeroDivisionError", stream.getvalue())
+
+    def test_scrub_leaves_normal_text(self):
+        self.assertEqual(scrub("hello world", ("secret",)), "hello world")
