@@ -58,7 +58,6 @@ class Options(usage.Options):
     longdesc = (
         "rtcauthd: the MatrixRTC authorization service (a drop-in for lk-jwt-service). "
         "Verifies Matrix OpenID tokens over federation and answers LiveKit access tokens."
-        + ENVIRONMENT_HELP
     )
     optFlags = [
         [
@@ -81,6 +80,10 @@ class Options(usage.Options):
         unix:/run/rtcauthd.sock, systemd:domain=INET:index=0. Overrides LIVEKIT_JWT_BIND."""
         self["listen"].append(endpoint)
 
+    def getUsage(self, width=None) -> str:
+        # The variable table is preformatted; usage's word wrapping would scramble it.
+        return super().getUsage(width) + ENVIRONMENT_HELP
+
     def opt_version(self) -> None:
         print(f"rtcauthd {__version__}")
         sys.exit(0)
@@ -89,7 +92,7 @@ class Options(usage.Options):
         # Route twistd's log output through our observer unless --logger was given.
         parent = getattr(self, "parent", None)
         if parent is not None and not parent.get("logger"):
-            parent["logger"] = rtc_logging.make_observer
+            parent["logger"] = "rtcauthd.logging.make_observer"
 
 
 def fail_startup(message: str) -> "NoReturn":  # noqa: F821
@@ -122,7 +125,13 @@ def makeService(options: Mapping) -> "RtcAuthService":  # noqa: F821
 
 def build_service(config: Config, reactor, environ: Mapping[str, str] = os.environ):
     """Wire the daemon from its Config (raises ConfigError for settings that fail to load)."""
+    from twisted.web.client import BrowserLikeRedirectAgent
+
     from rtcauthd.authorizer import Authorizer
+    from rtcauthd.leave.delegation import DelegatedLeave
+    from rtcauthd.leave.manager import JobManager
+    from rtcauthd.livekit.webhooks import WebhookVerifier
+    from rtcauthd.matrix.csapi import ClientAPIResolver, DelayedEventClient
     from rtcauthd.http.app import RtcAuthApp, RtcAuthSite
     from rtcauthd.http.client import HTTPClient
     from rtcauthd.livekit.tokens import TokenMinter
@@ -173,27 +182,71 @@ def build_service(config: Config, reactor, environ: Mapping[str, str] = os.envir
         ),
         timeout=config.outbound_timeout,
     )
-    plain_http = HTTPClient(
+    plain_agent = build_plain_agent(reactor, tls_policy=tls_policy, pool=pool)
+    plain_http = HTTPClient(clock=reactor, agent=plain_agent, timeout=config.outbound_timeout)
+    # The client-server API calls follow redirects as upstream's Go client does (max 10).
+    redirecting_http = HTTPClient(
         clock=reactor,
-        agent=build_plain_agent(reactor, tls_policy=tls_policy, pool=pool),
+        agent=BrowserLikeRedirectAgent(plain_agent, redirectLimit=10),
         timeout=config.outbound_timeout,
     )
     tokens = TokenMinter(api_key=config.api_key, api_secret=config.api_secret, clock=reactor)
     rooms = RoomServiceClient(
         livekit_url=config.livekit_url, http=plain_http, tokens=tokens, timeout=config.outbound_timeout
     )
+    store = build_store(config, reactor, tls_policy)
+    cs_api = ClientAPIResolver(clock=reactor, http=redirecting_http, overrides=config.cs_api_url_overrides)
+    delayed_events = DelayedEventClient(clock=reactor, http=redirecting_http, resolver=cs_api)
+    manager = JobManager(
+        clock=reactor,
+        store=store,
+        restart=delayed_events.restart,
+        send=delayed_events.send,
+        lookup_participant=lambda params: rooms.get_participant(params.room, params.identity),
+        sanity_interval=float(config.sanity_check_interval),
+    )
+    delegation = DelegatedLeave(
+        manager=manager,
+        resolver=cs_api,
+        webhooks=WebhookVerifier(api_key=config.api_key, api_secret=config.api_secret, clock=reactor),
+    )
     authorizer = Authorizer(
         config=config,
         federation=FederationClient(http=federation_http),
         tokens=tokens,
         rooms=rooms,
+        delegation=delegation,
     )
-    app = RtcAuthApp(authorizer=authorizer)
+    app = RtcAuthApp(authorizer=authorizer, webhooks=delegation)
     site = RtcAuthSite(app.resource(), max_body=config.max_body_bytes, reactor=reactor)
 
+    async def before_listen() -> None:
+        # Stored jobs resume before the first /healthz 200 (protocol.md §3.5).
+        await manager.restore(reactor.seconds())
+
     async def after_stop() -> None:
+        manager.stop()  # timers cancelled; stored records stay for the next process
+        await store.close()
         await pool.closeCachedConnections()
 
     return RtcAuthService(
-        reactor=reactor, endpoints=config.listen, site=site, after_stop=after_stop
+        reactor=reactor,
+        endpoints=config.listen,
+        site=site,
+        before_listen=before_listen,
+        after_stop=after_stop,
     )
+
+
+def build_store(config: Config, reactor, tls_policy):
+    """Redis when LIVEKIT_REDIS_URL is set, else memory (jobs lost on restart; logged)."""
+    if not config.redis_url:
+        from rtcauthd.store.memory import MemoryStore
+
+        return MemoryStore()
+    from rtcauthd.store.redis import RedisStore, RedisURLError
+
+    try:
+        return RedisStore.from_url(config.redis_url, clock=reactor, tls_policy=tls_policy)
+    except RedisURLError as e:
+        raise ConfigError(f"Could not connect Redis store: {e}") from None

@@ -1,0 +1,86 @@
+"""What the HTTP side sees of delegated leave: register a job, feed it webhooks.
+
+The authorizer asks this object to resolve the client-server API (P5/G5) and to register
+the job (P7/G6); the /sfu_webhook route hands it the raw Authorization header and body.
+Turning job-manager exceptions into the client-visible Matrix errors happens here, so
+neither the manager nor the HTTP app needs to know about the other.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from twisted.internet.defer import Deferred, fail
+from twisted.logger import Logger
+
+from rtcauthd import errors
+from rtcauthd.authorizer import LeaveJobRequest
+from rtcauthd.errors import MatrixError
+from rtcauthd.http.models import MAX_DELAY_TIMEOUT_MS
+from rtcauthd.leave.jobs import JobParams, NS_PER_SECOND
+from rtcauthd.leave.manager import JobManager, ShuttingDown
+from rtcauthd.livekit.webhooks import WebhookRejected, WebhookVerifier, signal_for
+from rtcauthd.matrix.csapi import ClientAPIResolver
+
+log = Logger()
+
+NS_PER_MS = NS_PER_SECOND // 1000
+
+
+class DelegatedLeave:
+    """Implements the authorizer's ``Delegation`` and the app's ``WebhookSink``."""
+
+    def __init__(
+        self, *, manager: JobManager, resolver: ClientAPIResolver, webhooks: WebhookVerifier
+    ) -> None:
+        self._manager = manager
+        self._resolver = resolver
+        self._webhooks = webhooks
+
+    def resolve_cs_api(self, server_name: str) -> "Deferred[str]":
+        return self._resolver.resolve(server_name)
+
+    def add_job(self, job: LeaveJobRequest) -> "Deferred[None]":
+        """Register (replacing any job for the same key); fires once the job is stored."""
+        if job.delay_timeout_ms > MAX_DELAY_TIMEOUT_MS:
+            # Upstream's int64 nanoseconds would overflow; it answers with the job error text.
+            return fail(
+                errors.bad_json(
+                    "invalid delay timeout for delayed event job: "
+                    f"{job.delay_timeout_ms}ms overflows a 64-bit duration"
+                )
+            )
+        params = JobParams(
+            delay_id=job.delay_id,
+            delay_timeout_ns=job.delay_timeout_ms * NS_PER_MS,
+            server_name=job.server_name,
+            room=job.room,
+            identity=job.identity,
+        )
+        try:
+            return self._manager.add(params)
+        except ShuttingDown:
+            return fail(MatrixError(503, errors.M_UNKNOWN, errors.E_SHUTDOWN))
+        except ValueError as e:
+            return fail(errors.bad_json(f"invalid delay timeout for delayed event job: {e}"))
+
+    def handle(self, authorization: Optional[str], body: bytes) -> None:
+        """Verify a LiveKit webhook and route its signal; every failure is only logged."""
+        try:
+            event = self._webhooks.verify(authorization, body)
+        except WebhookRejected as e:
+            log.warn("Rejected LiveKit webhook: {reason}", reason=e.reason)
+            return
+        signal = signal_for(event)
+        if signal is None:
+            log.debug("Ignoring LiveKit webhook {event}", event=event.event)
+            return
+        routed = self._manager.route(event.room_name, event.participant_identity, signal)
+        log.info(
+            "LiveKit webhook {event} for {room}/{identity} -> {signal}{dropped}",
+            event=event.event,
+            room=event.room_name,
+            identity=event.participant_identity,
+            signal=signal,
+            dropped="" if routed else " (no job)",
+        )

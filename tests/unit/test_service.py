@@ -1,0 +1,134 @@
+"""Wiring and lifecycle on a memory reactor: listeners, IPv4 fallback, fatal start, drain."""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import CannotListenError
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial.unittest import SynchronousTestCase
+
+from rtcauthd.config import ConfigError, load_config
+from rtcauthd.service import RtcAuthService, ipv4_fallback, sd_notify
+from rtcauthd.tap import Options, build_service
+
+ENV = {
+    "LIVEKIT_URL": "ws://127.0.0.1:7880",
+    "LIVEKIT_KEY": "devkey",
+    "LIVEKIT_SECRET": "secret-value",
+    "LIVEKIT_FULL_ACCESS_HOMESERVERS": "example.com",
+}
+
+
+class Reactor(MemoryReactorClock):
+    """A memory reactor whose IPv6 listens fail like on an IPv4-only host, when asked to."""
+
+    def __init__(self, ipv6=True):
+        super().__init__()
+        self.ipv6 = ipv6
+        self.running = True
+
+    def listenTCP(self, port, factory, backlog=50, interface=""):
+        if not self.ipv6 and ":" in interface:
+            raise CannotListenError(interface, port, OSError(errno.EAFNOSUPPORT, "Address family not supported"))
+        return super().listenTCP(port, factory, backlog, interface)
+
+    def stop(self):
+        self.running = False
+
+
+class BuildTests(SynchronousTestCase):
+    def start(self, env=ENV, reactor=None, **kwargs):
+        reactor = reactor or Reactor()
+        service = build_service(load_config(env, **kwargs), reactor)
+        service.startService()
+        return reactor, service
+
+    def test_default_bind_is_one_dual_stack_listener(self):
+        reactor, service = self.start()
+        self.successResultOf(service.ready)
+        [(port, _factory, _backlog, interface)] = reactor.tcpServers
+        self.assertEqual((port, interface), (8080, "::"))
+        self.successResultOf(service.stopService())
+
+    def test_ipv4_only_host_falls_back(self):
+        reactor, service = self.start(reactor=Reactor(ipv6=False))
+        self.successResultOf(service.ready)
+        [(port, _f, _b, interface)] = reactor.tcpServers
+        self.assertEqual((port, interface), (8080, "0.0.0.0"))
+        self.flushLoggedErrors()
+        self.successResultOf(service.stopService())
+
+    def test_explicit_listeners(self):
+        reactor, service = self.start(listen=("tcp:9001:interface=127.0.0.1", "tcp6:9002:interface=\\:\\:1"))
+        self.successResultOf(service.ready)
+        self.assertEqual([(p, i) for p, _f, _b, i in reactor.tcpServers], [(9001, "127.0.0.1"), (9002, "::1")])
+        self.successResultOf(service.stopService())
+
+    def test_listen_failure_is_fatal_with_exit_status_1(self):
+        exits = []
+        reactor = Reactor(ipv6=False)
+        service = RtcAuthService(
+            reactor=reactor, endpoints=["tcp6:9000:interface=\\:\\:1"], site=object(), exit_process=exits.append
+        )
+        service.startService()
+        self.failureResultOf(service.ready, CannotListenError)
+        self.assertFalse(reactor.running)
+        [trigger] = [t for t in reactor.triggers.get("shutdown", {}).get("after", [])]
+        trigger[0](*trigger[1], **trigger[2])
+        self.assertEqual(exits, [1])
+
+    def test_listeners_open_only_after_restore(self):
+        gate = Deferred()
+        reactor = Reactor()
+
+        async def restore():
+            await gate
+
+        service = RtcAuthService(reactor=reactor, endpoints=["tcp:9000"], site=object(), before_listen=restore)
+        service.startService()
+        self.assertEqual(reactor.tcpServers, [])
+        gate.callback(None)
+        self.assertEqual(len(reactor.tcpServers), 1)
+
+    def test_bad_endpoint_string_is_a_config_error(self):
+        with self.assertRaises(ConfigError) as cm:
+            build_service(load_config(ENV, listen=("bogus:1",)), Reactor())
+        self.assertIn("bogus:1", str(cm.exception))
+
+    def test_bad_ca_file_is_a_config_error(self):
+        env = dict(ENV, RTCAUTH_CA_FILE="/nonexistent/ca.pem")
+        with self.assertRaises(ConfigError) as cm:
+            build_service(load_config(env), Reactor())
+        self.assertIn("RTCAUTH_CA_FILE", str(cm.exception))
+
+
+class HelperTests(SynchronousTestCase):
+    def test_ipv4_fallback_only_for_wildcard(self):
+        self.assertEqual(ipv4_fallback("tcp6:8080:interface=\\:\\:"), "tcp:8080:interface=0.0.0.0")
+        self.assertIsNone(ipv4_fallback("tcp6:8080:interface=\\:\\:1"))
+        self.assertIsNone(ipv4_fallback("tcp:8080"))
+
+    def test_sd_notify_datagram(self):
+        path = self.mktemp()
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.addCleanup(server.close)
+        server.bind(path)
+        self.assertTrue(sd_notify("READY=1", environ={"NOTIFY_SOCKET": path}))
+        self.assertEqual(server.recv(100), b"READY=1")
+        self.assertFalse(sd_notify("READY=1", environ={}))
+
+    def test_options_route_logging_through_our_observer(self):
+        class Parent(dict):
+            pass
+
+        options = Options()
+        options.parent = Parent()
+        options.parseOptions(["--dev", "--listen", "tcp:1", "--listen", "unix:/x"])
+        self.assertEqual(options["listen"], ["tcp:1", "unix:/x"])
+        self.assertEqual(options.parent["logger"], "rtcauthd.logging.make_observer")
+        usage = options.getUsage()
+        for variable in ("LIVEKIT_FULL_ACCESS_HOMESERVERS", "RTCAUTH_CA_FILE", "LIVEKIT_JWT_BIND"):
+            self.assertIn(variable, usage)
