@@ -17,6 +17,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 log = Logger()
 
@@ -71,7 +72,28 @@ class RtcAuthService(MultiService):
         self._after_stop = after_stop
         self._exit_process = exit_process
         self.ports: list = []
-        self.ready: Deferred = Deferred()
+        self._ready_result = None  # ports list, or the Failure that stopped the start
+        self._ready_waiters: list[Deferred] = []
+
+    def when_ready(self) -> Deferred:
+        """Fires with the listening ports once serving, or fails with why it could not start."""
+        d: Deferred = Deferred()
+        if self._ready_result is None:
+            self._ready_waiters.append(d)
+        elif isinstance(self._ready_result, Failure):
+            d.errback(self._ready_result)
+        else:
+            d.callback(self._ready_result)
+        return d
+
+    def _set_ready(self, result) -> None:
+        self._ready_result = result
+        waiters, self._ready_waiters = self._ready_waiters, []
+        for d in waiters:
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(result)
 
     def startService(self) -> None:
         super().startService()
@@ -85,7 +107,7 @@ class RtcAuthService(MultiService):
         for port in self.ports:
             log.info("Listening on {address}", address=_describe_port(port))
         sd_notify("READY=1\nSTATUS=serving")
-        self.ready.callback(self.ports)
+        self._set_ready(list(self.ports))
 
     async def _listen(self, description: str):
         try:
@@ -103,11 +125,9 @@ class RtcAuthService(MultiService):
 
     def _fatal(self, failure) -> None:
         log.critical(
-            "rtcauthd cannot start: {error}", error=failure.getErrorMessage(), log_failure=None
+            "rtcauthd cannot start: {error}", error=failure.getErrorMessage()
         )
-        if not self.ready.called:
-            self.ready.errback(failure)
-            self.ready.addErrback(lambda _: None)
+        self._set_ready(failure)
         self._reactor.addSystemEventTrigger("after", "shutdown", self._exit_process, 1)
         if self._reactor.running:
             self._reactor.stop()

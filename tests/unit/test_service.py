@@ -48,14 +48,14 @@ class BuildTests(SynchronousTestCase):
 
     def test_default_bind_is_one_dual_stack_listener(self):
         reactor, service = self.start()
-        self.successResultOf(service.ready)
+        self.successResultOf(service.when_ready())
         [(port, _factory, _backlog, interface)] = reactor.tcpServers
         self.assertEqual((port, interface), (8080, "::"))
         self.successResultOf(service.stopService())
 
     def test_ipv4_only_host_falls_back(self):
         reactor, service = self.start(reactor=Reactor(ipv6=False))
-        self.successResultOf(service.ready)
+        self.successResultOf(service.when_ready())
         [(port, _f, _b, interface)] = reactor.tcpServers
         self.assertEqual((port, interface), (8080, "0.0.0.0"))
         self.flushLoggedErrors()
@@ -63,7 +63,7 @@ class BuildTests(SynchronousTestCase):
 
     def test_explicit_listeners(self):
         reactor, service = self.start(listen=("tcp:9001:interface=127.0.0.1", "tcp6:9002:interface=\\:\\:1"))
-        self.successResultOf(service.ready)
+        self.successResultOf(service.when_ready())
         self.assertEqual([(p, i) for p, _f, _b, i in reactor.tcpServers], [(9001, "127.0.0.1"), (9002, "::1")])
         self.successResultOf(service.stopService())
 
@@ -74,9 +74,9 @@ class BuildTests(SynchronousTestCase):
             reactor=reactor, endpoints=["tcp6:9000:interface=\\:\\:1"], site=object(), exit_process=exits.append
         )
         service.startService()
-        self.failureResultOf(service.ready, CannotListenError)
+        self.failureResultOf(service.when_ready(), CannotListenError)
         self.assertFalse(reactor.running)
-        [trigger] = [t for t in reactor.triggers.get("shutdown", {}).get("after", [])]
+        [trigger] = reactor.triggers["after"]["shutdown"]
         trigger[0](*trigger[1], **trigger[2])
         self.assertEqual(exits, [1])
 
