@@ -98,17 +98,23 @@ class Authorizer:
             raise errors.unauthorized() from None
         return user_id
 
-    async def get_token(self, request: TokenRequest) -> Grant:
-        """POST /get_token: V1–V4 then P1–P8."""
-        request.validate_for_token()
-        user_id = await self._verify(request.openid_token, "/get_token")
+    async def _verify_member(self, request: TokenRequest, endpoint: str) -> str:
+        """P1 + P2: the verified user must be exactly the member's claimed user."""
+        user_id = await self._verify(request.openid_token, endpoint)
         if request.member.claimed_user_id != user_id:
             log.warn(
-                "/get_token: claimed_user_id {claimed} does not match verified {user_id}",
+                "{endpoint}: claimed_user_id {claimed} does not match verified {user_id}",
+                endpoint=endpoint,
                 claimed=request.member.claimed_user_id,
                 user_id=user_id,
             )
             raise errors.unauthorized()
+        return user_id
+
+    async def get_token(self, request: TokenRequest) -> Grant:
+        """POST /get_token: V1–V4 then P1–P8."""
+        request.validate_for_token()
+        user_id = await self._verify_member(request, "/get_token")
         identity = naming.identity(user_id, request.member.claimed_device_id, request.member.id)
         room = naming.room_alias(request.room_id, request.slot_id)
         return await self._grant(request, user_id, identity, room, "/get_token")
@@ -125,14 +131,7 @@ class Authorizer:
         """POST /delegate_delayed_leave: D1–D4 then G1–G7."""
         request.validate_for_delegation()
         server_name = request.openid_token.matrix_server_name
-        user_id = await self._verify(request.openid_token, "/delegate_delayed_leave")
-        if request.member.claimed_user_id != user_id:
-            log.warn(
-                "/delegate_delayed_leave: claimed_user_id {claimed} does not match verified {user_id}",
-                claimed=request.member.claimed_user_id,
-                user_id=user_id,
-            )
-            raise errors.unauthorized()
+        user_id = await self._verify_member(request, "/delegate_delayed_leave")
         if not self._config.is_full_access(server_name):
             raise MatrixError(403, errors.M_FORBIDDEN, errors.E_DELEG)
         identity = naming.identity(user_id, request.member.claimed_device_id, request.member.id)
