@@ -245,8 +245,12 @@ def build_store(config: Config, reactor, tls_policy):
 
         return MemoryStore()
     from rtcauthd.store.redis import RedisStore, RedisURLError
+    from rtcauthd.tls import TLSPolicy
 
     try:
-        return RedisStore.from_url(config.redis_url, clock=reactor, tls_policy=tls_policy)
+        # LIVEKIT_INSECURE_SKIP_VERIFY_TLS does not reach Redis (upstream's switch doesn't
+        # either); rediss:// verifies with the system roots plus RTCAUTH_CA_FILE.
+        redis_tls = TLSPolicy(ca_file=config.ca_file, insecure=False) if tls_policy.insecure else tls_policy
+        return RedisStore.from_url(config.redis_url, clock=reactor, tls_policy=redis_tls)
     except RedisURLError as e:
         raise ConfigError(f"Could not connect Redis store: {e}") from None

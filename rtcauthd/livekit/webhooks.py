@@ -1,0 +1,364 @@
+"""Verification and parsing of LiveKit webhooks (protocol.md §8).
+
+Anyone can POST to ``/sfu_webhook``; only a body signed by the SFU with our API key may
+move a delayed-leave job, because a forged ``participant_left`` would make the service
+send somebody's leave event. The checks run in upstream's order (§8.2) so that the same
+request is refused for the same reason. The JWT is checked by hand rather than with
+PyJWT because PyJWT reads the wall clock itself and decodes base64 leniently; here time
+comes from the injected clock and the token format is Go's (go-jose), strictly.
+
+The body is read as protobuf JSON (protojson), which is looser than plain JSON decoding
+in some ways (lowerCamel or snake_case names, enums by name or number, int64 as
+strings) and stricter in others (duplicate fields are an error).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import math
+import re
+from decimal import Decimal
+from typing import Any, Optional
+
+import attr
+from twisted.internet.interfaces import IReactorTime
+
+__all__ = [
+    "LEEWAY_SECONDS",
+    "SIGNAL_CONNECTED",
+    "SIGNAL_CONNECTION_ABORTED",
+    "SIGNAL_DISCONNECTED_INTENTIONALLY",
+    "WebhookEvent",
+    "WebhookRejected",
+    "WebhookVerifier",
+    "signal_for",
+]
+
+#: go-jose's default leeway for exp / nbf / iat
+LEEWAY_SECONDS = 60
+
+SIGNAL_CONNECTED = "ParticipantConnected"
+SIGNAL_DISCONNECTED_INTENTIONALLY = "ParticipantDisconnectedIntentionally"
+SIGNAL_CONNECTION_ABORTED = "ParticipantConnectionAborted"
+
+#: livekit.DisconnectReason CLIENT_INITIATED
+CLIENT_INITIATED = 1
+_DISCONNECT_REASONS = {
+    "UNKNOWN_REASON": 0,
+    "CLIENT_INITIATED": 1,
+    "DUPLICATE_IDENTITY": 2,
+    "SERVER_SHUTDOWN": 3,
+    "PARTICIPANT_REMOVED": 4,
+    "ROOM_DELETED": 5,
+    "STATE_MISMATCH": 6,
+    "JOIN_FAILURE": 7,
+    "MIGRATION": 8,
+    "SIGNAL_CLOSE": 9,
+    "ROOM_CLOSED": 10,
+    "USER_UNAVAILABLE": 11,
+    "USER_REJECTED": 12,
+    "SIP_TRUNK_FAILURE": 13,
+    "CONNECTION_TIMEOUT": 14,
+    "MEDIA_FAILURE": 15,
+    "AGENT_ERROR": 16,
+}
+
+# Rejection reasons (for the log; the HTTP answer is always 200).
+R_NO_AUTH = "missing Authorization header"
+R_MALFORMED = "malformed token"
+R_ALG = "token algorithm is not HS256"
+R_CLAIMS = "malformed token claims"
+R_NO_SECRET = "API secret could not be found"
+R_SIGNATURE = "invalid token signature"
+R_NOT_YET = "token not valid yet"
+R_EXPIRED = "token is expired"
+R_FUTURE_IAT = "token issued in the future"
+R_CHECKSUM = "sha256 checksum of body does not match"
+R_BODY = "body is not a valid WebhookEvent"
+
+
+class WebhookRejected(Exception):
+    """The webhook must not be acted on; ``reason`` says why (safe to log)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class WebhookEvent:
+    """The fields of ``livekit.WebhookEvent`` that drive jobs (§8.3); absent means empty."""
+
+    event: str = ""
+    room_name: str = ""
+    participant_identity: str = ""
+    disconnect_reason: int = 0
+    id: str = ""
+
+
+def signal_for(event: WebhookEvent) -> Optional[str]:
+    """The job signal a webhook event produces (§8.4), or None if it is ignored."""
+    if event.event == "participant_joined":
+        return SIGNAL_CONNECTED
+    if event.event in ("participant_left", "participant_connection_aborted"):
+        if event.disconnect_reason == CLIENT_INITIATED:
+            return SIGNAL_DISCONNECTED_INTENTIONALLY
+        return SIGNAL_CONNECTION_ABORTED
+    return None
+
+
+# --------------------------------------------------------------------------- JWT
+
+_B64URL = re.compile(r"[A-Za-z0-9_-]*", re.ASCII)
+
+
+class _Invalid(Exception):
+    pass
+
+
+def _b64url(segment: str) -> bytes:
+    # Go's RawURLEncoding: URL alphabet, no padding, no whitespace.
+    if not _B64URL.fullmatch(segment) or len(segment) % 4 == 1:
+        raise _Invalid()
+    try:
+        return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    except (binascii.Error, ValueError):
+        raise _Invalid() from None
+
+
+def _reject_constant(name: str) -> Any:
+    raise _Invalid()
+
+
+_JSON = json.JSONDecoder(parse_constant=_reject_constant)
+
+
+def _json_object(data: bytes) -> dict[str, Any]:
+    try:
+        value = _JSON.decode(data.decode("utf-8"))
+    except (ValueError, RecursionError, _Invalid):
+        raise _Invalid() from None
+    if not isinstance(value, dict):
+        raise _Invalid()
+    return value
+
+
+def _numeric_date(value: Any) -> Optional[int]:
+    # go-jose NumericDate: any JSON number, truncated to whole seconds; null = absent.
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _Invalid()
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _Invalid()  # 1e400: Go's ParseFloat reports it out of range
+    return int(value)
+
+
+def _optional_string(claims: dict[str, Any], name: str) -> str:
+    value = claims.get(name)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise _Invalid()
+    return value
+
+
+def _check_registered_claims(claims: dict[str, Any]) -> None:
+    # What go-jose's Claims struct would refuse to unmarshal.
+    for name in ("iss", "sub", "jti"):
+        _optional_string(claims, name)
+    aud = claims.get("aud")
+    if aud is not None and not isinstance(aud, str):
+        if not isinstance(aud, list) or not all(isinstance(a, str) for a in aud):
+            raise _Invalid()
+    for name in ("exp", "nbf", "iat"):
+        _numeric_date(claims.get(name))
+
+
+# --------------------------------------------------------------------------- protojson
+
+
+class _Pairs(list):
+    """A JSON object as ordered pairs: protojson refuses duplicate fields."""
+
+
+class _Fraction(Decimal):
+    """A JSON number written with a fraction or exponent, kept exact."""
+
+
+_BODY_DECODER = json.JSONDecoder(
+    object_pairs_hook=_Pairs, parse_float=_Fraction, parse_constant=_reject_constant
+)
+
+_INT32 = (-(2**31), 2**31 - 1)
+_INT64 = (-(2**63), 2**63 - 1)
+_DECIMAL = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?", re.ASCII)
+
+
+def _pb_string(value: Any) -> str:
+    if not isinstance(value, str):
+        raise _Invalid()
+    if any("\ud800" <= ch <= "\udfff" for ch in value):
+        raise _Invalid()  # protojson refuses strings that are not valid UTF-8
+    return value
+
+
+def _pb_integer(value: Any, bounds: tuple[int, int], allow_string: bool) -> int:
+    # protojson takes integral JSON numbers (also 1.0 / 1e2), or the same quoted.
+    if isinstance(value, str):
+        if not allow_string or not _DECIMAL.fullmatch(value):
+            raise _Invalid()
+        value = _Fraction(value) if any(c in value for c in ".eE") else int(value)
+    if isinstance(value, Decimal):
+        # adjusted() bounds the magnitude before int() could build a huge number
+        if value.adjusted() > 30 or value != value.to_integral_value():
+            raise _Invalid()
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Invalid()
+    if not bounds[0] <= value <= bounds[1]:
+        raise _Invalid()
+    return value
+
+
+def _pb_enum(value: Any, names: dict[str, int]) -> int:
+    # Names are exact; unknown names are dropped (DiscardUnknown); numbers are any int32.
+    if isinstance(value, str):
+        return names.get(value, 0)
+    return _pb_integer(value, _INT32, allow_string=False)
+
+
+def _pb_fields(value: Any, known: dict[str, str]) -> dict[str, Any]:
+    """Known fields of a protojson object by canonical name; null means unset."""
+    if not isinstance(value, _Pairs):
+        raise _Invalid()
+    seen: dict[str, Any] = {}
+    for key, item in value:
+        name = known.get(key)
+        if name is None:
+            continue  # unknown field, discarded
+        if name in seen:
+            raise _Invalid()  # duplicate, also across the camel / snake spellings
+        seen[name] = item
+    return {name: item for name, item in seen.items() if item is not None}
+
+
+_EVENT_FIELDS = {
+    "event": "event",
+    "room": "room",
+    "participant": "participant",
+    "egressInfo": "egress_info",
+    "egress_info": "egress_info",
+    "ingressInfo": "ingress_info",
+    "ingress_info": "ingress_info",
+    "track": "track",
+    "id": "id",
+    "createdAt": "created_at",
+    "created_at": "created_at",
+    "numDropped": "num_dropped",
+    "num_dropped": "num_dropped",
+}
+_ROOM_FIELDS = {"name": "name"}
+_PARTICIPANT_FIELDS = {
+    "identity": "identity",
+    "disconnectReason": "disconnect_reason",
+    "disconnect_reason": "disconnect_reason",
+}
+
+
+def _parse_event(body: bytes) -> WebhookEvent:
+    try:
+        text = body.decode("utf-8")
+        top = _BODY_DECODER.decode(text)
+    except (ValueError, RecursionError):
+        raise _Invalid() from None
+    fields = _pb_fields(top, _EVENT_FIELDS)
+    room = _pb_fields(fields.get("room", _Pairs()), _ROOM_FIELDS)
+    participant = _pb_fields(fields.get("participant", _Pairs()), _PARTICIPANT_FIELDS)
+    for other in ("egress_info", "ingress_info", "track"):
+        if other in fields and not isinstance(fields[other], _Pairs):
+            raise _Invalid()
+    if "created_at" in fields:
+        _pb_integer(fields["created_at"], _INT64, allow_string=True)
+    if "num_dropped" in fields:
+        _pb_integer(fields["num_dropped"], _INT32, allow_string=True)
+    return WebhookEvent(
+        event=_pb_string(fields.get("event", "")),
+        room_name=_pb_string(room.get("name", "")),
+        participant_identity=_pb_string(participant.get("identity", "")),
+        disconnect_reason=_pb_enum(participant.get("disconnect_reason", 0), _DISCONNECT_REASONS),
+        id=_pb_string(fields.get("id", "")),
+    )
+
+
+# --------------------------------------------------------------------------- verifier
+
+
+class WebhookVerifier:
+    """Checks ``Authorization`` + body of a LiveKit webhook and returns the event."""
+
+    def __init__(self, *, api_key: str, api_secret: str, clock: IReactorTime) -> None:
+        self._api_key = api_key
+        self._secret = api_secret.encode("utf-8")
+        self._clock = clock
+
+    def verify(self, authorization: Optional[str], body: bytes) -> WebhookEvent:
+        """The event, or ``WebhookRejected`` for the first failing check of §8.2."""
+        if not authorization:
+            raise WebhookRejected(R_NO_AUTH)
+        parts = authorization.split(".")
+        if len(parts) != 3:
+            raise WebhookRejected(R_MALFORMED)
+        try:
+            header = _json_object(_b64url(parts[0]))
+            payload = _b64url(parts[1])
+            signature = _b64url(parts[2])
+        except _Invalid:
+            raise WebhookRejected(R_MALFORMED) from None
+        if header.get("alg") != "HS256":
+            raise WebhookRejected(R_ALG)
+        try:
+            claims = _json_object(payload)
+            _check_registered_claims(claims)
+            issuer = _optional_string(claims, "iss")
+        except _Invalid:
+            raise WebhookRejected(R_CLAIMS) from None
+
+        # Only our own key has a secret; an empty key or secret never matches.
+        if not issuer or issuer != self._api_key or not self._secret:
+            raise WebhookRejected(R_NO_SECRET)
+
+        signing_input = (parts[0] + "." + parts[1]).encode("ascii")
+        expected = hmac.new(self._secret, signing_input, hashlib.sha256).digest()
+        if not hmac.compare_digest(expected, signature):
+            raise WebhookRejected(R_SIGNATURE)
+
+        try:
+            # go-jose decodes the private claims together with the signature check
+            claimed = _optional_string(claims, "sha256")
+        except _Invalid:
+            raise WebhookRejected(R_CLAIMS) from None
+
+        now = self._clock.seconds()
+        nbf = _numeric_date(claims.get("nbf"))
+        exp = _numeric_date(claims.get("exp"))
+        iat = _numeric_date(claims.get("iat"))
+        if nbf is not None and now + LEEWAY_SECONDS < nbf:
+            raise WebhookRejected(R_NOT_YET)
+        if exp is not None and now - LEEWAY_SECONDS > exp:
+            raise WebhookRejected(R_EXPIRED)
+        if iat is not None and now + LEEWAY_SECONDS < iat:
+            raise WebhookRejected(R_FUTURE_IAT)
+
+        digest = base64.b64encode(hashlib.sha256(body).digest()).decode("ascii")
+        if not hmac.compare_digest(claimed.encode("utf-8"), digest.encode("ascii")):
+            raise WebhookRejected(R_CHECKSUM)
+
+        try:
+            return _parse_event(body)
+        except _Invalid:
+            raise WebhookRejected(R_BODY) from None

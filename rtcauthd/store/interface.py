@@ -1,0 +1,50 @@
+"""What the leave manager needs from job persistence (protocol.md §12.10, §13).
+
+Every method returns a Deferred, also in the in-memory store, so callers never care
+which backend they have. Store trouble never reaches the caller: ``put``/``delete`` do
+not fail because the backend is unavailable (§12.10: store errors are logged and never
+change an HTTP response or a job's behaviour).
+"""
+
+from __future__ import annotations
+
+from zope.interface import Attribute, Interface
+
+
+class IJobStore(Interface):
+    """Persistence of delayed-leave jobs, keyed by (LiveKit room alias, identity)."""
+
+    persistent = Attribute("True if jobs survive a restart of the process.")
+
+    def put(job):
+        """Store ``job`` (a :class:`rtcauthd.store.model.StoredJob`), replacing the record
+        for the same (room, identity).
+
+        @return: Deferred[None] that fires once the write has landed or has been queued
+            because the backend is unavailable; it never fails because of the backend.
+        """
+
+    def delete(room, identity):
+        """Remove the record for (room, identity), if any. Same guarantees as ``put``.
+
+        @return: Deferred[None]
+        """
+
+    def load_all(on_late=None):
+        """All parsable stored jobs, for restore on start (protocol.md §13.4).
+
+        Unparsable records are skipped with a warning and LEFT in the store. If the
+        backend cannot be read within the store's start-up bound, this fires with ``[]``
+        and, if ``on_late`` is given, later calls ``on_late(jobs)`` once with the records
+        read after the backend came back, leaving out any (room, identity) that this
+        process has written or deleted in the meantime (its own state is newer).
+
+        @return: Deferred[list[StoredJob]]; never fails.
+        """
+
+    def close():
+        """Stop background work and release connections; pending writes get a last,
+        bounded chance to land.
+
+        @return: Deferred[None]
+        """

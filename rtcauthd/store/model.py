@@ -1,0 +1,289 @@
+"""The persisted form of a delayed-leave job, byte-compatible with lk-jwt-service.
+
+An operator may swap rtcauthd and the Go service over one live Redis, so both the hash
+field and the value are produced exactly as Go's ``encoding/json`` writes them
+(protocol.md §13.2), and read back with Go's leniency (§13.3): member names match
+case-insensitively, unknown members are ignored, missing members are zero values,
+``DelayTimeout`` is a strict int64 and ``RestartedAt`` is RFC 3339.
+
+Times are kept as float unix seconds; they are converted by arithmetic rather than
+``datetime`` because Go's zero time (year 1) and year-0 values must round-trip too.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import re
+from typing import Any
+
+import attr
+
+from rtcauthd.gojson import go_json_dumps
+
+__all__ = [
+    "GO_ZERO_TIME",
+    "StoredJob",
+    "StoredJobError",
+    "decode_value",
+    "encode_field",
+    "encode_value",
+    "format_rfc3339",
+    "parse_rfc3339",
+]
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_NS_PER_S = 1_000_000_000
+
+#: Go's zero ``time.Time`` (0001-01-01T00:00:00Z) in unix seconds: what a record without
+#: ``RestartedAt`` decodes to; such a job is long expired.
+GO_ZERO_TIME = -62135596800.0
+
+
+class StoredJobError(ValueError):
+    """A stored value that Go's decoder would refuse; the entry is skipped, not deleted."""
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class StoredJob:
+    """One ``lk-jwt:jobs`` record: the job parameters and when the delay was last reset."""
+
+    delay_id: str
+    delay_timeout_ns: int
+    server_name: str
+    room: str
+    identity: str
+    restarted_at: float  # unix seconds
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """The job key (LiveKit room alias, LiveKit identity); one job per key."""
+        return (self.room, self.identity)
+
+    @property
+    def expires_at(self) -> float:
+        """When the homeserver fires the delayed event unless it is restarted again."""
+        return self.restarted_at + self.delay_timeout_ns / _NS_PER_S
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def encode_field(room: str, identity: str) -> str:
+    """The hash field: Go JSON of ``[room, identity]`` (HTML escaping included)."""
+    return go_json_dumps([room, identity])
+
+
+def encode_value(job: StoredJob) -> str:
+    """The hash value: Go ``json.Marshal`` of upstream's struct, in struct order."""
+    return go_json_dumps(
+        {
+            "Params": {
+                "DelayId": job.delay_id,
+                "DelayTimeout": int(job.delay_timeout_ns),
+                "ServerName": job.server_name,
+                "LiveKitRoom": job.room,
+                "LiveKitIdentity": job.identity,
+            },
+            "RestartedAt": format_rfc3339(job.restarted_at),
+        }
+    )
+
+
+def _days_from_civil(year: int, month: int, day: int) -> int:
+    """Days since 1970-01-01 of a proleptic Gregorian date (any year, incl. 0)."""
+    year -= month <= 2
+    era = year // 400
+    year_of_era = year - era * 400
+    day_of_year = (153 * (month + (-3 if month > 2 else 9)) + 2) // 5 + day - 1
+    day_of_era = year_of_era * 365 + year_of_era // 4 - year_of_era // 100 + day_of_year
+    return era * 146097 + day_of_era - 719468
+
+
+def _civil_from_days(days: int) -> tuple[int, int, int]:
+    """Inverse of :func:`_days_from_civil`."""
+    days += 719468
+    era = days // 146097
+    day_of_era = days - era * 146097
+    year_of_era = (day_of_era - day_of_era // 1460 + day_of_era // 36524 - day_of_era // 146096) // 365
+    day_of_year = day_of_era - (365 * year_of_era + year_of_era // 4 - year_of_era // 100)
+    mp = (5 * day_of_year + 2) // 153
+    day = day_of_year - (153 * mp + 2) // 5 + 1
+    month = mp + 3 if mp < 10 else mp - 9
+    return year_of_era + era * 400 + (month <= 2), month, day
+
+
+def format_rfc3339(unix_seconds: float) -> str:
+    """UTC RFC 3339 with ``Z``, microseconds, trailing fraction zeros trimmed (Go style).
+
+    Go refuses to marshal years outside 0..9999, so do we.
+    """
+    total_us = round(unix_seconds * 1_000_000)
+    secs, micros = divmod(total_us, 1_000_000)
+    days, second_of_day = divmod(secs, 86400)
+    year, month, day = _civil_from_days(days)
+    if not 0 <= year <= 9999:
+        raise ValueError(f"year {year} outside [0,9999]")
+    hour, rest = divmod(second_of_day, 3600)
+    minute, second = divmod(rest, 60)
+    text = f"{year:04d}-{month:02d}-{day:02d}T{hour:02d}:{minute:02d}:{second:02d}"
+    if micros:
+        text += "." + f"{micros:06d}".rstrip("0")
+    return text + "Z"
+
+
+# --------------------------------------------------------------------------- decoding
+
+_RFC3339 = re.compile(
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})"
+    r"(?:\.([0-9]+))?"
+    r"(?:(Z)|([+-])([0-9]{2}):([0-9]{2}))",
+    re.ASCII,
+)
+_DAYS_IN_MONTH = (31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
+
+
+def _days_in(month: int, year: int) -> int:
+    if month == 2 and year % 4 == 0 and (year % 100 != 0 or year % 400 == 0):
+        return 29
+    return _DAYS_IN_MONTH[month - 1]
+
+
+def parse_rfc3339(text: str) -> float:
+    """Parse RFC 3339 as Go's ``time.Time.UnmarshalJSON`` does; unix seconds.
+
+    ``T`` and ``Z`` are upper case only; the offset is ``Z`` or ``±hh:mm``; the fraction
+    may have any number of digits, of which Go keeps nine. Raises ``ValueError``.
+    """
+    m = _RFC3339.fullmatch(text)
+    if m is None:
+        raise ValueError(f"not RFC 3339: {text!r}")
+    year, month, day, hour, minute, second = (int(g) for g in m.group(1, 2, 3, 4, 5, 6))
+    if not (1 <= month <= 12 and 1 <= day <= _days_in(month, year)):
+        raise ValueError(f"day out of range: {text!r}")
+    if hour > 23 or minute > 59 or second > 59:
+        raise ValueError(f"time out of range: {text!r}")
+    offset = 0
+    if m.group(8) is None:
+        off_hour, off_minute = int(m.group(10)), int(m.group(11))
+        if off_hour > 23 or off_minute > 59:
+            raise ValueError(f"zone offset out of range: {text!r}")
+        offset = (off_hour * 60 + off_minute) * 60
+        if m.group(9) == "-":
+            offset = -offset
+    nanos = int((m.group(7) or "0")[:9].ljust(9, "0"))
+    whole = _days_from_civil(year, month, day) * 86400 + hour * 3600 + minute * 60 + second - offset
+    return whole + nanos / _NS_PER_S
+
+
+def _per_byte_replace(error: UnicodeDecodeError) -> tuple[str, int]:
+    # Go turns every invalid byte into its own U+FFFD.
+    return "\ufffd", error.start + 1
+
+
+codecs.register_error("rtcauthd-store-go-replace", _per_byte_replace)
+
+
+class _Pairs(list):
+    """A JSON object as ordered (key, value) pairs, so duplicate members stay visible."""
+
+
+class _Fraction(float):
+    """A JSON number written with a fraction or exponent: never a Go integer."""
+
+
+def _reject_constant(name: str) -> Any:
+    raise StoredJobError(f"{name} is not JSON")
+
+
+_DECODER = json.JSONDecoder(
+    parse_float=_Fraction, parse_constant=_reject_constant, object_pairs_hook=_Pairs
+)
+
+
+def _fold(name: str) -> str:
+    # Go's case-insensitive member match, including its Kelvin-sign and long-s folds.
+    return name.replace("\u212a", "k").replace("\u017f", "s").lower()
+
+
+def _clean(text: str) -> str:
+    if any("\ud800" <= ch <= "\udfff" for ch in text):
+        return "".join("\ufffd" if "\ud800" <= ch <= "\udfff" else ch for ch in text)
+    return text
+
+
+def _string(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise StoredJobError(f"{what}: expected a string")
+    return _clean(value)
+
+
+def _duration(value: Any) -> int:
+    if type(value) is not int:  # bool is an int subclass; _Fraction marks 8e9 / 8.0
+        raise StoredJobError("DelayTimeout: expected an integer")
+    if not _INT64_MIN <= value <= _INT64_MAX:
+        raise StoredJobError("DelayTimeout: out of int64 range")
+    return value
+
+
+def _time(value: Any) -> float:
+    text = _string(value, "RestartedAt")
+    try:
+        return parse_rfc3339(text)
+    except ValueError as e:
+        raise StoredJobError(f"RestartedAt: {e}") from None
+
+
+_PARAM_FIELDS = {
+    "delayid": ("delay_id", lambda v: _string(v, "DelayId")),
+    "delaytimeout": ("delay_timeout_ns", _duration),
+    "servername": ("server_name", lambda v: _string(v, "ServerName")),
+    "livekitroom": ("room", lambda v: _string(v, "LiveKitRoom")),
+    "livekitidentity": ("identity", lambda v: _string(v, "LiveKitIdentity")),
+}
+
+
+def _decode_params(value: Any, into: dict[str, Any]) -> None:
+    if not isinstance(value, _Pairs):
+        raise StoredJobError("Params: expected an object")
+    for key, item in value:
+        spec = _PARAM_FIELDS.get(_fold(_clean(key)))
+        if spec is None or item is None:  # unknown members are ignored, null keeps the value
+            continue
+        name, parse = spec
+        into[name] = parse(item)
+
+
+def decode_value(text: "str | bytes") -> StoredJob:
+    """Decode a stored value as Go's ``json.Unmarshal`` would; ``StoredJobError`` if it can't."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", errors="rtcauthd-store-go-replace")
+    try:
+        top = _DECODER.decode(text)
+    except StoredJobError:
+        raise
+    except (ValueError, RecursionError) as e:
+        raise StoredJobError(f"not JSON: {e}") from None
+    fields: dict[str, Any] = {
+        "delay_id": "",
+        "delay_timeout_ns": 0,
+        "server_name": "",
+        "room": "",
+        "identity": "",
+        "restarted_at": GO_ZERO_TIME,
+    }
+    if top is None:
+        return StoredJob(**fields)
+    if not isinstance(top, _Pairs):
+        raise StoredJobError("expected an object")
+    for key, item in top:
+        folded = _fold(_clean(key))
+        if item is None:
+            continue
+        if folded == "params":
+            # a repeated Params member decodes into the struct already there (Go merges)
+            _decode_params(item, fields)
+        elif folded == "restartedat":
+            fields["restarted_at"] = _time(item)
+    return StoredJob(**fields)
+
