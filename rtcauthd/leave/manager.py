@@ -1,0 +1,245 @@
+"""The table of live delegated-leave jobs: one per (room, identity), persisted as it changes.
+
+Jobs decide *what* happens (rtcauthd.leave.jobs); the manager owns *which* job is current
+for a key. That distinction is what keeps replacement safe: a replaced job's late
+"done" or "restarted" report must never touch its successor's stored record, so every
+store write goes through a "is this still the current job?" check here (§12.3, §12.10).
+Store failures are logged and never change a job's behaviour or an HTTP answer.
+"""
+
+from __future__ import annotations
+
+import random as _random
+from typing import Callable, Dict, Iterator, Optional, Tuple, Union
+
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from rtcauthd.leave.jobs import DelayedLeaveJob, JobEnvironment, JobParams, Signal
+from rtcauthd.leave.outcome import Outcome
+from rtcauthd.livekit.twirp import Presence
+from rtcauthd.store.model import StoredJob
+
+log = Logger()
+
+Key = Tuple[str, str]
+
+
+class ShuttingDown(Exception):
+    """No new jobs are accepted once the manager is stopping (answer 503 ``M_UNKNOWN``)."""
+
+
+def params_from_stored(stored: StoredJob) -> JobParams:
+    return JobParams(
+        delay_id=stored.delay_id,
+        delay_timeout_ns=stored.delay_timeout_ns,
+        server_name=stored.server_name,
+        room=stored.room,
+        identity=stored.identity,
+    )
+
+
+def stored_from_params(params: JobParams, restarted_at: float) -> StoredJob:
+    return StoredJob(
+        delay_id=params.delay_id,
+        delay_timeout_ns=params.delay_timeout_ns,
+        server_name=params.server_name,
+        room=params.room,
+        identity=params.identity,
+        restarted_at=restarted_at,
+    )
+
+
+class JobManager:
+    """Owns every running :class:`DelayedLeaveJob`, routes webhook signals, persists changes.
+
+    ``store`` provides ``put(StoredJob)``, ``delete(room, identity)`` and ``load_all()``,
+    each returning a Deferred. ``restart``/``send``/``lookup_participant`` are the
+    per-attempt collaborators described on :class:`JobEnvironment`.
+    """
+
+    def __init__(
+        self,
+        *,
+        clock: IReactorTime,
+        store,
+        restart: Callable[[JobParams], "Deferred[Outcome]"],
+        send: Callable[[JobParams], "Deferred[Outcome]"],
+        lookup_participant: Callable[[JobParams], "Deferred[Presence]"],
+        sanity_interval: float = 0.0,
+        random: Callable[[], float] = _random.random,
+    ) -> None:
+        self._clock = clock
+        self._store = store
+        self._jobs: Dict[Key, DelayedLeaveJob] = {}
+        self._stopping = False
+        self._env = JobEnvironment(
+            clock=clock,
+            restart=restart,
+            send=send,
+            lookup_participant=lookup_participant,
+            restarted=self._job_restarted,
+            done=self._job_done,
+            random=random,
+            sanity_interval=sanity_interval,
+        )
+
+    # -- queries -------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def __iter__(self) -> Iterator[DelayedLeaveJob]:
+        return iter(list(self._jobs.values()))
+
+    def get(self, room: str, identity: str) -> Optional[DelayedLeaveJob]:
+        return self._jobs.get((room, identity))
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    # -- adding, routing -----------------------------------------------------------------
+
+    def add(self, params: JobParams) -> "Deferred[None]":
+        """Register (or replace) the job for ``params.key``; fires once it is stored.
+
+        Raises :class:`ShuttingDown` after :meth:`stop`, and ValueError for a
+        non-positive delay timeout.
+        """
+        if self._stopping:
+            raise ShuttingDown()
+        job = DelayedLeaveJob(params, self._env)
+        self._retire_predecessor(params.key, job)
+        self._jobs[params.key] = job
+        log.info(
+            "Job {job_id}: delegated leave registered for {room}/{identity}",
+            job_id=job.job_id,
+            room=params.room,
+            identity=params.identity,
+        )
+        # The client has just scheduled (or restarted) the event: our best guess for RestartedAt.
+        stored = self._put(stored_from_params(params, self._clock.seconds()))
+        job.start()
+        return stored
+
+    def route(self, room: str, identity: str, signal: Union[Signal, str]) -> bool:
+        """Deliver a webhook-derived signal; False when no job exists for the key (dropped)."""
+        sig = signal if isinstance(signal, Signal) else Signal(signal)
+        job = self._jobs.get((room, identity))
+        if job is None:
+            log.debug(
+                "No job for {room}/{identity}; dropping {signal}",
+                room=room,
+                identity=identity,
+                signal=sig.value,
+            )
+            return False
+        job.signal(sig)
+        return True
+
+    def _retire_predecessor(self, key: Key, successor: DelayedLeaveJob) -> None:
+        old = self._jobs.pop(key, None)
+        if old is None:
+            return
+        log.info(
+            "Job {old_id} replaced by {new_id}", old_id=old.job_id, new_id=successor.job_id
+        )
+        old.signal(Signal.JobReplaced)
+        old.cancel()
+
+    # -- reports from jobs -----------------------------------------------------------------
+
+    def _is_current(self, job: DelayedLeaveJob) -> bool:
+        return self._jobs.get(job.key) is job
+
+    def _job_restarted(self, job: DelayedLeaveJob, at: float) -> None:
+        if self._is_current(job):
+            self._put(stored_from_params(job.params, at))
+
+    def _job_done(self, job: DelayedLeaveJob) -> None:
+        if not self._is_current(job):
+            # Replaced meanwhile: the record now belongs to the successor.
+            job.cancel()
+            return
+        del self._jobs[job.key]
+        job.cancel()
+        self._delete(job.params.room, job.params.identity)
+        log.info("Job {job_id} finished in {state}", job_id=job.job_id, state=job.state.value)
+
+    # -- store -----------------------------------------------------------------------------
+
+    def _put(self, stored: StoredJob) -> "Deferred[None]":
+        d = maybeDeferred(self._store.put, stored)
+        d.addCallbacks(lambda _: None, self._store_failed, errbackArgs=("write",))
+        return d
+
+    def _delete(self, room: str, identity: str) -> "Deferred[None]":
+        d = maybeDeferred(self._store.delete, room, identity)
+        d.addCallbacks(lambda _: None, self._store_failed, errbackArgs=("delete",))
+        return d
+
+    @staticmethod
+    def _store_failed(failure: Failure, operation: str) -> None:
+        log.failure("Job store {operation} failed", failure, operation=operation)
+
+    # -- start-up and shutdown -------------------------------------------------------------
+
+    def restore(self, now_wall: float) -> "Deferred[int]":
+        """Resume stored jobs (§13.4); fires with how many were resumed.
+
+        Expired records are deleted; the others get a fresh job waiting for the initial
+        connect with the full waiting window. Their records are left as they are.
+        """
+        d = maybeDeferred(self._store.load_all)
+
+        def loaded(stored_jobs) -> int:
+            resumed = 0
+            for stored in stored_jobs:
+                if self._restore_one(stored, now_wall):
+                    resumed += 1
+            log.info("Restored {count} delegated-leave job(s)", count=resumed)
+            return resumed
+
+        def failed(failure: Failure) -> int:
+            log.failure("Could not load stored jobs; starting without them", failure)
+            return 0
+
+        d.addCallbacks(loaded, failed)
+        return d
+
+    def _restore_one(self, stored: StoredJob, now_wall: float) -> bool:
+        if self._stopping:
+            return False
+        if stored.delay_timeout_ns <= 0 or stored.expires_at <= now_wall:
+            # The homeserver has fired (or will fire) the event itself.
+            log.info(
+                "Purging expired stored job for {room}/{identity}",
+                room=stored.room,
+                identity=stored.identity,
+            )
+            self._delete(stored.room, stored.identity)
+            return False
+        params = params_from_stored(stored)
+        job = DelayedLeaveJob(params, self._env)
+        self._retire_predecessor(params.key, job)
+        self._jobs[params.key] = job
+        log.info(
+            "Job {job_id}: resumed stored delegated leave for {room}/{identity}",
+            job_id=job.job_id,
+            room=params.room,
+            identity=params.identity,
+        )
+        job.start()
+        return True
+
+    def stop(self) -> None:
+        """Refuse new jobs and cancel every running one; stored records stay for the next process."""
+        self._stopping = True
+        jobs, self._jobs = list(self._jobs.values()), {}
+        for job in jobs:
+            job.cancel()
+        if jobs:
+            log.info("Stopped {count} delegated-leave job(s); records kept", count=len(jobs))

@@ -1,0 +1,588 @@
+"""An IAgent for ``matrix-federation://<server_name>/<path>`` URLs, and the plain agent.
+
+Why a custom agent: a federation request connects to one place (well-known / SRV /
+8448, protocol.md §9.3), sends a ``Host`` header naming another, and verifies a
+certificate for a third; and it must never reach addresses an anonymous client should
+not be able to make us connect to (SSRF).
+
+How the pieces fit:
+
+- :class:`FederationAgent` parses the server name, runs the well-known step (for the
+  ``Host`` header), then hands the request to an ordinary ``Agent`` whose endpoint
+  factory connects by SRV / 8448 target. Connections are pooled per delegated name.
+- Every TCP connection goes through ``HostnameEndpoint`` (happy eyeballs over all
+  A/AAAA answers) with a reactor wrapper whose ``nameResolver`` drops each resolved
+  address that :class:`IPRangeFilter` refuses. The check is therefore made on the
+  address actually connected to (no DNS-rebinding window), and IP literals go
+  through the same filter. Names listed as full-access (``is_trusted``) are exempt.
+- URLs never pass through hyperlink (it breaks IPv6 literals, §9.4): we split the
+  URL ourselves and Twisted's ``URI.fromBytes`` handles ``[::1]`` correctly.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from OpenSSL import SSL
+from service_identity import VerificationError
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import CancelledError, Deferred, fail
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.error import ConnectError, DNSLookupError
+from twisted.internet.interfaces import (
+    IHostnameResolver,
+    IHostResolution,
+    IReactorPluggableNameResolver,
+    IReactorTCP,
+    IReactorTime,
+    IResolutionReceiver,
+    IStreamClientEndpoint,
+)
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool, RedirectAgent, URI
+from twisted.web.error import SchemeNotSupported
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
+from zope.interface import implementer
+
+from rtcauthd.http.client import HTTPClient, OutboundError
+from rtcauthd.matrix.ipfilter import IPRangeFilter
+from rtcauthd.matrix.resolver import (
+    WELL_KNOWN_MAX_BODY,
+    WELL_KNOWN_TIMEOUT,
+    Delegation,
+    ResolveError,
+    ServerResolver,
+)
+from rtcauthd.matrix.servername import InvalidServerName, ServerName, parse_server_name
+from rtcauthd.tls import TLSPolicy
+
+log = Logger()
+
+FEDERATION_SCHEME = b"matrix-federation"
+#: TCP connect timeout per attempted address (upstream: 5 s).
+DEFAULT_CONNECT_TIMEOUT = 5.0
+#: Redirects followed for ``/.well-known/matrix/server`` (Go's default client: 10).
+WELL_KNOWN_REDIRECT_LIMIT = 10
+
+# Internal schemes of the inner Agent: the pool key includes the scheme, so filtered
+# and trusted connections to the same delegated name are never shared.
+_INNER_FILTERED = b"matrix-federation-filtered"
+_INNER_TRUSTED = b"matrix-federation-trusted"
+
+
+class AddressRefusedError(OutboundError):
+    """Every address of the destination is blocked by the IP range filter."""
+
+
+class ConnectFailed(OutboundError):
+    """No TCP connection could be established."""
+
+
+class TLSFailed(OutboundError):
+    """The TLS handshake or the certificate check failed."""
+
+
+# -- name resolution with the SSRF filter -----------------------------------------------
+
+
+@implementer(IHostResolution)
+class _LiteralResolution:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def cancel(self) -> None:
+        pass
+
+
+@implementer(IResolutionReceiver)
+class _FilteringReceiver:
+    """Passes on only the addresses the filter allows; remembers the refused ones."""
+
+    def __init__(self, receiver, ip_filter: IPRangeFilter, refusals: list, host: str) -> None:
+        self._receiver = receiver
+        self._filter = ip_filter
+        self._refusals = refusals
+        self._host = host
+
+    def resolutionBegan(self, resolutionInProgress) -> None:
+        self._receiver.resolutionBegan(resolutionInProgress)
+
+    def addressResolved(self, address) -> None:
+        rule = self._filter.check(address.host)
+        if rule is None:
+            self._receiver.addressResolved(address)
+            return
+        self._refusals.append((address.host, rule))
+        log.warn(
+            "Refusing to connect to {address} for {host}: blocked by {rule}",
+            address=address.host,
+            host=self._host,
+            rule=rule,
+        )
+
+    def resolutionComplete(self) -> None:
+        self._receiver.resolutionComplete()
+
+
+@implementer(IHostnameResolver)
+class _GuardedNameResolver:
+    """Resolves IP literals locally and DNS names through ``base``, then filters."""
+
+    def __init__(self, base, ip_filter: Optional[IPRangeFilter], refusals: list) -> None:
+        self._base = base
+        self._filter = ip_filter
+        self._refusals = refusals
+
+    def resolveHostName(
+        self, resolutionReceiver, hostName, portNumber=0, addressTypes=None, transportSemantics="TCP"
+    ):
+        receiver = resolutionReceiver
+        if self._filter is not None:
+            receiver = _FilteringReceiver(receiver, self._filter, self._refusals, hostName)
+        if isIPAddress(hostName) or isIPv6Address(hostName):
+            # No thread hop or DNS for literals; the filter still sees them.
+            receiver.resolutionBegan(_LiteralResolution(hostName))
+            kind = IPv6Address if ":" in hostName else IPv4Address
+            receiver.addressResolved(kind("TCP", hostName, portNumber))
+            receiver.resolutionComplete()
+            return resolutionReceiver
+        self._base.resolveHostName(receiver, hostName, portNumber, addressTypes, transportSemantics)
+        return resolutionReceiver
+
+
+@implementer(IReactorTCP, IReactorTime, IReactorPluggableNameResolver)
+class _ReactorWithResolver:
+    """The real reactor with a different ``nameResolver`` (for HostnameEndpoint)."""
+
+    def __init__(self, reactor, name_resolver) -> None:
+        self._reactor = reactor
+        self.nameResolver = name_resolver
+
+    def installNameResolver(self, resolver):
+        raise NotImplementedError("per-connection wrapper; install on the real reactor")
+
+    def __getattr__(self, name):
+        return getattr(self._reactor, name)
+
+
+@implementer(IStreamClientEndpoint)
+class _GuardedHostnameEndpoint:
+    """HostnameEndpoint (happy eyeballs) whose resolved addresses pass the IP filter."""
+
+    def __init__(
+        self,
+        reactor,
+        host: str,
+        port: int,
+        *,
+        ip_filter: Optional[IPRangeFilter],
+        connect_timeout: float,
+        name_resolver=None,
+    ) -> None:
+        self._reactor = reactor
+        self._host = host
+        self._port = port
+        self._filter = ip_filter
+        self._timeout = connect_timeout
+        self._name_resolver = name_resolver
+
+    def connect(self, protocolFactory) -> Deferred:
+        refusals: list[tuple[str, str]] = []
+        base = self._name_resolver if self._name_resolver is not None else self._reactor.nameResolver
+        reactor = _ReactorWithResolver(self._reactor, _GuardedNameResolver(base, self._filter, refusals))
+        endpoint = HostnameEndpoint(reactor, self._host, self._port, timeout=self._timeout)
+
+        def failed(failure: Failure) -> Failure:
+            if refusals and failure.check(DNSLookupError):
+                raise AddressRefusedError("connect", _refusal_text(refusals))
+            return failure
+
+        return endpoint.connect(protocolFactory).addErrback(failed)
+
+
+def _refusal_text(refusals: list[tuple[str, str]]) -> str:
+    return "; ".join(f"refusing to connect to {address} (blocked by {rule})" for address, rule in refusals)
+
+
+# -- error classification ----------------------------------------------------------------
+
+
+def _classify(failure: Failure) -> Failure:
+    """Turn transport failures into OutboundError subclasses with a useful step."""
+    if failure.check(OutboundError, CancelledError):
+        return failure
+    error = _as_outbound(failure)
+    if error is None:
+        return failure
+    raise error
+
+
+def _as_outbound(failure: Failure) -> Optional[OutboundError]:
+    if failure.check(OutboundError):
+        return failure.value
+    if failure.check(DNSLookupError):
+        return ResolveError("resolve", failure.getErrorMessage())
+    if failure.check(ConnectError):
+        return ConnectFailed("connect", _describe(failure))
+    if failure.check(SSL.Error, VerificationError):
+        return TLSFailed("tls", _describe(failure))
+    for reason in getattr(failure.value, "reasons", None) or ():
+        if isinstance(reason, Failure) and reason.check(SSL.Error, VerificationError):
+            return TLSFailed("tls", _describe(reason))
+    return None
+
+
+def _describe(failure: Failure) -> str:
+    value = failure.value
+    name = type(value).__name__
+    message = str(value)
+    return f"{name}: {message}" if message and message != name else name
+
+
+# -- connecting to resolved targets -------------------------------------------------------
+
+
+class _TargetsInTurn:
+    """Connect to SRV targets one after another; the first connection wins."""
+
+    def __init__(self, endpoints: list[tuple[str, int, IStreamClientEndpoint]], factory) -> None:
+        self._endpoints = endpoints
+        self._factory = factory
+        self._errors: list[tuple[str, int, Failure]] = []
+        self._current: Optional[Deferred] = None
+        self._cancelled = False
+        self.result: Deferred = Deferred(self._cancel)
+        self._attempt(0)
+
+    def _cancel(self, _result: Deferred) -> None:
+        self._cancelled = True
+        if self._current is not None:
+            self._current.cancel()
+
+    def _attempt(self, index: int) -> None:
+        if index >= len(self._endpoints):
+            self.result.errback(self._combined())
+            return
+        host, port, endpoint = self._endpoints[index]
+        self._current = endpoint.connect(self._factory)
+
+        def succeeded(protocol):
+            self._current = None
+            if not self._cancelled:
+                self.result.callback(protocol)
+            return None
+
+        def failed(failure: Failure) -> None:
+            self._current = None
+            if self._cancelled:
+                return None
+            self._errors.append((host, port, failure))
+            self._attempt(index + 1)
+            return None
+
+        self._current.addCallbacks(succeeded, failed)
+
+    def _combined(self) -> Failure:
+        errors = [(h, p, _as_outbound(f) or ConnectFailed("connect", _describe(f))) for h, p, f in self._errors]
+        if len(errors) == 1:
+            return Failure(errors[0][2])
+        kinds = {type(e) for _, _, e in errors}
+        kind = kinds.pop() if len(kinds) == 1 else ConnectFailed
+        detail = "; ".join(f"{_hostport(h, p)}: {e.detail}" for h, p, e in errors)
+        return Failure(kind("connect" if kind is not ResolveError else "resolve", detail))
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@implementer(IStreamClientEndpoint)
+class _FederationEndpoint:
+    """Resolves a delegated name to targets at connect time, then connects with TLS."""
+
+    def __init__(self, agent: "FederationAgent", name: ServerName, trusted: bool) -> None:
+        self._agent = agent
+        self._name = name
+        self._trusted = trusted
+
+    def connect(self, protocolFactory) -> Deferred:
+        agent = self._agent
+        creator = agent._tls_policy.options_for(self._name.host)
+        ip_filter = None if self._trusted else agent._ip_filter
+
+        def got_targets(targets: list[tuple[str, int]]) -> Deferred:
+            endpoints = [
+                (
+                    host,
+                    port,
+                    wrapClientTLS(
+                        creator,
+                        _GuardedHostnameEndpoint(
+                            agent._reactor,
+                            host,
+                            port,
+                            ip_filter=ip_filter,
+                            connect_timeout=agent._connect_timeout,
+                            name_resolver=agent._name_resolver,
+                        ),
+                    ),
+                )
+                for host, port in targets
+            ]
+            return _TargetsInTurn(endpoints, protocolFactory).result
+
+        return agent._resolver.targets(self._name).addCallback(got_targets)
+
+
+@implementer(IAgentEndpointFactory)
+class _FederationEndpointFactory:
+    def __init__(self, agent: "FederationAgent") -> None:
+        self._agent = agent
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        if uri.scheme not in (_INNER_FILTERED, _INNER_TRUSTED):
+            raise SchemeNotSupported(f"Unsupported scheme: {uri.scheme!r}")
+        host = uri.host.decode("ascii")
+        port = uri.port or None  # port 0 encodes "no explicit port"
+        is_ip = isIPAddress(host) or isIPv6Address(host)
+        bracketed = f"[{host}]" if ":" in host else host
+        original = bracketed if port is None else f"{bracketed}:{port}"
+        name = ServerName(host=host, port=port, is_ip=is_ip, original=original)
+        return _FederationEndpoint(self._agent, name, uri.scheme == _INNER_TRUSTED)
+
+
+# -- the agents -------------------------------------------------------------------------------
+
+
+def _split_federation_url(uri: bytes) -> tuple[ServerName, bytes]:
+    prefix = FEDERATION_SCHEME + b"://"
+    if not uri.startswith(prefix):
+        raise InvalidServerName("URL does not start with matrix-federation://")
+    rest = uri[len(prefix) :]
+    cut = len(rest)
+    for sep in (b"/", b"?", b"#"):
+        position = rest.find(sep)
+        if position >= 0:
+            cut = min(cut, position)
+    netloc, path = rest[:cut], rest[cut:]
+    if not path.startswith(b"/"):
+        path = b"/" + path
+    try:
+        text = netloc.decode("ascii")
+    except UnicodeDecodeError:
+        raise InvalidServerName("server name contains non-ASCII characters") from None
+    return parse_server_name(text), path
+
+
+@implementer(IAgent)
+class FederationAgent:
+    """IAgent for ``matrix-federation://<server_name>/<path>?<query>`` (see module doc)."""
+
+    def __init__(
+        self,
+        reactor,
+        *,
+        resolver: ServerResolver,
+        tls_policy: TLSPolicy,
+        ip_filter: IPRangeFilter,
+        is_trusted: Callable[[str], bool],
+        pool: Optional[HTTPConnectionPool] = None,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        _name_resolver=None,
+    ) -> None:
+        self._reactor = reactor
+        self._resolver = resolver
+        self._tls_policy = tls_policy
+        self._ip_filter = ip_filter
+        self._is_trusted = is_trusted
+        self._connect_timeout = connect_timeout
+        self._name_resolver = _name_resolver
+        if pool is None:
+            pool = HTTPConnectionPool(reactor, persistent=True)
+        self._agent = Agent.usingEndpointFactory(reactor, _FederationEndpointFactory(self), pool=pool)
+
+    def request(
+        self,
+        method: bytes,
+        uri: bytes,
+        headers: Optional[Headers] = None,
+        bodyProducer: Optional[IBodyProducer] = None,
+    ) -> "Deferred[IResponse]":
+        try:
+            server_name, path = _split_federation_url(uri)
+        except InvalidServerName as e:
+            return fail(ResolveError("server name", e.reason))
+        trusted = bool(self._is_trusted(server_name.original))
+
+        def send(delegation: Delegation) -> Deferred:
+            target = delegation.server_name
+            netloc = f"{target.bracketed_host}:{target.port or 0}".encode("ascii")
+            scheme = _INNER_TRUSTED if trusted else _INNER_FILTERED
+            request_headers = headers.copy() if headers is not None else Headers()
+            request_headers.setRawHeaders(b"Host", [delegation.host_header.encode("ascii")])
+            return self._agent.request(
+                method, scheme + b"://" + netloc + path, request_headers, bodyProducer
+            )
+
+        d = self._resolver.delegate(server_name)
+        d.addCallback(send)
+        d.addErrback(_classify)
+        return d
+
+
+@implementer(IAgentEndpointFactory)
+class _GuardedWebEndpointFactory:
+    """http(s) endpoints whose addresses pass the IP filter unless the host is trusted."""
+
+    def __init__(self, reactor, *, tls_policy, ip_filter, is_trusted, connect_timeout, name_resolver) -> None:
+        self._reactor = reactor
+        self._tls_policy = tls_policy
+        self._ip_filter = ip_filter
+        self._is_trusted = is_trusted
+        self._connect_timeout = connect_timeout
+        self._name_resolver = name_resolver
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        if uri.scheme not in (b"http", b"https"):
+            raise SchemeNotSupported(f"Unsupported scheme: {uri.scheme!r}")
+        host = uri.host.decode("ascii")
+        endpoint = _GuardedHostnameEndpoint(
+            self._reactor,
+            host,
+            uri.port,
+            ip_filter=None if self._is_trusted(host) else self._ip_filter,
+            connect_timeout=self._connect_timeout,
+            name_resolver=self._name_resolver,
+        )
+        if uri.scheme == b"https":
+            return wrapClientTLS(self._tls_policy.options_for(host), endpoint)
+        return endpoint
+
+
+@implementer(IAgent)
+class _ClassifyingAgent:
+    """Gives transport failures of an inner agent their OutboundError class."""
+
+    def __init__(self, agent: IAgent) -> None:
+        self._agent = agent
+
+    def request(self, method, uri, headers=None, bodyProducer=None):
+        return self._agent.request(method, uri, headers, bodyProducer).addErrback(_classify)
+
+
+def build_well_known_agent(
+    reactor,
+    *,
+    tls_policy: TLSPolicy,
+    ip_filter: IPRangeFilter,
+    is_trusted: Callable[[str], bool],
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    _name_resolver=None,
+) -> IAgent:
+    """The agent for ``/.well-known/matrix/server``: SSRF-filtered, follows redirects.
+
+    It has its own non-persistent pool: well-known answers are cached for hours, and
+    sharing a pool with unfiltered agents could hand it an unchecked connection.
+    """
+    inner = Agent.usingEndpointFactory(
+        reactor,
+        _GuardedWebEndpointFactory(
+            reactor,
+            tls_policy=tls_policy,
+            ip_filter=ip_filter,
+            is_trusted=is_trusted,
+            connect_timeout=connect_timeout,
+            name_resolver=_name_resolver,
+        ),
+        pool=HTTPConnectionPool(reactor, persistent=False),
+    )
+    return RedirectAgent(_ClassifyingAgent(inner), redirectLimit=WELL_KNOWN_REDIRECT_LIMIT)
+
+
+#: Where the system's DNS servers are listed (for SRV lookups).
+RESOLV_CONF = "/etc/resolv.conf"
+
+
+class _SystemDNSResolver:
+    """twisted.names' resolver for the resolv.conf servers, created on the first SRV
+    lookup: building it reads the file and starts a re-read timer, which merely
+    wiring the service should not do."""
+
+    def __init__(self, reactor) -> None:
+        self._reactor = reactor
+        self._resolver = None
+
+    def lookupService(self, name, timeout=None):
+        if self._resolver is None:
+            from twisted.names.client import Resolver
+
+            self._resolver = Resolver(resolv=RESOLV_CONF, reactor=self._reactor)
+        return self._resolver.lookupService(name, timeout=timeout)
+
+
+def build_federation_agent(
+    reactor,
+    *,
+    tls_policy: TLSPolicy,
+    ip_filter: IPRangeFilter,
+    is_trusted: Callable[[str], bool],
+    dns_resolver=None,
+    pool: Optional[HTTPConnectionPool] = None,
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    well_known_timeout: float = WELL_KNOWN_TIMEOUT,
+    _name_resolver=None,
+    _random=None,
+) -> FederationAgent:
+    """Wire a FederationAgent with its resolver and SSRF-filtered well-known client.
+
+    ``dns_resolver`` (twisted.names IResolver, for SRV) defaults to the system's
+    resolv.conf servers; A/AAAA lookups use ``reactor.nameResolver`` (getaddrinfo).
+    """
+    if dns_resolver is None:
+        dns_resolver = _SystemDNSResolver(reactor)
+    well_known_http = HTTPClient(
+        clock=reactor,
+        agent=build_well_known_agent(
+            reactor,
+            tls_policy=tls_policy,
+            ip_filter=ip_filter,
+            is_trusted=is_trusted,
+            connect_timeout=connect_timeout,
+            _name_resolver=_name_resolver,
+        ),
+        timeout=well_known_timeout,
+        max_body=WELL_KNOWN_MAX_BODY,
+    )
+    resolver = ServerResolver(
+        clock=reactor,
+        http=well_known_http,
+        srv_resolver=dns_resolver,
+        well_known_timeout=well_known_timeout,
+        _random=_random,
+    )
+    return FederationAgent(
+        reactor,
+        resolver=resolver,
+        tls_policy=tls_policy,
+        ip_filter=ip_filter,
+        is_trusted=is_trusted,
+        pool=pool,
+        connect_timeout=connect_timeout,
+        _name_resolver=_name_resolver,
+    )
+
+
+def build_plain_agent(
+    reactor,
+    *,
+    tls_policy: TLSPolicy,
+    pool: Optional[HTTPConnectionPool] = None,
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+) -> IAgent:
+    """An ordinary Agent (happy eyeballs via HostnameEndpoint) for operator-configured
+    URLs (LiveKit, client-server API): no SSRF filter, same TLS policy. Pass it
+    bytes URLs through HTTPClient (IPv6 literals work; hyperlink is not involved)."""
+    return Agent(reactor, contextFactory=tls_policy, connectTimeout=connect_timeout, pool=pool)

@@ -1,0 +1,169 @@
+"""A LiveKit RoomService fake speaking Twirp with protobuf bodies only (protocol.md §7).
+
+Like upstream's fake SFU it refuses anything it cannot decode as protobuf (JSON Twirp gets
+400), so the daemon's wire format is really exercised.  Bodies are decoded with the
+generated classes of ``livekit-protocol`` (a test-only dependency), independently of how
+rtcauthd encodes them.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Callable, Optional
+
+import attr
+from google.protobuf.message import DecodeError
+from livekit.protocol.models import Room
+from livekit.protocol.room import CreateRoomRequest
+from twisted.logger import Logger
+from twisted.web import resource, server
+
+from tests.blackbox.harness import FakeServer, host_for_url
+
+log = Logger()
+
+TWIRP_PREFIX = "/twirp/livekit.RoomService/"
+PROTOBUF = "application/protobuf"
+
+
+@attr.s(auto_attribs=True, frozen=True)
+class TwirpCall:
+    """Any request the fake received, decodable or not."""
+
+    method: str
+    path: str
+    content_type: Optional[str]
+    authorization: Optional[str]
+    body: bytes
+    peer_host: str
+    headers: dict
+
+    @property
+    def bearer(self) -> Optional[str]:
+        if self.authorization and self.authorization.startswith("Bearer "):
+            return self.authorization[len("Bearer "):]
+        return None
+
+
+@attr.s(auto_attribs=True, frozen=True)
+class CreateRoomCall:
+    """A decoded CreateRoom request."""
+
+    name: str
+    empty_timeout: int
+    departure_timeout: int
+    max_participants: int
+    call: TwirpCall
+
+    @property
+    def bearer(self) -> Optional[str]:
+        return self.call.bearer
+
+
+def twirp_error(status: int, code: str, msg: str) -> tuple[int, bytes, str]:
+    return status, json.dumps({"code": code, "msg": msg}).encode("utf-8"), "application/json"
+
+
+class _Root(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, fake: "FakeLiveKit") -> None:
+        super().__init__()
+        self._fake = fake
+
+    def render(self, request):
+        status, body, content_type = self._fake._handle(request)
+        request.setResponseCode(status)
+        request.setHeader(b"content-type", content_type.encode("ascii"))
+        return body
+
+
+class FakeLiveKit(FakeServer):
+    """Plain-HTTP Twirp RoomService on loopback; ``url`` is the ``ws://`` LIVEKIT_URL."""
+
+    def __init__(self, *, reactor=None) -> None:
+        super().__init__(_Root(self), reactor=reactor)
+        self.calls: list[TwirpCall] = []
+        self.create_room_requests: list[CreateRoomCall] = []
+        self._failure: Optional[tuple[int, bytes, str]] = None
+        #: Twirp method name → handler(call) returning (status, body, content type).
+        self.methods: dict[str, Callable[[TwirpCall], tuple[int, bytes, str]]] = {
+            "CreateRoom": self._create_room,
+        }
+
+    def listen(self, *, host: str = "127.0.0.1", port: int = 0) -> str:
+        self.listen_tcp(host, port)
+        return self.url
+
+    @property
+    def url(self) -> str:
+        return f"ws://{host_for_url(self.host)}:{self.port}"
+
+    def fail_with(self, status: int, body: bytes = b'{"code":"internal","msg":"fake SFU failure"}',
+                  content_type: str = "application/json") -> None:
+        """Answer every decodable request with this (the request is still recorded)."""
+        self._failure = (status, body, content_type)
+
+    def succeed(self) -> None:
+        self._failure = None
+
+    @property
+    def rejected(self) -> list[TwirpCall]:
+        """Calls that were not decoded as a known method (wrong path/format)."""
+        decoded = {id(c.call) for c in self.create_room_requests}
+        return [c for c in self.calls if id(c) not in decoded]
+
+    def _handle(self, request: server.Request) -> tuple[int, bytes, str]:
+        headers = {
+            name.decode("latin-1").lower(): [v.decode("latin-1") for v in values]
+            for name, values in request.requestHeaders.getAllRawHeaders()
+        }
+        ct = request.getHeader(b"content-type")
+        auth = request.getHeader(b"authorization")
+        call = TwirpCall(
+            method=request.method.decode("ascii", "replace"),
+            path=request.path.decode("utf-8", "replace"),
+            content_type=ct.decode("latin-1") if ct is not None else None,
+            authorization=auth.decode("latin-1") if auth is not None else None,
+            body=request.content.read() if request.content is not None else b"",
+            peer_host=request.getClientAddress().host,
+            headers=headers,
+        )
+        self.calls.append(call)
+        if call.method != "POST":
+            return twirp_error(405, "bad_route", f"unsupported method {call.method}")
+        if not call.path.startswith(TWIRP_PREFIX):
+            return twirp_error(404, "bad_route", f"no handler for path {call.path}")
+        handler = self.methods.get(call.path[len(TWIRP_PREFIX):])
+        if handler is None:
+            return twirp_error(404, "bad_route", f"no handler for path {call.path}")
+        media_type = (call.content_type or "").split(";")[0].strip().lower()
+        if media_type != PROTOBUF:
+            return twirp_error(400, "malformed", f"this fake speaks protobuf only, got {call.content_type!r}")
+        return handler(call)
+
+    def _create_room(self, call: TwirpCall) -> tuple[int, bytes, str]:
+        try:
+            req = CreateRoomRequest.FromString(call.body)
+        except DecodeError as e:
+            return twirp_error(400, "malformed", f"cannot decode CreateRoomRequest: {e}")
+        self.create_room_requests.append(
+            CreateRoomCall(
+                name=req.name,
+                empty_timeout=req.empty_timeout,
+                departure_timeout=req.departure_timeout,
+                max_participants=req.max_participants,
+                call=call,
+            )
+        )
+        if self._failure is not None:
+            return self._failure
+        room = Room(
+            sid="RM_fake" + str(len(self.create_room_requests)),
+            name=req.name,
+            empty_timeout=req.empty_timeout,
+            departure_timeout=req.departure_timeout,
+            max_participants=req.max_participants,
+            creation_time=int(self.reactor.seconds()),
+        )
+        return 200, room.SerializeToString(), PROTOBUF
