@@ -112,6 +112,10 @@ class Config:
             return True
         return server_name in self.full_access_homeservers
 
+    def is_named_full_access(self, server_name: str) -> bool:
+        """Listed by name: trusted to live on private addresses (the ``*`` wildcard is not)."""
+        return server_name != "*" and server_name in self.full_access_homeservers
+
 
 def read_text_file(path: str) -> str:
     with open(path, "rb") as f:

@@ -177,7 +177,7 @@ def build_service(config: Config, reactor, environ: Mapping[str, str] = os.envir
             reactor,
             tls_policy=tls_policy,
             ip_filter=ip_filter,
-            is_trusted=config.is_full_access,
+            is_trusted=config.is_named_full_access,  # "*" never disables the SSRF filter
             pool=pool,
         ),
         timeout=config.outbound_timeout,

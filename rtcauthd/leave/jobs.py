@@ -487,7 +487,6 @@ class DelayedLeaveJob:
             )
         else:
             log.failure("Job {job_id}: send failed", failure, job_id=self.job_id)
-        self._env.done(self)
 
     # -- participant lookup (§12.7) -------------------------------------------------------
 

@@ -92,7 +92,9 @@ class LoadConfigTests(SynchronousTestCase):
         self.assertFalse(c.is_full_access("example.com"))
 
     def test_wildcard_only_alone(self):
-        self.assertTrue(self.load({"LIVEKIT_FULL_ACCESS_HOMESERVERS": "*"}).is_full_access("any.org"))
+        wildcard = self.load({"LIVEKIT_FULL_ACCESS_HOMESERVERS": "*"})
+        self.assertTrue(wildcard.is_full_access("any.org"))
+        self.assertFalse(wildcard.is_named_full_access("any.org"))  # SSRF filter stays on
         mixed = self.load({"LIVEKIT_FULL_ACCESS_HOMESERVERS": "*, example.com"})
         self.assertFalse(mixed.is_full_access("any.org"))
         self.assertTrue(mixed.is_full_access("example.com"))

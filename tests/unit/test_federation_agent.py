@@ -285,7 +285,6 @@ class MemoryAgentTests(SynchronousTestCase):
             self.reactor, tls_policy=self.tls, ip_filter=self.ip_filter, is_trusted=lambda name: False
         )
         self.assertEqual(self.reactor.getDelayedCalls(), [])
-        self.assertEqual(self.reactor.udpPorts, {})
 
     # -- targets and certificate names (protocol.md §9.3) ------------------------
 
