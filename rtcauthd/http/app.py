@@ -209,6 +209,7 @@ class RtcAuthSite(Site):
         self.in_flight = 0  # requests not yet finished; the service drains them on stop
         self.requestFactory = _RequestFactory(self)
         self.displayTracebacks = False
+        self.noisy = False
 
     def make_request(self, channel) -> SizeLimitingRequest:
         request = SizeLimitingRequest(channel)
