@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import Optional, Sequence
+from typing import NoReturn, Optional, Sequence
 
 from rtcauthd import __version__
 
@@ -30,7 +30,7 @@ USAGE_ERROR = 1
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a usage error exits with :data:`USAGE_ERROR` instead of 2."""
 
-    def error(self, message: str) -> "NoReturn":  # noqa: F821
+    def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
         self.exit(USAGE_ERROR, f"{self.prog}: error: {message}\n")
 

@@ -10,9 +10,9 @@ Without a URL it works out where the daemon listens from the same settings the d
 loopback. This fixes lk-jwt-service's probe, which builds ``http://localhost::8080/healthz``
 from the default bind (element-hq/lk-jwt-service#210, protocol.md §3.5).
 
-The whole probe is bounded by ``--timeout`` (default 3 s, Docker's own default): the request
-runs in a daemon thread that the caller stops waiting for at the deadline, so a peer that
-accepts and then trickles bytes cannot stretch it.
+The whole probe is bounded by ``--timeout`` (default 3 s, as upstream's Docker HEALTHCHECK):
+the request runs in a daemon thread that the caller stops waiting for at the deadline, so a
+peer that accepts and then trickles bytes cannot stretch it.
 """
 
 from __future__ import annotations

@@ -166,6 +166,32 @@ class JobEnvironment:
     sanity_interval: float = 0.0
 
 
+def go_duration(ns: int) -> str:
+    """``ns`` as Go's ``time.Duration.String`` writes it (e.g. ``0s``, ``-1.5ms``, ``1h0m0s``)."""
+    if ns == 0:
+        return "0s"
+    sign = "-" if ns < 0 else ""
+    u = abs(ns)
+    if u < NS_PER_SECOND:
+        for unit, scale in (("ns", 1), ("\u00b5s", 1_000), ("ms", 1_000_000)):
+            if u < scale * 1_000:
+                return sign + _go_fraction(u, scale) + unit
+    minutes, rest = divmod(u, 60 * NS_PER_SECOND)
+    text = _go_fraction(rest, NS_PER_SECOND) + "s"
+    if minutes:
+        hours, minutes = divmod(minutes, 60)
+        text = (f"{hours}h" if hours else "") + f"{minutes}m" + text
+    return sign + text
+
+
+def _go_fraction(value: int, scale: int) -> str:
+    whole, frac = divmod(value, scale)
+    if not frac:
+        return str(whole)
+    digits = str(frac).rjust(len(str(scale)) - 1, "0").rstrip("0")
+    return f"{whole}.{digits}"
+
+
 def new_job_id(now: float) -> str:
     """26-char base32hex log ID: 8-byte µs timestamp + 8 random bytes (never persisted)."""
     raw = struct.pack(">Q", max(int(now * 1_000_000), 0) & (2**64 - 1)) + secrets.token_bytes(8)
@@ -209,7 +235,9 @@ class DelayedLeaveJob:
 
     def __init__(self, params: JobParams, env: JobEnvironment, *, job_id: Optional[str] = None) -> None:
         if params.delay_timeout_ns <= 0:
-            raise ValueError("invalid delay timeout for delayed event job")
+            # The message is the Go duration text upstream puts after
+            # "invalid delay timeout for delayed event job: ".
+            raise ValueError(go_duration(params.delay_timeout_ns))
         self.params = params
         self._env = env
         self.job_id = job_id if job_id is not None else new_job_id(env.clock.seconds())

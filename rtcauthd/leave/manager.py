@@ -55,8 +55,8 @@ def stored_from_params(params: JobParams, restarted_at: float) -> StoredJob:
 class JobManager:
     """Owns every running :class:`DelayedLeaveJob`, routes webhook signals, persists changes.
 
-    ``store`` provides ``put(StoredJob)``, ``delete(room, identity)`` and ``load_all()``,
-    each returning a Deferred. ``restart``/``send``/``lookup_participant`` are the
+    ``store`` is an :class:`rtcauthd.store.interface.IJobStore` (``put``, ``delete``,
+    ``load_all(on_late=...)``, each returning a Deferred). ``restart``/``send``/``lookup_participant`` are the
     per-attempt collaborators described on :class:`JobEnvironment`.
     """
 
@@ -188,30 +188,42 @@ class JobManager:
     # -- start-up and shutdown -------------------------------------------------------------
 
     def restore(self, now_wall: float) -> "Deferred[int]":
-        """Resume stored jobs (§13.4); fires with how many were resumed.
+        """Resume stored jobs (§13.4); fires with how many were resumed, never fails.
 
         Expired records are deleted; the others get a fresh job waiting for the initial
-        connect with the full waiting window. Their records are left as they are.
+        connect with the full waiting window. Their records are left as they are. If the
+        store can only deliver its records later (backend down at start), they are
+        restored then, against the clock's time at that moment.
         """
-        d = maybeDeferred(self._store.load_all)
+        d = maybeDeferred(self._store.load_all, on_late=self._restore_late)
 
-        def loaded(stored_jobs) -> int:
-            resumed = 0
-            for stored in stored_jobs:
+        def failed(failure: Failure) -> list:
+            log.failure("Could not load stored jobs; starting without them", failure)
+            return []
+
+        d.addErrback(failed)
+        d.addCallback(self._restore_all, now_wall)
+        return d
+
+    def _restore_late(self, stored_jobs) -> None:
+        self._restore_all(stored_jobs, self._clock.seconds())
+
+    def _restore_all(self, stored_jobs, now_wall: float) -> int:
+        resumed = 0
+        for stored in stored_jobs:
+            try:
                 if self._restore_one(stored, now_wall):
                     resumed += 1
-            log.info("Restored {count} delegated-leave job(s)", count=resumed)
-            return resumed
-
-        def failed(failure: Failure) -> int:
-            log.failure("Could not load stored jobs; starting without them", failure)
-            return 0
-
-        d.addCallbacks(loaded, failed)
-        return d
+            except Exception:
+                log.failure("Could not restore the stored job for {room}", room=stored.room)
+        log.info("Restored {count} delegated-leave job(s)", count=resumed)
+        return resumed
 
     def _restore_one(self, stored: StoredJob, now_wall: float) -> bool:
         if self._stopping:
+            return False
+        if stored.key in self._jobs:
+            # A job registered by this process is newer than any stored record.
             return False
         if stored.delay_timeout_ns <= 0 or stored.expires_at <= now_wall:
             # The homeserver has fired (or will fire) the event itself.
@@ -224,7 +236,6 @@ class JobManager:
             return False
         params = params_from_stored(stored)
         job = DelayedLeaveJob(params, self._env)
-        self._retire_predecessor(params.key, job)
         self._jobs[params.key] = job
         log.info(
             "Job {job_id}: resumed stored delegated leave for {room}/{identity}",

@@ -12,8 +12,9 @@ come back, then everything pending is written and the recovery is logged once. C
 of ``put``/``delete`` get a Deferred that fires when the write landed or was queued, and
 never fails because of Redis.
 
-Start-up restore: ``load_all`` waits at most ``restore_wait`` seconds (default 5) for
-HGETALL. If Redis does not answer in time the daemon starts with no jobs, and once Redis
+Start-up restore: ``load_all`` first PINGs (``op_timeout``); a Redis that answers then
+gets up to ``restore_wait`` seconds (default 30: 100 000 jobs take ~6 s to read and
+resume) for HGETALL. If Redis does not answer in time the daemon starts with no jobs, and once Redis
 is back the records are read and handed to the ``on_late`` callback, minus the jobs this
 process has written or deleted in the meantime (its state is newer).
 
@@ -321,7 +322,7 @@ class RedisStore:
         clock: Optional[IReactorTime] = None,
         tls_policy: Optional[Any] = None,
         op_timeout: float = 2.0,
-        restore_wait: float = 5.0,
+        restore_wait: float = 30.0,
         retry_interval: float = 1.0,
         _connection: Optional[Any] = None,
     ) -> None:
@@ -335,7 +336,14 @@ class RedisStore:
         self._redis = (
             _connection
             if _connection is not None
-            else _connect(target, tls_policy=tls_policy, reply_timeout=op_timeout, connect_timeout=op_timeout)
+            # Replies may be as slow as the start-up HGETALL of every job; each operation is
+            # still bounded by its own timeout (_bounded).
+            else _connect(
+                target,
+                tls_policy=tls_policy,
+                reply_timeout=max(op_timeout, restore_wait),
+                connect_timeout=op_timeout,
+            )
         )
         self._up = True  # optimistic until an operation says otherwise
         self._closing = False
@@ -376,7 +384,10 @@ class RedisStore:
 
     def load_all(self, on_late: Optional[Callable[[list[StoredJob]], object]] = None) -> "Deferred[list[StoredJob]]":
         self._touched = set()
-        d = self._bounded(self._redis.hgetall(JOBS_KEY), self._restore_wait)
+        # A quick PING tells "down" (start without jobs, restore later) from "up but a big
+        # hash" (100 000 jobs take seconds to read): only the second waits restore_wait.
+        d = self._bounded(self._redis.ping(), self._op_timeout)
+        d.addCallback(lambda _: self._bounded(self._redis.hgetall(JOBS_KEY), self._restore_wait))
 
         def loaded(mapping: dict) -> list[StoredJob]:
             self._touched = None

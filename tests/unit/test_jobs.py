@@ -7,7 +7,7 @@ Every row of the transition table and the internal action has its own test named
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, Tuple
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
@@ -478,6 +478,37 @@ class DispatchOrderTests(JobTestCase):
         )
         self.assertIs(job.state, A)
         self.assertEqual(h.send.times, [])
+
+    def test_queued_signals_are_handled_first_in_first_out(self) -> None:
+        handled: List[Signal] = []
+
+        class RecordingJob(DelayedLeaveJob):
+            def _dispatch(self, signal: Signal) -> None:
+                handled.append(signal)
+                super()._dispatch(signal)
+
+        h = self.harness(cancel_on_done=False)
+
+        def done(j: DelayedLeaveJob) -> None:
+            j.signal(Signal.SFUNotAvailable)
+            j.signal(Signal.JobReplaced)
+            j.signal(Signal.ParticipantConnected)
+
+        object.__setattr__(h.env, "done", done)
+        job = RecordingJob(params(), h.env)
+        self.jobs.append(job)
+        job.start()
+        job.signal(Signal.ParticipantConnectionAborted)
+        self.assertEqual(
+            handled,
+            [
+                Signal.ParticipantConnectionAborted,
+                Signal.SFUNotAvailable,
+                Signal.JobReplaced,
+                Signal.ParticipantConnected,
+            ],
+        )
+        self.assertIs(job.state, R)
 
     def test_signal_from_a_callback_waits_for_the_current_one(self) -> None:
         h = self.harness()

@@ -1,0 +1,411 @@
+"""The job table: add/replace, webhook routing, persistence, restore, shutdown (§12, §13.4)."""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional, Tuple
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from rtcauthd.leave.jobs import JobParams, Signal, State
+from rtcauthd.leave.manager import JobManager, ShuttingDown
+from rtcauthd.leave.outcome import Outcome
+from rtcauthd.livekit.twirp import Presence
+from rtcauthd.store.memory import MemoryStore
+from rtcauthd.store.model import StoredJob
+
+S = 1_000_000_000
+T0 = 1_785_000_000.0  # the Clock starts here so that clock time is "wall" time
+OK = Outcome.ok(200)
+GONE = Outcome.not_found()
+
+
+class StoreBroken(Exception):
+    pass
+
+
+class FakeStore:
+    """Records operations in order; ``hold`` keeps put/delete Deferreds pending."""
+
+    def __init__(self, records: Optional[List[StoredJob]] = None) -> None:
+        self.ops: List[Tuple[Any, ...]] = []
+        self.records = {r.key: r for r in (records or [])}
+        self.hold = False
+        self.held: List[Deferred] = []
+        self.fail_writes = False
+        self.load_result: Any = None  # None: answer the records
+        self.on_late: Any = None
+
+    def _answer(self) -> Deferred:
+        if self.fail_writes:
+            return fail(StoreBroken("redis down"))
+        if self.hold:
+            d: Deferred = Deferred()
+            self.held.append(d)
+            return d
+        return succeed(None)
+
+    def put(self, job: StoredJob) -> Deferred:
+        self.ops.append(("put", job))
+        self.records[job.key] = job
+        return self._answer()
+
+    def delete(self, room: str, identity: str) -> Deferred:
+        self.ops.append(("delete", room, identity))
+        self.records.pop((room, identity), None)
+        return self._answer()
+
+    def load_all(self, on_late=None) -> Deferred:
+        self.on_late = on_late
+        if self.load_result is None:
+            return succeed(list(self.records.values()))
+        return self.load_result
+
+
+class Collaborators:
+    """restart/send/lookup doubles recording (time, delay_id); answers per delay_id."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.calls: List[Tuple[str, float, str]] = []
+        self.restart_answer: dict = {}
+        self.send_answer: dict = {}
+        self.lookup_answer: Any = Presence.UNKNOWN
+        self.pending: List[Deferred] = []
+
+    def _reply(self, answer: Any) -> Deferred:
+        if answer == "pending":
+            d: Deferred = Deferred()
+            self.pending.append(d)
+            return d
+        return succeed(answer)
+
+    def restart(self, p: JobParams) -> Deferred:
+        self.calls.append(("restart", self.clock.seconds(), p.delay_id))
+        return self._reply(self.restart_answer.get(p.delay_id, OK))
+
+    def send(self, p: JobParams) -> Deferred:
+        self.calls.append(("send", self.clock.seconds(), p.delay_id))
+        return self._reply(self.send_answer.get(p.delay_id, OK))
+
+    def lookup(self, p: JobParams) -> Deferred:
+        self.calls.append(("lookup", self.clock.seconds(), p.delay_id))
+        return self._reply(self.lookup_answer)
+
+    def of(self, kind: str, delay_id: str) -> List[float]:
+        return [t - T0 for k, t, d in self.calls if k == kind and d == delay_id]
+
+
+def params(
+    delay_id: str = "d1", room: str = "room", identity: str = "alice", timeout_s: float = 10
+) -> JobParams:
+    return JobParams(delay_id, int(timeout_s * S), "example.com", room, identity)
+
+
+def stored(delay_id: str = "d1", room: str = "room", identity: str = "alice", timeout_s: float = 10,
+           restarted_at: float = T0) -> StoredJob:
+    return StoredJob(
+        delay_id=delay_id,
+        delay_timeout_ns=int(timeout_s * S),
+        server_name="example.com",
+        room=room,
+        identity=identity,
+        restarted_at=restarted_at,
+    )
+
+
+class ManagerTestCase(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(T0)
+        self.store = FakeStore()
+        self.hs = Collaborators(self.clock)
+        self.manager = self.make_manager()
+
+    def make_manager(self, sanity_interval: float = 0.0) -> JobManager:
+        return JobManager(
+            clock=self.clock,
+            store=self.store,
+            restart=self.hs.restart,
+            send=self.hs.send,
+            lookup_participant=self.hs.lookup,
+            sanity_interval=sanity_interval,
+            random=lambda: 0.5,
+        )
+
+    def tearDown(self) -> None:
+        self.manager.stop()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def at(self, t: float) -> None:
+        """Advance to T0 + t, firing every due call at its own time."""
+        target = T0 + t
+        while True:
+            due = [c.getTime() for c in self.clock.getDelayedCalls() if c.getTime() <= target]
+            if not due:
+                break
+            self.clock.advance(max(min(due) - self.clock.seconds(), 0))
+        self.clock.advance(max(target - self.clock.seconds(), 0))
+
+    def puts(self) -> List[StoredJob]:
+        return [op[1] for op in self.store.ops if op[0] == "put"]
+
+    def deletes(self) -> List[Tuple[str, str]]:
+        return [(op[1], op[2]) for op in self.store.ops if op[0] == "delete"]
+
+
+class AddTests(ManagerTestCase):
+    def test_add_stores_before_firing_and_starts_the_job(self) -> None:
+        self.store.hold = True
+        d = self.manager.add(params())
+        self.assertNoResult(d)  # the HTTP answer waits for the write
+        self.assertEqual(self.puts(), [stored(restarted_at=T0)])
+        self.assertEqual(self.hs.of("lookup", "d1"), [0.0])  # first lookup immediately
+        job = self.manager.get("room", "alice")
+        self.assertIs(job.state, State.WaitingForInitialConnect)
+        self.store.held[0].callback(None)
+        self.assertIsNone(self.successResultOf(d))
+
+    def test_store_failure_is_logged_and_never_fails_add(self) -> None:
+        self.store.fail_writes = True
+        d = self.manager.add(params())
+        self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(len(self.flushLoggedErrors(StoreBroken)), 1)
+        self.assertEqual(len(self.manager), 1)
+
+    def test_add_while_stopping_raises(self) -> None:
+        self.manager.stop()
+        with self.assertRaises(ShuttingDown):
+            self.manager.add(params())
+        self.assertEqual(self.store.ops, [])
+
+    def test_non_positive_timeout_rejected_with_go_duration(self) -> None:
+        with self.assertRaises(ValueError) as e:
+            self.manager.add(JobParams("d", 0, "example.com", "r", "i"))
+        self.assertEqual(str(e.exception), "0s")
+        self.assertEqual(len(self.manager), 0)
+        self.assertEqual(self.store.ops, [])
+
+
+class ReplacementTests(ManagerTestCase):
+    def test_replacement_cancels_old_job_and_stores_new(self) -> None:
+        self.manager.add(params("d1"))
+        old = self.manager.get("room", "alice")
+        self.manager.route("room", "alice", Signal.ParticipantConnected)
+        self.clock.advance(1)
+        self.manager.add(params("d2"))
+        new = self.manager.get("room", "alice")
+        self.assertIsNot(old, new)
+        self.assertIs(old.state, State.Replaced)
+        self.assertTrue(old.cancelled)
+        self.assertEqual([p.delay_id for p in self.puts()], ["d1", "d1", "d2"])
+        self.assertEqual(self.deletes(), [])  # replacement deletes nothing
+        self.at(100)
+        self.assertEqual(self.hs.of("restart", "d1"), [0.0])  # old never restarted again
+        self.assertEqual(self.hs.of("send", "d1"), [])
+
+    def test_old_job_never_acts_on_late_in_flight_success(self) -> None:
+        self.hs.restart_answer["d1"] = "pending"
+        self.manager.add(params("d1"))
+        self.manager.route("room", "alice", "ParticipantConnected")
+        self.manager.add(params("d2"))
+        ops_before = list(self.store.ops)
+        self.hs.pending[0].callback(OK)  # d1's restart answers after replacement
+        self.assertEqual(self.store.ops, ops_before)  # no RestartedAt write for the old job
+        self.at(100)
+        self.assertEqual(self.hs.of("restart", "d1"), [0.0])
+        self.assertEqual(self.hs.of("send", "d1"), [])
+
+    def test_old_job_mid_send_never_deletes_successors_record(self) -> None:
+        self.hs.send_answer["d1"] = "pending"
+        self.manager.add(params("d1"))
+        self.manager.route("room", "alice", Signal.ParticipantConnected)
+        self.manager.route("room", "alice", Signal.ParticipantDisconnectedIntentionally)
+        self.manager.add(params("d2"))
+        self.hs.pending[0].callback(OK)  # the old send completes
+        self.assertEqual(self.deletes(), [])
+        self.assertEqual(self.store.records[("room", "alice")].delay_id, "d2")
+        self.assertEqual(self.manager.get("room", "alice").params.delay_id, "d2")
+
+    def test_done_report_from_a_replaced_job_is_ignored(self) -> None:
+        self.manager.add(params("d1"))
+        old = self.manager.get("room", "alice")
+        self.manager.add(params("d2"))
+        self.manager._job_done(old)  # even if a report slipped through
+        self.assertEqual(self.deletes(), [])
+        self.assertEqual(self.manager.get("room", "alice").params.delay_id, "d2")
+
+    def test_restarted_report_from_a_replaced_job_is_ignored(self) -> None:
+        self.manager.add(params("d1"))
+        old = self.manager.get("room", "alice")
+        self.manager.add(params("d2"))
+        self.manager._job_restarted(old, T0 + 5)
+        self.assertEqual([p.delay_id for p in self.puts()], ["d1", "d2"])
+
+
+class LifecycleTests(ManagerTestCase):
+    def test_normal_call_timeline(self) -> None:
+        self.manager.add(params(timeout_s=10))
+        self.at(2)
+        self.assertTrue(self.manager.route("room", "alice", "ParticipantConnected"))
+        self.at(20)
+        self.assertEqual(self.hs.of("restart", "d1"), [2.0, 10.0, 18.0])
+        self.assertEqual([p.restarted_at - T0 for p in self.puts()], [0.0, 2.0, 10.0, 18.0])
+        self.manager.route("room", "alice", "ParticipantDisconnectedIntentionally")
+        self.assertEqual(self.hs.of("send", "d1"), [20.0])
+        self.assertEqual(self.deletes(), [("room", "alice")])
+        self.assertIsNone(self.manager.get("room", "alice"))
+        self.assertEqual(self.clock.getDelayedCalls(), [])  # nothing left after done
+
+    def test_never_connects_sends_and_deletes(self) -> None:
+        self.hs.lookup_answer = Presence.ABSENT
+        self.manager.add(params(timeout_s=1))
+        self.at(1)
+        self.assertEqual(self.hs.of("send", "d1"), [1.0])
+        self.assertEqual(self.deletes(), [("room", "alice")])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_delayed_event_gone_aborts_deletes_and_never_sends(self) -> None:
+        self.hs.lookup_answer = Presence.PRESENT
+        self.hs.restart_answer["d1"] = GONE
+        self.manager.add(params())
+        self.assertEqual(self.hs.of("restart", "d1"), [0.0])
+        self.assertEqual(self.hs.of("send", "d1"), [])
+        self.assertEqual(self.deletes(), [("room", "alice")])
+        self.assertEqual(len(self.manager), 0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_already_sent_counts_as_success(self) -> None:
+        self.hs.send_answer["d1"] = GONE
+        self.manager.add(params())
+        self.manager.route("room", "alice", "ParticipantConnected")
+        self.manager.route("room", "alice", "ParticipantConnectionAborted")
+        self.assertEqual(self.hs.of("send", "d1"), [0.0])
+        self.assertEqual(self.deletes(), [("room", "alice")])
+
+    def test_sanity_check_detects_missing_participant(self) -> None:
+        self.manager = self.make_manager(sanity_interval=1.0)
+        self.hs.lookup_answer = Presence.PRESENT
+        self.manager.add(params())
+        self.hs.lookup_answer = Presence.ABSENT
+        self.at(1)
+        self.assertEqual(self.hs.of("send", "d1"), [1.0])
+        self.assertEqual(self.deletes(), [("room", "alice")])
+
+    def test_route_unknown_key_is_dropped(self) -> None:
+        self.manager.add(params())
+        self.assertFalse(self.manager.route("room", "bob", "ParticipantConnected"))
+        self.assertFalse(self.manager.route("other", "alice", Signal.ParticipantConnected))
+        self.assertIs(self.manager.get("room", "alice").state, State.WaitingForInitialConnect)
+
+    def test_independent_jobs_do_not_cross_talk(self) -> None:
+        self.manager.add(params("d1", identity="alice"))
+        self.manager.add(params("d2", identity="bob"))
+        self.manager.add(params("d3", room="other", identity="alice"))
+        for room, identity in (("room", "alice"), ("room", "bob"), ("other", "alice")):
+            self.manager.route(room, identity, "ParticipantConnected")
+        self.manager.route("room", "bob", "ParticipantDisconnectedIntentionally")
+        self.at(9)
+        self.assertEqual(self.hs.of("send", "d2"), [0.0])
+        self.assertEqual(self.hs.of("send", "d1"), [])
+        self.assertEqual(self.hs.of("send", "d3"), [])
+        self.assertEqual(self.hs.of("restart", "d1"), [0.0, 8.0])
+        self.assertEqual(self.hs.of("restart", "d3"), [0.0, 8.0])
+        self.assertEqual(self.deletes(), [("room", "bob")])
+        self.assertIs(self.manager.get("room", "alice").state, State.Connected)
+        self.assertIs(self.manager.get("other", "alice").state, State.Connected)
+        self.assertEqual(len(self.manager), 2)
+
+    def test_stop_cancels_everything_and_keeps_records(self) -> None:
+        self.manager = self.make_manager(sanity_interval=5)
+        self.hs.lookup_answer = Presence.PRESENT
+        self.manager.add(params("d1", identity="alice"))
+        self.hs.lookup_answer = Presence.ABSENT
+        self.manager.add(params("d2", identity="bob"))
+        self.assertTrue(self.clock.getDelayedCalls())
+        jobs = list(self.manager)
+        self.manager.stop()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertTrue(all(job.cancelled for job in jobs))
+        self.assertEqual(self.deletes(), [])
+        self.assertEqual(len(self.store.records), 2)
+        self.assertFalse(self.manager.route("room", "alice", "ParticipantDisconnectedIntentionally"))
+        self.assertTrue(self.manager.stopping)
+
+
+class RestoreTests(ManagerTestCase):
+    def test_restore_purges_expired_and_resumes_others(self) -> None:
+        now = T0 + 100
+        self.clock.advance(100)
+        fresh = stored("fresh", identity="a", timeout_s=60, restarted_at=now - 30)
+        boundary = stored("edge", identity="b", timeout_s=10, restarted_at=now - 10)  # expires == now
+        old = stored("old", identity="c", timeout_s=10, restarted_at=now - 50)
+        self.store = FakeStore([fresh, boundary, old])
+        self.manager = self.make_manager()
+        count = self.successResultOf(self.manager.restore(now))
+        self.assertEqual(count, 1)
+        self.assertEqual(sorted(self.deletes()), [("room", "b"), ("room", "c")])
+        self.assertEqual(self.puts(), [])  # the surviving record is not rewritten
+        job = self.manager.get("room", "a")
+        self.assertIs(job.state, State.WaitingForInitialConnect)
+        self.assertEqual(job.params.delay_id, "fresh")
+        self.assertEqual(self.hs.of("lookup", "fresh"), [100.0])
+        self.assertIsNone(self.manager.get("room", "b"))
+        # Full waiting window again (60 s), not the 30 s remaining.
+        self.at(100 + 59.999)
+        self.assertEqual(self.hs.of("send", "fresh"), [])
+        self.at(100 + 60)
+        self.assertEqual(self.hs.of("send", "fresh"), [160.0])
+        self.assertEqual(self.deletes()[-1], ("room", "a"))
+
+    def test_restored_job_reconnects_via_webhook(self) -> None:
+        self.store = FakeStore([stored(timeout_s=10, restarted_at=T0 - 5)])
+        self.manager = self.make_manager()
+        self.successResultOf(self.manager.restore(T0))
+        self.manager.route("room", "alice", "ParticipantConnected")
+        self.assertEqual(self.hs.of("restart", "d1"), [0.0])
+        self.assertEqual([p.restarted_at for p in self.puts()], [T0])
+
+    def test_restore_load_failure_starts_empty(self) -> None:
+        self.store.load_result = fail(StoreBroken("HGETALL failed"))
+        self.assertEqual(self.successResultOf(self.manager.restore(T0)), 0)
+        self.assertEqual(len(self.flushLoggedErrors(StoreBroken)), 1)
+        self.assertEqual(len(self.manager), 0)
+
+    def test_late_records_are_restored_when_the_store_delivers_them(self) -> None:
+        self.store.load_result = succeed([])
+        self.assertEqual(self.successResultOf(self.manager.restore(T0)), 0)
+        self.manager.add(params("new", identity="alice", timeout_s=600))
+        self.clock.advance(50)
+        self.store.on_late([
+            stored("stale", identity="alice", timeout_s=600, restarted_at=T0 - 10),
+            stored("late", identity="bob", timeout_s=600, restarted_at=T0 - 10),
+            stored("expired", identity="carol", timeout_s=30, restarted_at=T0 - 10),
+        ])
+        self.assertEqual(self.manager.get("room", "alice").params.delay_id, "new")
+        self.assertEqual(self.manager.get("room", "bob").params.delay_id, "late")
+        self.assertIsNone(self.manager.get("room", "carol"))
+        self.assertEqual(self.deletes(), [("room", "carol")])
+
+    def test_restore_after_stop_resumes_nothing(self) -> None:
+        self.store = FakeStore([stored()])
+        self.manager = self.make_manager()
+        self.manager.stop()
+        self.assertEqual(self.successResultOf(self.manager.restore(T0)), 0)
+        self.assertEqual(self.deletes(), [])
+
+
+class MemoryStoreIntegrationTests(ManagerTestCase):
+    def test_with_memory_store(self) -> None:
+        self.store = MemoryStore()
+        self.manager = self.make_manager()
+        self.successResultOf(self.manager.add(params("d1", identity="alice")))
+        self.successResultOf(self.manager.add(params("d2", identity="bob")))
+        self.manager.route("room", "alice", "ParticipantConnected")
+        self.at(3)
+        self.manager.route("room", "bob", "ParticipantConnectionAborted")  # not connected: abort
+        records = {r.identity: r for r in self.successResultOf(self.store.load_all())}
+        self.assertEqual(set(records), {"alice"})
+        self.assertEqual(records["alice"].restarted_at, T0)
+        self.assertEqual(self.hs.of("send", "d2"), [])
