@@ -122,12 +122,47 @@ def read_text_file(path: str) -> str:
         return f.read().decode("utf-8", errors="replace")
 
 
+def _env_file_value(raw: str) -> str:
+    """A value as systemd's EnvironmentFile= reads it, so ``--config`` and the unit agree.
+
+    Unquoted: ``\\x`` is ``x``, trailing blanks dropped. ``'…'``: literal. ``"…"``: only
+    ``\\"``, ``\\\\``, ``\\$`` and ``\\``` lose their backslash. Pieces concatenate.
+    """
+    out: list[str] = []
+    i, n = 0, len(raw)
+    trailing_blanks = 0
+    while i < n:
+        ch = raw[i]
+        if ch == "'":
+            end = raw.find("'", i + 1)
+            end = n if end < 0 else end
+            out.append(raw[i + 1 : end])
+            i, trailing_blanks = end + 1, 0
+        elif ch == '"':
+            i += 1
+            while i < n and raw[i] != '"':
+                if raw[i] == "\\" and i + 1 < n and raw[i + 1] in '"\\`$':
+                    i += 1
+                out.append(raw[i])
+                i += 1
+            i, trailing_blanks = i + 1, 0
+        elif ch == "\\" and i + 1 < n:
+            out.append(raw[i + 1])
+            i, trailing_blanks = i + 2, 0
+        else:
+            out.append(ch)
+            trailing_blanks = trailing_blanks + 1 if ch in " \t" else 0
+            i += 1
+    value = "".join(out)
+    return value[: len(value) - trailing_blanks] if trailing_blanks else value
+
+
 def parse_env_file(text: str) -> dict[str, str]:
-    """``KEY=value`` lines as systemd's EnvironmentFile= reads them (comments, quotes)."""
+    """``KEY=value`` lines with systemd EnvironmentFile= rules (comments, quotes, escapes)."""
     result: dict[str, str] = {}
     for lineno, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith(("#", ";")):
+        line = raw.lstrip()
+        if not line.strip() or line.startswith(("#", ";")):
             continue
         if line.startswith("export "):
             line = line[len("export ") :].lstrip()
@@ -135,10 +170,7 @@ def parse_env_file(text: str) -> dict[str, str]:
         name = name.strip()
         if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
             raise ConfigError(f"--config: line {lineno} is not KEY=value")
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
-            value = value[1:-1]
-        result[name] = value
+        result[name] = _env_file_value(value.lstrip(" \t"))
     return result
 
 

@@ -97,6 +97,9 @@ class RtcAuthService(MultiService):
 
     def startService(self) -> None:
         super().startService()
+        # twistd re-raises SIGTERM after a clean shutdown (exit status 143); a stop that
+        # drained and persisted everything is a success, so report 0 as upstream does.
+        self._reactor.addSystemEventTrigger("after", "shutdown", _forget_exit_signal, self._reactor)
         ensureDeferred(self._start()).addErrback(self._fatal)
 
     async def _start(self) -> None:
@@ -156,6 +159,11 @@ class RtcAuthService(MultiService):
         left = getattr(self._site, "in_flight", 0)
         if left:
             log.warn("Stopping with {count} request(s) still in flight", count=left)
+
+
+def _forget_exit_signal(reactor) -> None:
+    if getattr(reactor, "_exitSignal", None) is not None:
+        reactor._exitSignal = None
 
 
 def _is_address_family_error(error: CannotListenError) -> bool:

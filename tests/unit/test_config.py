@@ -241,6 +241,25 @@ class LoadConfigTests(SynchronousTestCase):
 
     def test_env_file_syntax(self):
         self.assertEqual(parse_env_file('export A=1\nB = " x "\n; c\n'), {"A": "1", "B": " x "})
+
+    def test_env_file_quoting_matches_systemd(self):
+        text = (
+            "A=tcp6:8080:interface=\\:\\:1\n"
+            "B='tcp6:8080:interface=\\:\\:1'\n"
+            'C="a \\" b \\\\ c \\: d"\n'
+            "D=plain value   \n"
+            "E=x'y z'\"w\"\n"
+        )
+        self.assertEqual(
+            parse_env_file(text),
+            {
+                "A": "tcp6:8080:interface=::1",
+                "B": "tcp6:8080:interface=\\:\\:1",
+                "C": 'a " b \\ c \\: d',
+                "D": "plain value",
+                "E": "xy zw",
+            },
+        )
         with self.assertRaises(ConfigError):
             parse_env_file("not a setting\n")
 

@@ -80,6 +80,15 @@ class BuildTests(SynchronousTestCase):
         trigger[0](*trigger[1], **trigger[2])
         self.assertEqual(exits, [1])
 
+    def test_clean_sigterm_stop_exits_zero(self):
+        reactor = Reactor()
+        service = RtcAuthService(reactor=reactor, endpoints=[], site=object())
+        service.startService()
+        reactor._exitSignal = 15  # what the reactor records on SIGTERM; twistd re-raises it
+        for trigger, args, kwargs in reactor.triggers["after"]["shutdown"]:
+            trigger(*args, **kwargs)
+        self.assertIsNone(reactor._exitSignal)
+
     def test_listeners_open_only_after_restore(self):
         gate = Deferred()
         reactor = Reactor()
