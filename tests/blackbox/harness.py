@@ -460,7 +460,8 @@ class DaemonProcess(ManagedProcess):
 
     @defer.inlineCallbacks
     def cleanup(self):
-        """For addCleanup: SIGTERM (SIGKILL if it hangs) without judging the exit code."""
+        """For addCleanup: SIGTERM (SIGKILL if it hangs) without judging the exit code;
+        the captured output is left in ``<workdir>/output.log`` for post-mortems."""
         if self.running:
             self.send_signal(signal.SIGTERM)
             try:
@@ -468,6 +469,8 @@ class DaemonProcess(ManagedProcess):
             except FailTest:
                 yield self.kill()
         yield self._pool.closeCachedConnections()
+        with open(os.path.join(self.workdir, "output.log"), "wb") as f:
+            f.write(bytes(self._output))
 
     # -- HTTP -----------------------------------------------------------------------------
 
@@ -820,7 +823,12 @@ class BlackBoxCase:
                     listen_host: Optional[str] = "127.0.0.1", name: str = "daemon") -> DaemonProcess:
         d = DaemonProcess(workdir=os.path.join(self.workdir, name), env=env, args=args, listen_host=listen_host)
         self.addCleanup(d.cleanup)
+        self.__dict__.setdefault("_daemons", []).append(d)
         return d
+
+    def daemon_logs(self) -> str:
+        """Everything this test's daemons printed (for failure messages)."""
+        return "\n".join(d.describe() for d in self.__dict__.get("_daemons", []))
 
     def start_daemon(self, env: Mapping[str, str], **kw) -> defer.Deferred:
         """A started (ready) daemon."""

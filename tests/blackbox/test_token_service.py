@@ -37,6 +37,9 @@ UNREACHABLE_SFU = "ws://127.0.0.1:9"  # discard port: nothing listens, nothing s
 #: can only be about the homeserver.
 RESTRICTED_HOST = "127.0.0.2"
 
+#: How a log line says certificate checks are off (LIVEKIT_INSECURE_SKIP_VERIFY_TLS).
+INSECURE_BANNER = r"disabl|not verif|unverified|no verification"
+
 
 def get_token_body(server_name: str, token: str, *, user_id: str | None = None, room_id: str = ROOM_ID,
                    slot_id: str = SLOT_ID, member_id: str = MEMBER_ID, device: str = DEVICE) -> dict:
@@ -90,12 +93,13 @@ class TokenAssertions:
             self.assertEqual(result.header(name), value, f"header {name}")
 
     def assert_matrix_error(self, result, status: int, errcode: str, message: str):
-        self.assertEqual((result.code, result.body), (status, matrix_error_body(errcode, message)))
+        self.assertEqual((result.code, result.body), (status, matrix_error_body(errcode, message)),
+                         self.daemon_logs())
         self.assert_cors(result)
 
     def assert_token_response(self, result, url: str) -> str:
         """200, ``{"url","jwt"}`` in that order + LF, CORS; return the JWT."""
-        self.assertEqual(result.code, 200, result.body)
+        self.assertEqual(result.code, 200, f"{result.body!r}\n{self.daemon_logs()}")
         self.assert_cors(result)
         self.assertTrue(result.body.endswith(b"}\n"), result.body)
         obj = json.loads(result.body)
@@ -287,7 +291,7 @@ class RestrictedTests(TokenAssertions, BlackBoxCase, unittest.TestCase):
         self.hs = self.make_homeserver(host=RESTRICTED_HOST)
         self.lk = self.make_livekit()
         self.token = "syt_restricted"
-        self.user = f"@carol:{self.hs.server_name}"
+        self.user = f"@alice:{self.hs.server_name}"
         self.hs.add_token(self.token, self.user)
 
     @defer.inlineCallbacks
@@ -328,7 +332,7 @@ class TLSTests(TokenAssertions, BlackBoxCase, unittest.TestCase):
         self.hs = self.make_homeserver(self_signed=True)
         self.lk = self.make_livekit()
         self.token = "syt_tls"
-        self.hs.add_token(self.token, f"@dave:{self.hs.server_name}")
+        self.hs.add_token(self.token, f"@alice:{self.hs.server_name}")
 
     def env(self, **extra):
         env = self.service_env(livekit_url=self.lk.url, full_access=self.hs.server_name, **extra)
@@ -354,7 +358,7 @@ class TLSTests(TokenAssertions, BlackBoxCase, unittest.TestCase):
         self.assert_token_response(result, self.lk.url)
         self.assertEqual(len(self.hs.userinfo_requests), 1)
         self.assertEqual(len(self.lk.create_room_requests), 1)
-        yield daemon.wait_for_line("LIVEKIT_INSECURE_SKIP_VERIFY_TLS", "warn")
+        yield daemon.wait_for_line("LIVEKIT_INSECURE_SKIP_VERIFY_TLS", "warn", INSECURE_BANNER)
 
     @defer.inlineCallbacks
     def test_insecure_switch_other_value_still_verifies(self):
@@ -363,6 +367,8 @@ class TLSTests(TokenAssertions, BlackBoxCase, unittest.TestCase):
         self.assert_matrix_error(result, 401, "M_UNAUTHORIZED", "The request could not be authorised.")
         self.assertGreaterEqual(len(self.hs.connections), 1)
         self.assertEqual(self.hs.requests, [])
+        banner = [line for line in daemon.lines_since(0) if re.search(INSECURE_BANNER, line, re.I)]
+        self.assertEqual(banner, [], "claims verification is off although the value is not the magic one")
 
 
 class TimeoutTests(TokenAssertions, BlackBoxCase, unittest.TestCase):
@@ -371,7 +377,7 @@ class TimeoutTests(TokenAssertions, BlackBoxCase, unittest.TestCase):
     def test_homeserver_never_answers(self):
         hs = self.make_homeserver()
         hs.never_answer()
-        hs.add_token("syt_slow", f"@erin:{hs.server_name}")
+        hs.add_token("syt_slow", f"@alice:{hs.server_name}")
         lk = self.make_livekit()
         daemon = yield self.start_daemon(self.service_env(
             livekit_url=lk.url, full_access=hs.server_name, RTCAUTH_OUTBOUND_TIMEOUT_SECONDS="1",
@@ -393,7 +399,7 @@ class IPv6Tests(TokenAssertions, BlackBoxCase, unittest.TestCase):
         lk = self.make_livekit(host="::1")
         self.assertTrue(hs.server_name.startswith("[::1]:"), hs.server_name)
         self.assertTrue(lk.url.startswith("ws://[::1]:"), lk.url)
-        user = f"@frank:{hs.server_name}"
+        user = f"@alice:{hs.server_name}"
         hs.add_token("syt_v6", user)
         daemon = yield self.start_daemon(
             self.service_env(livekit_url=lk.url, full_access=hs.server_name), listen_host="::1"

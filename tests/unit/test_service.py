@@ -76,8 +76,8 @@ class BuildTests(SynchronousTestCase):
         service.startService()
         self.failureResultOf(service.when_ready(), CannotListenError)
         self.assertFalse(reactor.running)
-        [trigger] = reactor.triggers["after"]["shutdown"]
-        trigger[0](*trigger[1], **trigger[2])
+        for trigger, args, kwargs in reactor.triggers["after"]["shutdown"]:
+            trigger(*args, **kwargs)
         self.assertEqual(exits, [1])
 
     def test_clean_sigterm_stop_exits_zero(self):
