@@ -1,4 +1,4 @@
-"""Go ``encoding/json`` compatible encoding (protocol.md §5.1, §2.3, §13.2).
+"""Go ``encoding/json`` compatible encoding and strict decoding (protocol.md §5.1, §2.3, §2.4, §13).
 
 Why not ``json.dumps``: LiveKit room aliases and identities are SHA-256 hashes of Go's
 ``json.Marshal`` output, and the Redis job records are shared with the Go service, so
@@ -11,10 +11,23 @@ order); Go sorts *map* keys, so callers encoding a Go map must sort themselves.
 
 from __future__ import annotations
 
+import codecs
+import json
 import re
 from typing import Any
 
-__all__ = ["go_json_dumps", "go_json_string", "scrub_surrogates"]
+__all__ = [
+    "JSONFraction",
+    "JSONObject",
+    "NotJSON",
+    "STRICT_DECODER",
+    "decode_utf8_per_byte",
+    "fold_key",
+    "go_json_dumps",
+    "go_json_string",
+    "reject_constant",
+    "scrub_surrogates",
+]
 
 # Characters that Go's encoder does not write raw, plus surrogates, which cannot be
 # written as UTF-8 at all.
@@ -101,3 +114,50 @@ def _encode(obj: Any, out: list[str]) -> None:
         out.append("}")
     else:
         raise TypeError(f"cannot Go-JSON-encode {type(obj).__name__}")
+
+
+# --------------------------------------------------------------------------- decoding
+# What every peer of ours (clients, Redis records written by Go, Twirp errors, Matrix 429
+# bodies, webhooks) is decoded with: Go's decoders reject NaN/Infinity, keep integers and
+# fractions apart, see duplicate members, and turn each invalid UTF-8 byte into U+FFFD.
+
+
+class NotJSON(ValueError):
+    """Not JSON as Go reads it (NaN, Infinity, ...)."""
+
+
+class JSONObject(list):
+    """A JSON object as its (key, value) pairs in document order, so duplicates stay visible."""
+
+
+class JSONFraction(float):
+    """A JSON number written with a fraction or exponent: never a Go integer."""
+
+
+def reject_constant(name: str) -> Any:
+    raise NotJSON(f"{name} is not JSON")
+
+
+#: objects → JSONObject, fractions → JSONFraction, NaN/Infinity → NotJSON
+STRICT_DECODER = json.JSONDecoder(
+    parse_float=JSONFraction, parse_constant=reject_constant, object_pairs_hook=JSONObject
+)
+
+
+def fold_key(name: str) -> str:
+    """Go's case-insensitive member match, including its Kelvin-sign and long-s folds."""
+    return name.replace("\u212a", "k").replace("\u017f", "s").lower()
+
+
+def _per_byte_replace(error: UnicodeDecodeError) -> tuple[str, int]:
+    # Python's "replace" folds a truncated multi-byte sequence into one U+FFFD; Go
+    # replaces every offending byte. Replace the first byte and let decoding resume.
+    return "\ufffd", error.start + 1
+
+
+codecs.register_error("rtcauthd-go-replace", _per_byte_replace)
+
+
+def decode_utf8_per_byte(data: bytes) -> str:
+    """UTF-8 text as Go sees it: each invalid byte becomes its own U+FFFD."""
+    return data.decode("utf-8", errors="rtcauthd-go-replace")

@@ -10,14 +10,19 @@ Validation (rules V/L/D, first failure wins) then gives the exact M_BAD_JSON mes
 
 from __future__ import annotations
 
-import codecs
-import json
 from typing import Any, Mapping
 
 import attr
 
 from rtcauthd import errors
 from rtcauthd.errors import MatrixError
+from rtcauthd.gojson import (
+    STRICT_DECODER,
+    JSONObject,
+    decode_utf8_per_byte,
+    fold_key,
+    scrub_surrogates,
+)
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 #: delay_timeout in ms that still fits Go's int64 nanoseconds (protocol.md §12.1)
@@ -28,41 +33,17 @@ class DecodeError(Exception):
     """The body is not what Go's decoder would accept (always answered as M_NOT_JSON)."""
 
 
-def _per_byte_replace(error: UnicodeDecodeError) -> tuple[str, int]:
-    # Go replaces every offending byte by U+FFFD; Python's "replace" folds a truncated
-    # multi-byte sequence into one. Replace just the first byte and let decoding resume.
-    return "\ufffd", error.start + 1
-
-
-codecs.register_error("rtcauthd-go-replace", _per_byte_replace)
-
-
-class _Pairs(list):
-    """A JSON object as its (key, value) pairs in order, so duplicates stay visible."""
-
-
-class _Float(float):
-    """Marks a JSON number written with a fraction or exponent (never valid for Go ints)."""
-
-
-def _reject_constant(name: str) -> Any:
-    raise DecodeError(f"{name} is not JSON")
-
-
-_DECODER = json.JSONDecoder(
-    parse_float=_Float, parse_constant=_reject_constant, object_pairs_hook=_Pairs
-)
 _JSON_WHITESPACE = " \t\r\n"
 
 
 def decode_json_value(body: bytes) -> Any:
     """The first JSON value of ``body`` (trailing bytes ignored), objects as pair lists."""
-    text = body.decode("utf-8", errors="rtcauthd-go-replace")
+    text = decode_utf8_per_byte(body)
     start = len(text) - len(text.lstrip(_JSON_WHITESPACE))
     if start == len(text):
         raise DecodeError("empty body")
     try:
-        value, _end = _DECODER.raw_decode(text, start)
+        value, _end = STRICT_DECODER.raw_decode(text, start)
     except (ValueError, RecursionError) as e:
         raise DecodeError(str(e)) from None
     return value
@@ -71,9 +52,7 @@ def decode_json_value(body: bytes) -> Any:
 def _clean_string(value: str) -> str:
     # Escaped lone surrogates ("\ud800") decode to surrogate code points in Python; Go
     # yields U+FFFD. Valid pairs were already combined by the decoder.
-    if any("\ud800" <= ch <= "\udfff" for ch in value):
-        return "".join("\ufffd" if "\ud800" <= ch <= "\udfff" else ch for ch in value)
-    return value
+    return scrub_surrogates(value)
 
 
 def _string(value: Any) -> str:
@@ -87,16 +66,11 @@ def _string(value: Any) -> str:
 def _int64(value: Any) -> int:
     if value is None:
         return 0
-    if type(value) is not int:  # bool is an int subclass; _Float marks 1.0 and 1e3
+    if type(value) is not int:  # bool is an int subclass; JSONFraction marks 1.0 and 1e3
         raise DecodeError("expected an integer")
     if not INT64_MIN <= value <= INT64_MAX:
         raise DecodeError("integer out of int64 range")
     return value
-
-
-def _fold(name: str) -> str:
-    # Go's case-insensitive match also folds the Kelvin sign and the long s.
-    return name.replace("\u212a", "k").replace("\u017f", "s").lower()
 
 
 def _decode_struct(value: Any, fields: Mapping[str, Any], into: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -108,12 +82,12 @@ def _decode_struct(value: Any, fields: Mapping[str, Any], into: dict[str, Any] |
     result = into if into is not None else {name: decode(None, None) for name, decode in fields.items()}
     if value is None:
         return result
-    if not isinstance(value, _Pairs):
+    if not isinstance(value, JSONObject):
         raise DecodeError("expected an object")
-    folded = {_fold(name): name for name in fields}
+    folded = {fold_key(name): name for name in fields}
     for key, item in value:
         key = _clean_string(key)
-        name = key if key in fields else folded.get(_fold(key))
+        name = key if key in fields else folded.get(fold_key(key))
         if name is None:
             raise DecodeError("unknown field")
         if item is not None:
@@ -175,14 +149,6 @@ def _decode_body(body: bytes, fields: Mapping[str, Any]) -> dict[str, Any]:
 def _delay_pair_invalid(delay_id: str, delay_timeout: int) -> bool:
     """V4/L3: exactly one of {delay_id non-empty, delay_timeout > 0} is an error."""
     return bool(delay_id) != (delay_timeout > 0)
-
-
-def _check_delay_range(delay_timeout: int) -> None:
-    if delay_timeout > MAX_DELAY_TIMEOUT_MS:
-        # Upstream fails converting to int64 nanoseconds and answers with the job error text.
-        raise errors.bad_json(
-            f"invalid delay timeout for delayed event job: {delay_timeout}ms is out of range"
-        )
 
 
 _TOKEN_FIELDS = {

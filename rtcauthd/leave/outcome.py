@@ -17,6 +17,8 @@ from typing import Any, Mapping, Optional, Union
 import attr
 from twisted.web.http_headers import Headers
 
+from rtcauthd.gojson import JSONObject, reject_constant
+
 _INT64_MAX = 2**63 - 1
 _INT64_MIN = -(2**63)
 
@@ -186,18 +188,6 @@ def _timestamp(year: int, mon: str, day: int, hh: int, mm: int, ss: int) -> Opti
     return float(calendar.timegm((year, month, day, hh, mm, ss, 0, 0, 0)))
 
 
-class _NotJSON(ValueError):
-    pass
-
-
-class _Members(list):
-    """A JSON object kept as its (name, value) pairs in document order."""
-
-
-def _reject_constant(name: str) -> Any:
-    raise _NotJSON(name)
-
-
 def _retry_after_body(body: bytes) -> Optional[float]:
     """ceil(retry_after_ms / 1000) from a Matrix 429 body, decoded with Go's struct rules.
 
@@ -208,12 +198,12 @@ def _retry_after_body(body: bytes) -> Optional[float]:
     try:
         pairs = json.loads(
             body.decode("utf-8", errors="replace"),
-            object_pairs_hook=_Members,
-            parse_constant=_reject_constant,
+            object_pairs_hook=JSONObject,
+            parse_constant=reject_constant,
         )
     except ValueError:
         return None
-    if not isinstance(pairs, _Members):
+    if not isinstance(pairs, JSONObject):
         return None  # null, arrays, numbers...: no hint
     retry_after_ms = 0
     for key, value in pairs:

@@ -18,6 +18,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from rtcauthd.gojson import JSONObject, reject_constant
 from rtcauthd.http.client import HTTPClient, HTTPResponse, OutboundError
 from rtcauthd.livekit import protobuf as pb
 from rtcauthd.livekit.tokens import TokenMinter
@@ -148,15 +149,7 @@ def body_snippet(body: bytes) -> str:
     return text[:SNIPPET_CHARS]
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"not JSON: {name}")
-
-
-class _Members(list):
-    """An object's members in wire order, duplicates kept (Go checks each one)."""
-
-
-_DECODER = json.JSONDecoder(parse_constant=_reject_constant, object_pairs_hook=_Members)
+_DECODER = json.JSONDecoder(parse_constant=reject_constant, object_pairs_hook=JSONObject)
 _JSON_SPACE = " \t\r\n"
 
 
@@ -175,7 +168,7 @@ def parse_twirp_error(body: bytes) -> Optional[tuple[str, str]]:
         value, _end = _DECODER.raw_decode(text)
     except (ValueError, RecursionError):
         return None
-    if not isinstance(value, _Members):
+    if not isinstance(value, JSONObject):
         return None
     code = msg = ""
     for key, member in value:
@@ -185,7 +178,7 @@ def parse_twirp_error(body: bytes) -> Optional[tuple[str, str]]:
         if member is None:
             continue
         if folded == "meta":
-            if not isinstance(member, _Members):
+            if not isinstance(member, JSONObject):
                 return None
             if not all(v is None or isinstance(v, str) for _k, v in member):
                 return None

@@ -27,6 +27,8 @@ from typing import Any, Optional
 import attr
 from twisted.internet.interfaces import IReactorTime
 
+from rtcauthd.gojson import JSONObject, reject_constant
+
 __all__ = [
     "LEEWAY_SECONDS",
     "SIGNAL_CONNECTED",
@@ -130,11 +132,7 @@ def _b64url(segment: str) -> bytes:
         raise _Invalid() from None
 
 
-def _reject_constant(name: str) -> Any:
-    raise _Invalid()
-
-
-_JSON = json.JSONDecoder(parse_constant=_reject_constant)
+_JSON = json.JSONDecoder(parse_constant=reject_constant)
 
 
 def _json_object(data: bytes) -> dict[str, Any]:
@@ -182,16 +180,12 @@ def _check_registered_claims(claims: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- protojson
 
 
-class _Pairs(list):
-    """A JSON object as ordered pairs: protojson refuses duplicate fields."""
-
-
 class _Fraction(Decimal):
     """A JSON number written with a fraction or exponent, kept exact."""
 
 
 _BODY_DECODER = json.JSONDecoder(
-    object_pairs_hook=_Pairs, parse_float=_Fraction, parse_constant=_reject_constant
+    object_pairs_hook=JSONObject, parse_float=_Fraction, parse_constant=reject_constant
 )
 
 _INT32 = (-(2**31), 2**31 - 1)
@@ -234,7 +228,7 @@ def _pb_enum(value: Any, names: dict[str, int]) -> int:
 
 def _pb_fields(value: Any, known: dict[str, str]) -> dict[str, Any]:
     """Known fields of a protojson object by canonical name; null means unset."""
-    if not isinstance(value, _Pairs):
+    if not isinstance(value, JSONObject):
         raise _Invalid()
     seen: dict[str, Any] = {}
     for key, item in value:
@@ -277,10 +271,10 @@ def _parse_event(body: bytes) -> WebhookEvent:
     except (ValueError, RecursionError):
         raise _Invalid() from None
     fields = _pb_fields(top, _EVENT_FIELDS)
-    room = _pb_fields(fields.get("room", _Pairs()), _ROOM_FIELDS)
-    participant = _pb_fields(fields.get("participant", _Pairs()), _PARTICIPANT_FIELDS)
+    room = _pb_fields(fields.get("room", JSONObject()), _ROOM_FIELDS)
+    participant = _pb_fields(fields.get("participant", JSONObject()), _PARTICIPANT_FIELDS)
     for other in ("egress_info", "ingress_info", "track"):
-        if other in fields and not isinstance(fields[other], _Pairs):
+        if other in fields and not isinstance(fields[other], JSONObject):
             raise _Invalid()
     if "created_at" in fields:
         _pb_integer(fields["created_at"], _INT64, allow_string=True)

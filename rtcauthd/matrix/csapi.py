@@ -17,6 +17,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from rtcauthd.gojson import reject_constant
 from rtcauthd.http.client import HTTPClient, OutboundError
 from rtcauthd.leave.outcome import CsApiUnresolvable, Outcome, classify_delayed_event_response
 
@@ -45,7 +46,7 @@ def delayed_event_url(base_url: str, delay_id: str, action: str) -> str:
 def _well_known_base_url(body: bytes) -> str:
     """``m.homeserver.base_url`` from a client well-known document, checked like mautrix."""
     try:
-        document = json.loads(body.decode("utf-8"), parse_constant=_reject)
+        document = json.loads(body.decode("utf-8"), parse_constant=reject_constant)
     except (ValueError, UnicodeDecodeError):
         raise CsApiUnresolvable("well-known body is not JSON") from None
     if not isinstance(document, dict):
@@ -61,9 +62,6 @@ def _well_known_base_url(body: bytes) -> str:
         raise CsApiUnresolvable("well-known has no m.homeserver.base_url")
     return base_url
 
-
-def _reject(name: str):
-    raise ValueError(name)
 
 
 class ClientAPIResolver:

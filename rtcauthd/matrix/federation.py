@@ -17,6 +17,7 @@ from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from rtcauthd.gojson import reject_constant
 from rtcauthd.http.client import BodyTooLarge, HTTPClient, HTTPResponse, OutboundError, RequestTimedOut
 from rtcauthd.matrix.federation_agent import AddressRefusedError, ConnectFailed, TLSFailed
 from rtcauthd.matrix.resolver import ResolveError
@@ -104,7 +105,7 @@ def _check_answer(response: HTTPResponse, server_name: str) -> str:
     if not 200 <= response.code < 300:
         raise OpenIDError(f"status {response.code}", _error_snippet(response.body))
     try:
-        document = json.loads(response.body.decode("utf-8"), parse_constant=_reject_constant)
+        document = json.loads(response.body.decode("utf-8"), parse_constant=reject_constant)
     except (UnicodeDecodeError, ValueError) as e:
         raise OpenIDError("bad json", f"userinfo body is not JSON: {e}") from None
     if not isinstance(document, dict):
@@ -136,6 +137,3 @@ def _error_snippet(body: bytes) -> str:
         text = text[:ERROR_SNIPPET_LENGTH] + "..."
     return text or "(empty body)"
 
-
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not valid JSON")

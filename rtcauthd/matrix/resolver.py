@@ -35,6 +35,7 @@ from twisted.names.error import AuthoritativeDomainError, DNSNameError, DomainEr
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
+from rtcauthd.gojson import reject_constant
 from rtcauthd.http.client import BodyTooLarge, HTTPClient, HTTPResponse, OutboundError
 from rtcauthd.matrix.servername import InvalidServerName, ServerName, parse_server_name
 
@@ -349,7 +350,7 @@ def _parse_well_known(response: HTTPResponse) -> ServerName:
     if response.code != 200:
         raise _Invalid(f"HTTP {response.code}")
     try:
-        document = json.loads(response.body.decode("utf-8"), parse_constant=_reject_constant)
+        document = json.loads(response.body.decode("utf-8"), parse_constant=reject_constant)
     except (UnicodeDecodeError, ValueError) as e:
         raise _Invalid(f"body is not JSON: {e}") from None
     if not isinstance(document, dict):
@@ -361,9 +362,6 @@ def _parse_well_known(response: HTTPResponse) -> ServerName:
         raise _Invalid("m.server is empty")
     return parse_server_name(value)
 
-
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not valid JSON")
 
 
 def _period_from_headers(headers: Headers, now: float) -> Optional[float]:

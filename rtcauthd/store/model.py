@@ -12,14 +12,19 @@ Times are kept as float unix seconds; they are converted by arithmetic rather th
 
 from __future__ import annotations
 
-import codecs
-import json
 import re
 from typing import Any
 
 import attr
 
-from rtcauthd.gojson import go_json_dumps
+from rtcauthd.gojson import (
+    STRICT_DECODER,
+    JSONObject,
+    decode_utf8_per_byte,
+    fold_key,
+    go_json_dumps,
+    scrub_surrogates,
+)
 
 __all__ = [
     "GO_ZERO_TIME",
@@ -176,40 +181,8 @@ def parse_rfc3339(text: str) -> float:
     return whole + nanos / _NS_PER_S
 
 
-def _per_byte_replace(error: UnicodeDecodeError) -> tuple[str, int]:
-    # Go turns every invalid byte into its own U+FFFD.
-    return "\ufffd", error.start + 1
-
-
-codecs.register_error("rtcauthd-store-go-replace", _per_byte_replace)
-
-
-class _Pairs(list):
-    """A JSON object as ordered (key, value) pairs, so duplicate members stay visible."""
-
-
-class _Fraction(float):
-    """A JSON number written with a fraction or exponent: never a Go integer."""
-
-
-def _reject_constant(name: str) -> Any:
-    raise StoredJobError(f"{name} is not JSON")
-
-
-_DECODER = json.JSONDecoder(
-    parse_float=_Fraction, parse_constant=_reject_constant, object_pairs_hook=_Pairs
-)
-
-
-def _fold(name: str) -> str:
-    # Go's case-insensitive member match, including its Kelvin-sign and long-s folds.
-    return name.replace("\u212a", "k").replace("\u017f", "s").lower()
-
-
 def _clean(text: str) -> str:
-    if any("\ud800" <= ch <= "\udfff" for ch in text):
-        return "".join("\ufffd" if "\ud800" <= ch <= "\udfff" else ch for ch in text)
-    return text
+    return scrub_surrogates(text)
 
 
 def _string(value: Any, what: str) -> str:
@@ -219,7 +192,7 @@ def _string(value: Any, what: str) -> str:
 
 
 def _duration(value: Any) -> int:
-    if type(value) is not int:  # bool is an int subclass; _Fraction marks 8e9 / 8.0
+    if type(value) is not int:  # bool is an int subclass; JSONFraction marks 8e9 / 8.0
         raise StoredJobError("DelayTimeout: expected an integer")
     if not _INT64_MIN <= value <= _INT64_MAX:
         raise StoredJobError("DelayTimeout: out of int64 range")
@@ -244,10 +217,10 @@ _PARAM_FIELDS = {
 
 
 def _decode_params(value: Any, into: dict[str, Any]) -> None:
-    if not isinstance(value, _Pairs):
+    if not isinstance(value, JSONObject):
         raise StoredJobError("Params: expected an object")
     for key, item in value:
-        spec = _PARAM_FIELDS.get(_fold(_clean(key)))
+        spec = _PARAM_FIELDS.get(fold_key(_clean(key)))
         if spec is None or item is None:  # unknown members are ignored, null keeps the value
             continue
         name, parse = spec
@@ -257,11 +230,9 @@ def _decode_params(value: Any, into: dict[str, Any]) -> None:
 def decode_value(text: "str | bytes") -> StoredJob:
     """Decode a stored value as Go's ``json.Unmarshal`` would; ``StoredJobError`` if it can't."""
     if isinstance(text, bytes):
-        text = text.decode("utf-8", errors="rtcauthd-store-go-replace")
+        text = decode_utf8_per_byte(text)
     try:
-        top = _DECODER.decode(text)
-    except StoredJobError:
-        raise
+        top = STRICT_DECODER.decode(text)
     except (ValueError, RecursionError) as e:
         raise StoredJobError(f"not JSON: {e}") from None
     fields: dict[str, Any] = {
@@ -274,10 +245,10 @@ def decode_value(text: "str | bytes") -> StoredJob:
     }
     if top is None:
         return StoredJob(**fields)
-    if not isinstance(top, _Pairs):
+    if not isinstance(top, JSONObject):
         raise StoredJobError("expected an object")
     for key, item in top:
-        folded = _fold(_clean(key))
+        folded = fold_key(_clean(key))
         if item is None:
             continue
         if folded == "params":
