@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from typing import Optional, Protocol
 
+import time
+
 import attr
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from rtcauthd import errors
@@ -19,8 +22,17 @@ from rtcauthd.http.models import LegacyTokenRequest, OpenIDToken, TokenRequest
 from rtcauthd.livekit import naming
 from rtcauthd.livekit.tokens import TokenMinter
 from rtcauthd.livekit.twirp import TwirpError
+from rtcauthd.metrics import Metrics, reason_label
 
 log = Logger()
+
+
+class _WallClock:
+    """Stands in for the reactor where none is given (unit tests of the procedure only)."""
+
+    @staticmethod
+    def seconds() -> float:
+        return time.time()
 
 
 class UserInfoVerifier(Protocol):
@@ -73,7 +85,11 @@ class Authorizer:
         tokens: TokenMinter,
         rooms: RoomCreator,
         delegation: Optional[Delegation] = None,
+        clock: Optional[IReactorTime] = None,
+        metrics: Optional[Metrics] = None,
     ) -> None:
+        self._clock = clock if clock is not None else _WallClock()
+        self._metrics = metrics if metrics is not None else Metrics()
         self._config = config
         self._federation = federation
         self._tokens = tokens
@@ -83,11 +99,15 @@ class Authorizer:
     async def _verify(self, openid: OpenIDToken, endpoint: str) -> str:
         """P1: the user ID the homeserver vouches for, or 401 (cause logged, not answered)."""
         server_name = openid.matrix_server_name
+        started = self._clock.seconds()
+        lookup = self._metrics.homeserver_lookup_seconds
         try:
             user_id = await self._federation.userinfo(server_name, openid.access_token)
         except Exception as e:  # every failure is the same 401 to the client
             step = getattr(e, "step", type(e).__name__)
             detail = getattr(e, "detail", str(e))
+            lookup.labels(result="error").observe(self._clock.seconds() - started)
+            self._metrics.openid_failures.labels(reason=reason_label(step)).inc()
             log.warn(
                 "{endpoint}: OpenID verification against {server_name} failed at {step}: {detail}",
                 endpoint=endpoint,
@@ -96,6 +116,7 @@ class Authorizer:
                 detail=detail,
             )
             raise errors.unauthorized() from None
+        lookup.labels(result="ok").observe(self._clock.seconds() - started)
         return user_id
 
     async def _verify_member(self, request: TokenRequest, endpoint: str) -> str:
@@ -168,6 +189,9 @@ class Authorizer:
                 raise MatrixError(500, errors.M_UNKNOWN, errors.E_CREATE) from None
         if full_access and delegate:  # P7
             await self._add_job(request, server_name, room, identity)
+        self._metrics.tokens_issued.labels(
+            endpoint=endpoint, access="full" if full_access else "restricted"
+        ).inc()
         log.info(
             "{endpoint}: issued token for {user_id} ({access}) in LiveKit room {room}",
             endpoint=endpoint,

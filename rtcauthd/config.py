@@ -59,6 +59,7 @@ KNOWN_VARIABLES = frozenset(
         "RTCAUTH_MAX_BODY_BYTES",
         "RTCAUTH_LOG_FORMAT",
         "RTCAUTH_LISTEN",
+        "RTCAUTH_METRICS_LISTEN",
     }
 )
 
@@ -103,6 +104,7 @@ class Config:
     outbound_timeout: float
     max_body_bytes: int
     log_format: str
+    metrics_listen: Optional[str]
     dev: bool
     warnings: tuple[str, ...] = ()
 
@@ -294,6 +296,14 @@ def bind_to_endpoints(bind: str) -> tuple[str, ...]:
     return (f"tcp:{port}:interface={address}",)
 
 
+def metrics_endpoint(value: str) -> str:
+    """``RTCAUTH_METRICS_LISTEN``: a port alone means loopback; anything else is an endpoint."""
+    value = value.strip()
+    if value.isdigit():
+        return f"tcp:{value}:interface=127.0.0.1"
+    return value
+
+
 def _positive_number(variable: str, value: str, default: float, kind: type) -> float:
     if value == "":
         return default
@@ -445,6 +455,9 @@ def load_config(
         outbound_timeout=timeout,
         max_body_bytes=max_body,
         log_format=log_format,
+        metrics_listen=metrics_endpoint(env["RTCAUTH_METRICS_LISTEN"])
+        if env.get("RTCAUTH_METRICS_LISTEN", "").strip()
+        else None,
         dev=dev,
         warnings=tuple(warnings),
     )

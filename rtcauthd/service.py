@@ -60,6 +60,7 @@ class RtcAuthService(MultiService):
         reactor,
         endpoints: Sequence[str],
         site,
+        extra_listeners: Sequence[tuple[str, object]] = (),
         before_listen: Callable[[], Awaitable[None]] = None,
         after_stop: Callable[[], Awaitable[None]] = None,
         exit_process: Callable[[int], None] = os._exit,
@@ -68,6 +69,7 @@ class RtcAuthService(MultiService):
         self._reactor = reactor
         self._endpoints = list(endpoints)
         self._site = site
+        self._extra_listeners = list(extra_listeners)
         self._before_listen = before_listen
         self._after_stop = after_stop
         self._exit_process = exit_process
@@ -106,15 +108,17 @@ class RtcAuthService(MultiService):
         if self._before_listen is not None:
             await self._before_listen()
         for description in self._endpoints:
-            self.ports.append(await self._listen(description))
+            self.ports.append(await self._listen(description, self._site))
+        for description, factory in self._extra_listeners:
+            self.ports.append(await self._listen(description, factory))
         for port in self.ports:
             log.info("Listening on {address}", address=_describe_port(port))
         sd_notify("READY=1\nSTATUS=serving")
         self._set_ready(list(self.ports))
 
-    async def _listen(self, description: str):
+    async def _listen(self, description: str, factory):
         try:
-            return await serverFromString(self._reactor, description).listen(self._site)
+            return await serverFromString(self._reactor, description).listen(factory)
         except CannotListenError as e:
             fallback = ipv4_fallback(description)
             if fallback is None or not _is_address_family_error(e):
@@ -124,7 +128,7 @@ class RtcAuthService(MultiService):
                 error=e.socketError,
                 fallback=fallback,
             )
-            return await serverFromString(self._reactor, fallback).listen(self._site)
+            return await serverFromString(self._reactor, fallback).listen(factory)
 
     def _fatal(self, failure) -> None:
         log.critical(

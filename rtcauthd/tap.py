@@ -50,6 +50,8 @@ rtcauthd additions:
   RTCAUTH_MAX_BODY_BYTES          request body limit, answered 413 (default 65536)
   RTCAUTH_LOG_FORMAT              auto (JSON under journald, else text), text or json
   RTCAUTH_LISTEN                  space-separated endpoint strings (like --listen)
+  RTCAUTH_METRICS_LISTEN          Prometheus /metrics listener: a port (loopback) or an
+                                  endpoint string; off when unset
 """
 
 
@@ -129,7 +131,9 @@ def build_service(config: Config, reactor, environ: Mapping[str, str] = os.envir
 
     from rtcauthd.authorizer import Authorizer
     from rtcauthd.leave.delegation import DelegatedLeave
+    from rtcauthd.leave.jobs import State
     from rtcauthd.leave.manager import JobManager
+    from rtcauthd.metrics import Metrics
     from rtcauthd.livekit.webhooks import WebhookVerifier
     from rtcauthd.matrix.csapi import ClientAPIResolver, DelayedEventClient
     from rtcauthd.http.app import RtcAuthApp, RtcAuthSite
@@ -164,6 +168,7 @@ def build_service(config: Config, reactor, environ: Mapping[str, str] = os.envir
         full_access=", ".join(config.full_access_homeservers) or "(nobody)",
     )
 
+    metrics = Metrics()
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = 8
     pool.cachedConnectionTimeout = 120
@@ -192,11 +197,17 @@ def build_service(config: Config, reactor, environ: Mapping[str, str] = os.envir
     )
     tokens = TokenMinter(api_key=config.api_key, api_secret=config.api_secret, clock=reactor)
     rooms = RoomServiceClient(
-        livekit_url=config.livekit_url, http=plain_http, tokens=tokens, timeout=config.outbound_timeout
+        livekit_url=config.livekit_url,
+        http=plain_http,
+        tokens=tokens,
+        timeout=config.outbound_timeout,
+        metrics=metrics,
     )
-    store = build_store(config, reactor, tls_policy)
+    store = build_store(config, reactor, tls_policy, metrics)
     cs_api = ClientAPIResolver(clock=reactor, http=redirecting_http, overrides=config.cs_api_url_overrides)
-    delayed_events = DelayedEventClient(clock=reactor, http=redirecting_http, resolver=cs_api)
+    delayed_events = DelayedEventClient(
+        clock=reactor, http=redirecting_http, resolver=cs_api, metrics=metrics
+    )
     manager = JobManager(
         clock=reactor,
         store=store,
@@ -205,10 +216,12 @@ def build_service(config: Config, reactor, environ: Mapping[str, str] = os.envir
         lookup_participant=lambda params: rooms.get_participant(params.room, params.identity),
         sanity_interval=float(config.sanity_check_interval),
     )
+    metrics.watch_jobs(lambda: (job.state.value for job in manager), (state.value for state in State))
     delegation = DelegatedLeave(
         manager=manager,
         resolver=cs_api,
         webhooks=WebhookVerifier(api_key=config.api_key, api_secret=config.api_secret, clock=reactor),
+        metrics=metrics,
     )
     authorizer = Authorizer(
         config=config,
@@ -216,6 +229,8 @@ def build_service(config: Config, reactor, environ: Mapping[str, str] = os.envir
         tokens=tokens,
         rooms=rooms,
         delegation=delegation,
+        clock=reactor,
+        metrics=metrics,
     )
     app = RtcAuthApp(authorizer=authorizer, webhooks=delegation)
     site = RtcAuthSite(app.resource(), max_body=config.max_body_bytes, reactor=reactor)
@@ -229,16 +244,35 @@ def build_service(config: Config, reactor, environ: Mapping[str, str] = os.envir
         await store.close()
         await pool.closeCachedConnections()
 
+    extra_listeners = []
+    if config.metrics_listen:
+        extra_listeners.append((config.metrics_listen, metrics_site(metrics, reactor)))
+
     return RtcAuthService(
         reactor=reactor,
         endpoints=config.listen,
         site=site,
+        extra_listeners=extra_listeners,
         before_listen=before_listen,
         after_stop=after_stop,
     )
 
 
-def build_store(config: Config, reactor, tls_policy):
+def metrics_site(metrics, reactor):
+    """A Site serving ``/metrics`` (Prometheus text format) and nothing else."""
+    from twisted.web.resource import Resource
+    from twisted.web.server import Site
+
+    from rtcauthd.metrics import MetricsPage
+
+    root = Resource()
+    root.putChild(b"metrics", MetricsPage(metrics.registry))
+    site = Site(root, reactor=reactor)
+    site.noisy = False
+    return site
+
+
+def build_store(config: Config, reactor, tls_policy, metrics=None):
     """Redis when LIVEKIT_REDIS_URL is set, else memory (jobs lost on restart; logged)."""
     if not config.redis_url:
         from rtcauthd.store.memory import MemoryStore
@@ -251,6 +285,6 @@ def build_store(config: Config, reactor, tls_policy):
         # LIVEKIT_INSECURE_SKIP_VERIFY_TLS does not reach Redis (upstream's switch doesn't
         # either); rediss:// verifies with the system roots plus RTCAUTH_CA_FILE.
         redis_tls = TLSPolicy(ca_file=config.ca_file, insecure=False) if tls_policy.insecure else tls_policy
-        return RedisStore.from_url(config.redis_url, clock=reactor, tls_policy=redis_tls)
+        return RedisStore.from_url(config.redis_url, clock=reactor, tls_policy=redis_tls, metrics=metrics)
     except RedisURLError as e:
         raise ConfigError(f"Could not connect Redis store: {e}") from None

@@ -21,6 +21,7 @@ from rtcauthd.leave.jobs import JobParams, NS_PER_SECOND
 from rtcauthd.leave.manager import JobManager, ShuttingDown
 from rtcauthd.livekit.webhooks import WebhookRejected, WebhookVerifier, signal_for
 from rtcauthd.matrix.csapi import ClientAPIResolver
+from rtcauthd.metrics import Metrics
 
 log = Logger()
 
@@ -31,8 +32,14 @@ class DelegatedLeave:
     """Implements the authorizer's ``Delegation`` and the app's ``WebhookSink``."""
 
     def __init__(
-        self, *, manager: JobManager, resolver: ClientAPIResolver, webhooks: WebhookVerifier
+        self,
+        *,
+        manager: JobManager,
+        resolver: ClientAPIResolver,
+        webhooks: WebhookVerifier,
+        metrics: Optional[Metrics] = None,
     ) -> None:
+        self._metrics = metrics if metrics is not None else Metrics()
         self._manager = manager
         self._resolver = resolver
         self._webhooks = webhooks
@@ -70,7 +77,9 @@ class DelegatedLeave:
             event = self._webhooks.verify(authorization, body)
         except WebhookRejected as e:
             log.warn("Rejected LiveKit webhook: {reason}", reason=e.reason)
+            self._metrics.webhook_events.labels(event="unverified", signature="rejected").inc()
             return
+        self._metrics.webhook_events.labels(event=_event_label(event.event), signature="valid").inc()
         signal = signal_for(event)
         if signal is None:
             log.debug("Ignoring LiveKit webhook {event}", event=event.event)
@@ -84,3 +93,26 @@ class DelegatedLeave:
             signal=signal,
             dropped="" if routed else " (no job)",
         )
+
+
+_KNOWN_EVENTS = frozenset(
+    {
+        "participant_joined",
+        "participant_left",
+        "participant_connection_aborted",
+        "room_started",
+        "room_finished",
+        "track_published",
+        "track_unpublished",
+        "egress_started",
+        "egress_updated",
+        "egress_ended",
+        "ingress_started",
+        "ingress_ended",
+    }
+)
+
+
+def _event_label(event: str) -> str:
+    """Signed events only, and still a bounded label set."""
+    return event if event in _KNOWN_EVENTS else "other"

@@ -22,6 +22,7 @@ from rtcauthd.gojson import JSONObject, reject_constant
 from rtcauthd.http.client import HTTPClient, HTTPResponse, OutboundError
 from rtcauthd.livekit import protobuf as pb
 from rtcauthd.livekit.tokens import TokenMinter
+from rtcauthd.metrics import Metrics
 
 __all__ = [
     "Presence",
@@ -236,7 +237,9 @@ class RoomServiceClient:
         http: HTTPClient,
         tokens: TokenMinter,
         timeout: float = 10.0,
+        metrics: Optional[Metrics] = None,
     ) -> None:
+        self._metrics = metrics if metrics is not None else Metrics()
         self._livekit_url = livekit_url
         self._http = http
         self._tokens = tokens
@@ -273,6 +276,8 @@ class RoomServiceClient:
         started = self._tokens.now()
         d = self._call("CreateRoom", create_room_request(room), self._tokens.create_room_token())
 
+        calls = self._metrics.twirp_calls
+
         def got(response: HTTPResponse) -> None:
             if response.code != 200:
                 raise error_from_response("CreateRoom", response)
@@ -292,8 +297,13 @@ class RoomServiceClient:
                 outcome="created" if created >= started - 1 else "reused",
                 created=created,
             )
+            calls.labels(method="CreateRoom", outcome="ok").inc()
 
-        return d.addCallback(got)
+        def failed(failure: Failure) -> Failure:
+            calls.labels(method="CreateRoom", outcome="error").inc()
+            return failure
+
+        return d.addCallback(got).addErrback(failed)
 
     def get_participant(self, room: str, identity: str) -> "Deferred[Presence]":
         """Whether ``identity`` is in ``room`` on the SFU; never fails (§7.4, §12.7)."""
@@ -338,4 +348,8 @@ class RoomServiceClient:
             )
             return Presence.UNKNOWN
 
-        return d.addCallbacks(got, failed)
+        def count(presence: Presence) -> Presence:
+            self._metrics.twirp_calls.labels(method="GetParticipant", outcome=presence.value).inc()
+            return presence
+
+        return d.addCallbacks(got, failed).addCallback(count)

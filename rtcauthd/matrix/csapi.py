@@ -10,7 +10,7 @@ reach another URL than the one intended.
 from __future__ import annotations
 
 import json
-from typing import Mapping
+from typing import Mapping, Optional
 from urllib.parse import quote
 
 from twisted.internet.defer import Deferred
@@ -19,6 +19,7 @@ from twisted.logger import Logger
 
 from rtcauthd.gojson import reject_constant
 from rtcauthd.http.client import HTTPClient, OutboundError
+from rtcauthd.metrics import Metrics
 from rtcauthd.leave.outcome import CsApiUnresolvable, Outcome, classify_delayed_event_response
 
 log = Logger()
@@ -130,7 +131,9 @@ class DelayedEventClient:
         http: HTTPClient,
         resolver: ClientAPIResolver,
         timeout: float = DELAYED_EVENT_TIMEOUT,
+        metrics: Optional[Metrics] = None,
     ) -> None:
+        self._metrics = metrics if metrics is not None else Metrics()
         self._clock = clock
         self._http = http
         self._resolver = resolver
@@ -143,7 +146,12 @@ class DelayedEventClient:
         return Deferred.fromCoroutine(self._act(params, "send"))
 
     async def _act(self, params, action: str) -> Outcome:
-        base_url = await self._resolver.resolve(params.server_name)  # CsApiUnresolvable propagates
+        actions = self._metrics.delayed_event_actions
+        try:
+            base_url = await self._resolver.resolve(params.server_name)
+        except CsApiUnresolvable:
+            actions.labels(action=action, status="unresolvable").inc()
+            raise
         url = delayed_event_url(base_url, params.delay_id, action)
         try:
             response = await self._http.request(
@@ -162,7 +170,9 @@ class DelayedEventClient:
                 identity=params.identity,
                 error=str(e),
             )
+            actions.labels(action=action, status="error").inc()
             return Outcome.retry(detail=str(e))
+        actions.labels(action=action, status=str(response.code)).inc()
         outcome = classify_delayed_event_response(
             response.code, response.headers, response.body, self._clock.seconds()
         )

@@ -38,6 +38,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
+from rtcauthd.metrics import Metrics
 from rtcauthd.store.interface import IJobStore
 from rtcauthd.store.model import StoredJob, StoredJobError, decode_value, encode_field, encode_value
 
@@ -324,8 +325,10 @@ class RedisStore:
         op_timeout: float = 2.0,
         restore_wait: float = 30.0,
         retry_interval: float = 1.0,
+        metrics: Optional[Metrics] = None,
         _connection: Optional[Any] = None,
     ) -> None:
+        self._metrics = metrics if metrics is not None else Metrics()
         if clock is None:
             from twisted.internet import reactor as clock  # txredisapi uses it anyway
         self._clock = clock
@@ -395,6 +398,7 @@ class RedisStore:
             return self._decode_all(mapping)
 
         def failed(failure: Failure) -> list[StoredJob]:
+            self._metrics.redis_errors.labels(operation="load").inc()
             if not _is_transient(failure):
                 self._touched = None
                 log.error(
@@ -488,6 +492,7 @@ class RedisStore:
 
     def _write_failed(self, failure: Failure, field: bytes, version: int) -> None:
         del self._inflight[field]
+        self._metrics.redis_errors.labels(operation="write").inc()
         if not _is_transient(failure):
             log.error(
                 "Redis refused to write job record {field}: {error}",

@@ -25,6 +25,7 @@ from rtcauthd.http.client import BytesProducer
 from rtcauthd.livekit import naming
 from rtcauthd.livekit.tokens import TokenMinter
 from rtcauthd.livekit.twirp import TwirpError
+from rtcauthd.metrics import Metrics
 
 SECRET = "unit-test-secret"
 CORS = {
@@ -129,12 +130,15 @@ class AppTestCase(SynchronousTestCase):
         self.rooms = FakeRooms()
         self.delegation = FakeDelegation()
         self.tokens = TokenMinter(api_key="devkey", api_secret=SECRET, clock=self.clock)
+        self.metrics = Metrics()
         authorizer = Authorizer(
             config=self.config,
             federation=self.homeservers,
             tokens=self.tokens,
             rooms=self.rooms,
             delegation=self.delegation,
+            clock=self.clock,
+            metrics=self.metrics,
         )
         self.site = RtcAuthSite(
             RtcAuthApp(authorizer=authorizer).resource(), max_body=4096, reactor=MemoryReactorClock()
