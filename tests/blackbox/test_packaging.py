@@ -1,0 +1,38 @@
+"""The twistd plugin is found both from a built wheel (``pip install .``) and editable."""
+
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import sys
+import zipfile
+
+from twisted.trial.unittest import TestCase
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class PluginPackagingTests(TestCase):
+    def test_wheel_ships_the_plugin_and_no_tests(self):
+        out = self.mktemp()
+        subprocess.run(
+            [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", out, REPO],
+            check=True,
+            capture_output=True,
+        )
+        [wheel] = glob.glob(os.path.join(out, "rtcauthd-*.whl"))
+        names = zipfile.ZipFile(wheel).namelist()
+        self.assertIn("twisted/plugins/rtcauth.py", names)
+        self.assertNotIn("twisted/plugins/__init__.py", names)  # would shadow Twisted's own plugins
+        self.assertFalse([n for n in names if n.endswith("dropin.cache")])
+        self.assertFalse([n for n in names if n.startswith("tests/")])
+        self.assertIn("rtcauthd/tap.py", names)
+
+    def test_installed_twistd_lists_the_plugin(self):
+        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+        result = subprocess.run([twistd, "--help"], capture_output=True, text=True, cwd=self.mktemp() and "/")
+        self.assertIn("rtcauth", result.stdout)
+        help_text = subprocess.run([twistd, "rtcauth", "--help"], capture_output=True, text=True, cwd="/").stdout
+        for option in ("--listen", "--dev", "--config", "LIVEKIT_FULL_ACCESS_HOMESERVERS", "RTCAUTH_CA_FILE"):
+            self.assertIn(option, help_text)
