@@ -4,7 +4,8 @@ Why strict: the server name comes straight from an unauthenticated request body 
 ends up in DNS queries, URLs, ``Host`` headers and TLS checks. The grammar is the
 Matrix spec's (``host[:port]`` with an IPv4 literal, a bracketed IPv6 literal or a DNS
 name of ``A-Z a-z 0-9 - .``); on top of it we refuse names that cannot possibly be
-resolved (empty or over-long labels) and names that look like numeric IPv4 but are not
+resolved (empty, over-long or hyphen-edged labels, ``xn--`` labels that are not valid
+IDNA) — every such name would only cost a DNS query to fail — and names that look like numeric IPv4 but are not
 a valid dotted quad, because resolvers (glibc ``inet_aton``) may read ``127.1`` or
 ``2130706433`` as an address.
 """
@@ -16,6 +17,7 @@ import re
 from typing import Optional
 
 import attr
+import idna
 
 MAX_HOST_LENGTH = 255
 MAX_LABEL_LENGTH = 63
@@ -140,6 +142,15 @@ def _looks_numeric(host: str) -> bool:
     return bool(_NUMERIC_LABEL.fullmatch(last))
 
 
+def _valid_a_label(label: str) -> bool:
+    """An ``xn--`` label must decode to a valid internationalised label (RFC 5891)."""
+    try:
+        idna.decode(label)
+    except (idna.IDNAError, UnicodeError, ValueError):
+        return False
+    return True
+
+
 def _check_dns_name(host: str) -> None:
     if len(host) > MAX_HOST_LENGTH:
         raise InvalidServerName(f"hostname is longer than {MAX_HOST_LENGTH} characters")
@@ -150,3 +161,7 @@ def _check_dns_name(host: str) -> None:
             raise InvalidServerName("hostname has an empty label")
         if len(label) > MAX_LABEL_LENGTH:
             raise InvalidServerName(f"hostname has a label longer than {MAX_LABEL_LENGTH} characters")
+        if label.startswith("-") or label.endswith("-"):
+            raise InvalidServerName(f"hostname label {label!r} starts or ends with '-'")
+        if label[:4].lower() == "xn--" and not _valid_a_label(label):
+            raise InvalidServerName(f"hostname label {label!r} is not valid punycode (IDNA)")

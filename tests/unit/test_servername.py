@@ -107,3 +107,16 @@ class InvalidNameTests(SynchronousTestCase):
 
     def test_is_a_value_error(self) -> None:
         self.assertTrue(issubclass(InvalidServerName, ValueError))
+
+
+class LabelRulesTests(SynchronousTestCase):
+    """Names that could only cost a DNS query to fail are refused up front."""
+
+    def test_hyphen_edges_and_bad_punycode(self) -> None:
+        for name in ("xn--", "xn--zz-invalid-.example", "-a.com", "a-.com", "xn--a.example", "xn--zz.example:8448"):
+            with self.assertRaises(InvalidServerName, msg=name):
+                parse_server_name(name)
+
+    def test_valid_idna(self) -> None:
+        for name in ("xn--bcher-kva.example", "xn--80ak6aa92e.com:8448", "a-b.example"):
+            self.assertEqual(parse_server_name(name).original, name)
