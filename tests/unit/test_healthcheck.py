@@ -12,6 +12,7 @@ import http.server
 import io
 import os
 import socket
+import socketserver
 import subprocess
 import sys
 import tempfile
@@ -286,6 +287,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 class _TCPServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
+
+    def server_bind(self):
+        # HTTPServer.server_bind calls socket.getfqdn(), a reverse DNS query that would leave
+        # loopback (to the system resolver); tests must not send traffic anywhere else.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = "localhost", self.server_address[1]
 
 
 class _TCP6Server(_TCPServer):

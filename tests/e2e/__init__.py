@@ -1,0 +1,1 @@
+"""End-to-end tests: the real rtcauthd daemon against real Synapse homeservers."""
