@@ -13,7 +13,6 @@ from typing import Mapping
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.web.client import HTTPConnectionPool
 
 from rtcauthd import __version__
 from rtcauthd import logging as rtc_logging
@@ -137,7 +136,7 @@ def build_service(config: Config, reactor, environ: Mapping[str, str] = os.envir
     from rtcauthd.livekit.webhooks import WebhookVerifier
     from rtcauthd.matrix.csapi import ClientAPIResolver, DelayedEventClient
     from rtcauthd.http.app import RtcAuthApp, RtcAuthSite
-    from rtcauthd.http.client import HTTPClient
+    from rtcauthd.http.client import HTTPClient, connection_pool
     from rtcauthd.livekit.tokens import TokenMinter
     from rtcauthd.livekit.twirp import RoomServiceClient
     from rtcauthd.matrix.federation import FederationClient
@@ -169,9 +168,7 @@ def build_service(config: Config, reactor, environ: Mapping[str, str] = os.envir
     )
 
     metrics = Metrics()
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool.maxPersistentPerHost = 8
-    pool.cachedConnectionTimeout = 120
+    pool = connection_pool(reactor)
     ip_filter = IPRangeFilter(
         blocklist=list(config.ip_blocklist) if config.ip_blocklist is not None else list(DEFAULT_BLOCKLIST),
         allowlist=list(config.ip_allowlist),

@@ -18,7 +18,8 @@ from twisted.internet.defer import CancelledError, Deferred, TimeoutError as Def
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
-from twisted.web.client import PartialDownloadError, ResponseDone
+from twisted.web.client import HTTPConnectionPool, PartialDownloadError, ResponseDone
+from twisted.web.client import _HTTP11ClientFactory
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
@@ -26,6 +27,19 @@ from zope.interface import implementer
 
 DEFAULT_TIMEOUT = 10.0
 DEFAULT_MAX_BODY = 64 * 1024
+
+
+class _QuietClientFactory(_HTTP11ClientFactory):
+    noisy = False  # no "Starting factory ..." line for every outbound connection
+
+
+def connection_pool(reactor, *, persistent: bool = True, per_host: int = 8, idle_seconds: float = 120) -> HTTPConnectionPool:
+    """A keep-alive pool that does not log every connection it opens."""
+    pool = HTTPConnectionPool(reactor, persistent=persistent)
+    pool._factory = _QuietClientFactory
+    pool.maxPersistentPerHost = per_host
+    pool.cachedConnectionTimeout = idle_seconds
+    return pool
 
 
 class OutboundError(Exception):

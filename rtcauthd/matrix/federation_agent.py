@@ -47,7 +47,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
-from rtcauthd.http.client import HTTPClient, OutboundError
+from rtcauthd.http.client import HTTPClient, OutboundError, connection_pool
 from rtcauthd.matrix.ipfilter import IPRangeFilter
 from rtcauthd.matrix.resolver import (
     WELL_KNOWN_MAX_BODY,
@@ -401,7 +401,7 @@ class FederationAgent:
         self._connect_timeout = connect_timeout
         self._name_resolver = _name_resolver
         if pool is None:
-            pool = HTTPConnectionPool(reactor, persistent=True)
+            pool = connection_pool(reactor, persistent=True)
         self._agent = Agent.usingEndpointFactory(reactor, _FederationEndpointFactory(self), pool=pool)
 
     def request(
@@ -497,7 +497,7 @@ def build_well_known_agent(
             connect_timeout=connect_timeout,
             name_resolver=_name_resolver,
         ),
-        pool=HTTPConnectionPool(reactor, persistent=False),
+        pool=connection_pool(reactor, persistent=False),
     )
     return RedirectAgent(_ClassifyingAgent(inner), redirectLimit=WELL_KNOWN_REDIRECT_LIMIT)
 
