@@ -97,20 +97,21 @@ def fill(params) -> tuple[JobManager, float]:
 
 def bench_memory_and_routing(n: int) -> None:
     params = [params_for(i) for i in range(n)]  # inputs exist before measuring
-    # Python-level allocations, with tracemalloc (its own bookkeeping is not counted)...
+    # Process RSS growth first, in a fresh heap (allocator overhead included)...
+    gc.collect()
+    rss_before = rss_kib()
+    manager, added = fill(params)
+    gc.collect()
+    rss_after = rss_kib()
+    manager.stop()
+    del manager
+    gc.collect()
+    # ...then Python-level allocations with tracemalloc (its own bookkeeping not counted).
     tracemalloc.start()
     manager, _ = fill(params)
     gc.collect()
     traced, _peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    manager.stop()
-    del manager
-    gc.collect()
-    # ...and process RSS growth without tracemalloc (allocator overhead included).
-    rss_before = rss_kib()
-    manager, added = fill(params)
-    gc.collect()
-    rss_after = rss_kib()
     print(f"jobs live:                 {len(manager)}")
     print(f"add rate:                  {n / added:,.0f} jobs/s ({added:.2f} s for {n})")
     print(f"memory per job (traced):   {traced / n:,.0f} B  (job, timers, pending lookup, stored record)")
