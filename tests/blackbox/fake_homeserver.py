@@ -2,16 +2,21 @@
 
 It answers the federation OpenID userinfo endpoint from a token table and records every
 request it gets (and every TCP connection, so a test can tell "refused before connecting"
-from "TLS failed before any request").  Routes are a table so that later suites can add
-the MSC4140 delayed-event and ``.well-known`` endpoints without touching the plumbing.
+from "TLS failed before any request").  The same listener also plays the user's
+client-server API for delegated leave: ``/.well-known/matrix/client`` (when told what to
+publish) and the MSC4140 management endpoints ``…/delayed_events/<id>/<action>`` (under
+any path prefix), which behave like Synapse 1.163 (protocol.md §11): no access token
+needed, 200 ``{}`` while the delayed event is scheduled, 404 once it was sent or
+cancelled or if it never existed; answers can be scripted per delay ID (e.g. a 429 with
+``Retry-After``).
 """
 
 from __future__ import annotations
 
 import json
 import re
-from typing import Callable, Optional
-from urllib.parse import parse_qs
+from typing import Callable, Optional, Sequence
+from urllib.parse import parse_qs, unquote
 
 import attr
 from twisted.internet import ssl
@@ -29,6 +34,15 @@ USERINFO_PATH = "/_matrix/federation/v1/openid/userinfo"
 SYNAPSE_UNKNOWN_TOKEN = (401, {"errcode": "M_UNKNOWN_TOKEN", "error": "Access Token unknown or expired"})
 SYNAPSE_MISSING_TOKEN = (401, {"errcode": "M_MISSING_TOKEN", "error": "Access Token required"})
 UNRECOGNIZED = {"errcode": "M_UNRECOGNIZED", "error": "Unrecognized request"}
+
+WELL_KNOWN_CLIENT_PATH = "/.well-known/matrix/client"
+#: MSC4140 unstable management form (protocol.md §11.2), after an optional base-URL prefix.
+DELAYED_EVENTS_RE = (
+    r"(?P<prefix>(?:/[^/]+)*?)/_matrix/client/unstable/org\.matrix\.msc4140/delayed_events/"
+    r"(?P<segment>[^/]*)/(?P<action>[^/]*)"
+)
+#: What Synapse answers for an unknown or already processed delay ID.
+SYNAPSE_DELAYED_EVENT_NOT_FOUND = (404, {"errcode": "M_NOT_FOUND", "error": "Delayed event not found"})
 
 
 @attr.s(auto_attribs=True, frozen=True)
@@ -48,15 +62,46 @@ class RecordedRequest:
 
 @attr.s(auto_attribs=True, frozen=True)
 class Answer:
-    """A canned HTTP response."""
+    """A canned HTTP response (``headers``: extra ``(name, value)`` pairs)."""
 
     status: int
     body: bytes
     content_type: str = "application/json"
+    headers: tuple = ()
 
     @classmethod
-    def json(cls, status: int, obj) -> "Answer":
-        return cls(status, json.dumps(obj).encode("utf-8"))
+    def json(cls, status: int, obj, headers: Sequence[tuple[str, str]] = ()) -> "Answer":
+        return cls(status, json.dumps(obj).encode("utf-8"), headers=tuple(headers))
+
+    @classmethod
+    def rate_limited(cls, retry_after_seconds: Optional[int] = None, retry_after_ms: Optional[int] = None) -> "Answer":
+        """Synapse's 429 ``M_LIMIT_EXCEEDED`` (with ``Retry-After`` and/or ``retry_after_ms``)."""
+        body = {"errcode": "M_LIMIT_EXCEEDED", "error": "Too Many Requests"}
+        if retry_after_ms is not None:
+            body["retry_after_ms"] = retry_after_ms
+        headers = [("Retry-After", str(retry_after_seconds))] if retry_after_seconds is not None else []
+        return cls.json(429, body, headers)
+
+
+@attr.s(auto_attribs=True, frozen=True)
+class DelayedEventCall:
+    """One call to a delayed-event management endpoint.
+
+    ``delay_id`` is the percent-decoded path segment, ``segment`` the raw one, ``prefix``
+    the path before ``/_matrix`` (a base-URL path prefix), ``at`` the fake's clock.
+    """
+
+    delay_id: str
+    segment: str
+    action: str
+    prefix: str
+    at: float
+    status: int
+    request: RecordedRequest
+
+
+#: Life cycle of a delayed event on the fake (what Synapse would know about it).
+SCHEDULED, SENT, CANCELLED = "scheduled", "sent", "cancelled"
 
 
 #: A route handler gets the request, the path regex match and the recorded request.
@@ -86,6 +131,13 @@ class FakeHomeserver(FakeServer):
         self._hang = False
         self._userinfo_answer: Optional[Answer] = None
         self.add_route("GET", re.escape(USERINFO_PATH), self._userinfo)
+        #: delay ID → SCHEDULED / SENT / CANCELLED; unknown IDs get 404 like Synapse.
+        self.delayed_events: dict[str, str] = {}
+        self._delayed_scripts: dict[str, list[Answer]] = {}
+        self.delayed_event_calls: list[DelayedEventCall] = []
+        self._well_known_client: Optional[Answer] = None
+        self.add_route("GET", re.escape(WELL_KNOWN_CLIENT_PATH), self._well_known)
+        self.add_route("POST", DELAYED_EVENTS_RE, self._delayed_event)
 
     # -- set-up -------------------------------------------------------------------------
 
@@ -110,6 +162,11 @@ class FakeHomeserver(FakeServer):
     @property
     def server_name(self) -> str:
         return self.hostport
+
+    @property
+    def client_api_url(self) -> str:
+        """This fake as a client-server API base URL (same TLS listener)."""
+        return f"https://{self.hostport}"
 
     def add_token(self, token: str, user_id: str) -> None:
         self.tokens[token] = user_id
@@ -139,6 +196,41 @@ class FakeHomeserver(FakeServer):
         self._hang = False
         self._userinfo_answer = None
 
+    def publish_client_well_known(self, document: "dict | bytes | None", status: int = 200) -> None:
+        """Serve ``document`` at ``/.well-known/matrix/client`` (None: 404, the default)."""
+        if document is None:
+            self._well_known_client = None
+        elif isinstance(document, bytes):
+            self._well_known_client = Answer(status, document)
+        else:
+            self._well_known_client = Answer.json(status, document)
+
+    # -- delayed events (MSC4140) -------------------------------------------------------
+
+    def schedule_delayed_event(self, delay_id: str) -> None:
+        """The client scheduled a delayed event with this ID: restart/send now succeed."""
+        self.delayed_events[delay_id] = SCHEDULED
+
+    def fire_delayed_event(self, delay_id: str) -> None:
+        """The homeserver sent the event by itself (timeout): further calls get 404."""
+        self.delayed_events[delay_id] = SENT
+
+    def script_delayed_event(self, delay_id: str, *answers: Answer) -> None:
+        """Answer the next calls for ``delay_id`` with these, in order, then as usual."""
+        self._delayed_scripts.setdefault(delay_id, []).extend(answers)
+
+    def delayed_calls(self, delay_id: Optional[str] = None, action: Optional[str] = None) -> list[DelayedEventCall]:
+        return [
+            c for c in self.delayed_event_calls
+            if (delay_id is None or c.delay_id == delay_id) and (action is None or c.action == action)
+        ]
+
+    def restarts(self, delay_id: str) -> list[DelayedEventCall]:
+        return self.delayed_calls(delay_id, "restart")
+
+    def sends(self, delay_id: str) -> list[DelayedEventCall]:
+        return self.delayed_calls(delay_id, "send")
+
     # -- views --------------------------------------------------------------------------
 
     @property
@@ -156,6 +248,41 @@ class FakeHomeserver(FakeServer):
         if user_id is None:
             return Answer.json(*SYNAPSE_UNKNOWN_TOKEN)
         return Answer.json(200, {"sub": user_id})
+
+    def _well_known(self, request, match, recorded: RecordedRequest) -> Answer:
+        if self._well_known_client is None:
+            return Answer.json(404, UNRECOGNIZED)
+        return self._well_known_client
+
+    def _delayed_event(self, request, match, recorded: RecordedRequest) -> Answer:
+        segment, action = match.group("segment"), match.group("action")
+        delay_id = unquote(segment, errors="replace")
+        script = self._delayed_scripts.get(delay_id)
+        state = self.delayed_events.get(delay_id)
+        if script:
+            answer = script.pop(0)
+        elif action not in ("restart", "send", "cancel"):
+            answer = Answer.json(400, {"errcode": "M_INVALID_PARAM", "error": f"Unknown action {action}"})
+        elif state != SCHEDULED:
+            answer = Answer.json(*SYNAPSE_DELAYED_EVENT_NOT_FOUND)
+        else:
+            if action == "send":
+                self.delayed_events[delay_id] = SENT
+            elif action == "cancel":
+                self.delayed_events[delay_id] = CANCELLED
+            answer = Answer.json(200, {})
+        self.delayed_event_calls.append(
+            DelayedEventCall(
+                delay_id=delay_id,
+                segment=segment,
+                action=action,
+                prefix=match.group("prefix"),
+                at=self.reactor.seconds(),
+                status=answer.status,
+                request=recorded,
+            )
+        )
+        return answer
 
     def _record(self, request: server.Request) -> RecordedRequest:
         path = request.path.decode("utf-8", "replace")
@@ -204,15 +331,20 @@ class FakeHomeserver(FakeServer):
             request.notifyFinish().addErrback(lambda f: gone.append(f))
             self.call_later(self._latency, self._write, request, answer, gone)
             return server.NOT_DONE_YET
-        request.setResponseCode(answer.status)
-        request.setHeader(b"content-type", answer.content_type.encode("ascii"))
+        self._head(request, answer)
         return answer.body
 
     def _write(self, request: server.Request, answer: Answer, gone: list) -> None:
         if gone:  # client went away meanwhile
             return
-        request.setResponseCode(answer.status)
-        request.setHeader(b"content-type", answer.content_type.encode("ascii"))
+        self._head(request, answer)
         request.write(answer.body)
         request.finish()
+
+    @staticmethod
+    def _head(request: server.Request, answer: Answer) -> None:
+        request.setResponseCode(answer.status)
+        request.setHeader(b"content-type", answer.content_type.encode("ascii"))
+        for name, value in answer.headers:
+            request.setHeader(name.encode("ascii"), value.encode("latin-1"))
 

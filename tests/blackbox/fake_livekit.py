@@ -3,7 +3,9 @@
 Like upstream's fake SFU it refuses anything it cannot decode as protobuf (JSON Twirp gets
 400), so the daemon's wire format is really exercised.  Bodies are decoded with the
 generated classes of ``livekit-protocol`` (a test-only dependency), independently of how
-rtcauthd encodes them.
+rtcauthd encodes them.  Methods: CreateRoom, and GetParticipant, which answers
+HTTP 404 ``{"code":"not_found","msg":"participant not found"}`` (as upstream's fake SFU)
+until the test says the participant is present (§7.4).
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ from typing import Callable, Optional
 
 import attr
 from google.protobuf.message import DecodeError
-from livekit.protocol.models import Room
-from livekit.protocol.room import CreateRoomRequest
+from livekit.protocol.models import ParticipantInfo, Room
+from livekit.protocol.room import CreateRoomRequest, RoomParticipantIdentity
 from twisted.logger import Logger
 from twisted.web import resource, server
 
@@ -60,8 +62,23 @@ class CreateRoomCall:
         return self.call.bearer
 
 
+@attr.s(auto_attribs=True, frozen=True)
+class GetParticipantCall:
+    """A decoded GetParticipant request and what the fake answered."""
+
+    room: str
+    identity: str
+    present: bool
+    at: float
+    call: TwirpCall
+
+    @property
+    def bearer(self) -> Optional[str]:
+        return self.call.bearer
+
+
 def twirp_error(status: int, code: str, msg: str) -> tuple[int, bytes, str]:
-    return status, json.dumps({"code": code, "msg": msg}).encode("utf-8"), "application/json"
+    return status, json.dumps({"code": code, "msg": msg}, separators=(",", ":")).encode("utf-8"), "application/json"
 
 
 class _Root(resource.Resource):
@@ -85,10 +102,14 @@ class FakeLiveKit(FakeServer):
         super().__init__(_Root(self), reactor=reactor)
         self.calls: list[TwirpCall] = []
         self.create_room_requests: list[CreateRoomCall] = []
+        self.get_participant_requests: list[GetParticipantCall] = []
+        #: (room, identity) pairs GetParticipant reports as present.
+        self.present: set[tuple[str, str]] = set()
         self._failure: Optional[tuple[int, bytes, str]] = None
         #: Twirp method name → handler(call) returning (status, body, content type).
         self.methods: dict[str, Callable[[TwirpCall], tuple[int, bytes, str]]] = {
             "CreateRoom": self._create_room,
+            "GetParticipant": self._get_participant,
         }
 
     def listen(self, *, host: str = "127.0.0.1", port: int = 0) -> str:
@@ -107,10 +128,21 @@ class FakeLiveKit(FakeServer):
     def succeed(self) -> None:
         self._failure = None
 
+    def set_present(self, room: str, identity: str, present: bool = True) -> None:
+        """Whether GetParticipant(room, identity) finds the participant from now on."""
+        if present:
+            self.present.add((room, identity))
+        else:
+            self.present.discard((room, identity))
+
+    def lookups(self, room: str, identity: str) -> list[GetParticipantCall]:
+        return [c for c in self.get_participant_requests if (c.room, c.identity) == (room, identity)]
+
     @property
     def rejected(self) -> list[TwirpCall]:
         """Calls that were not decoded as a known method (wrong path/format)."""
         decoded = {id(c.call) for c in self.create_room_requests}
+        decoded.update(id(c.call) for c in self.get_participant_requests)
         return [c for c in self.calls if id(c) not in decoded]
 
     def _handle(self, request: server.Request) -> tuple[int, bytes, str]:
@@ -167,3 +199,25 @@ class FakeLiveKit(FakeServer):
             creation_time=int(self.reactor.seconds()),
         )
         return 200, room.SerializeToString(), PROTOBUF
+
+    def _get_participant(self, call: TwirpCall) -> tuple[int, bytes, str]:
+        try:
+            req = RoomParticipantIdentity.FromString(call.body)
+        except DecodeError as e:
+            return twirp_error(400, "malformed", f"cannot decode RoomParticipantIdentity: {e}")
+        present = (req.room, req.identity) in self.present
+        self.get_participant_requests.append(
+            GetParticipantCall(room=req.room, identity=req.identity, present=present,
+                               at=self.reactor.seconds(), call=call)
+        )
+        if self._failure is not None:
+            return self._failure
+        if not present:
+            return twirp_error(404, "not_found", "participant not found")
+        info = ParticipantInfo(
+            sid="PA_fake" + str(len(self.get_participant_requests)),
+            identity=req.identity,
+            state=ParticipantInfo.State.ACTIVE,
+            joined_at=int(self.reactor.seconds()),
+        )
+        return 200, info.SerializeToString(), PROTOBUF

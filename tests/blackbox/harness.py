@@ -79,6 +79,26 @@ def timeout_after(reactor, d: defer.Deferred, seconds: float, what: str) -> defe
     return d
 
 
+@defer.inlineCallbacks
+def poll_until(reactor, check: Callable[[], object], *, timeout: float, what: str,
+               describe: Optional[Callable[[], str]] = None, interval: float = POLL_INTERVAL):
+    """Call ``check`` (may return a Deferred) until it is truthy; fire with that value.
+
+    For effects that happen some time after a request (webhook routing, timers): the
+    deadline bounds the wait, it is never asserted as a duration.  ``describe`` adds
+    context (logs, recorded calls) to the failure.
+    """
+    deadline = _reactor(reactor).seconds() + timeout
+    while True:
+        value = yield defer.maybeDeferred(check)
+        if value:
+            return value
+        if _reactor(reactor).seconds() > deadline:
+            extra = ("\n" + describe()) if describe is not None else ""
+            raise FailTest(f"gave up after {timeout:g}s waiting for {what}{extra}")
+        yield deferLater(_reactor(reactor), interval, lambda: None)
+
+
 # ---------------------------------------------------------------------------------------
 # child processes
 
@@ -633,8 +653,20 @@ class RedisServer(ManagedProcess):
         yield self.start(timeout=timeout)
         return self
 
-    def stop(self) -> defer.Deferred:
-        return self.terminate(expect_code=0)
+    @defer.inlineCallbacks
+    def stop(self, *, save: bool = False):
+        """Stop with exit code 0.  ``save=True`` writes the data set to ``--dir`` first
+        (``SHUTDOWN SAVE``), so that a restart on the same directory finds it again."""
+        if not save:
+            yield self.terminate(expect_code=0)
+            return
+        try:
+            yield self.command("SHUTDOWN", "SAVE")  # no reply: the server just goes away
+        except (error.ConnectionLost, error.ConnectionDone):
+            pass
+        yield self.wait_ended(STOP_DEADLINE)
+        if self.exit_code != 0:
+            raise FailTest("redis-server SHUTDOWN SAVE did not exit 0\n" + self.describe())
 
     @defer.inlineCallbacks
     def cleanup(self):
@@ -867,7 +899,11 @@ class BlackBoxCase:
         self.addCleanup(lk.stop)
         return lk
 
-    def start_redis(self) -> defer.Deferred:
+    def make_redis(self) -> RedisServer:
+        """A redis-server (not started yet; its port is fixed, so it can be started later)."""
         r = RedisServer(workdir=os.path.join(self.workdir, "redis"))
         self.addCleanup(r.cleanup)
-        return r.start()
+        return r
+
+    def start_redis(self) -> defer.Deferred:
+        return self.make_redis().start()
