@@ -21,7 +21,7 @@ from typing import NoReturn, Optional, Sequence
 from rtcauthd import __version__
 
 #: (command name, module): add a line here to add a command.
-COMMANDS: tuple[tuple[str, str], ...] = (("healthcheck", "rtcauthd.healthcheck"),)
+COMMANDS: tuple[tuple[str, str], ...] = (("healthcheck", "rtcauthd.healthcheck"), ("doctor", "rtcauthd.doctor"))
 
 #: Exit status for usage errors. Not argparse's 2: Docker reserves HEALTHCHECK status 2.
 USAGE_ERROR = 1

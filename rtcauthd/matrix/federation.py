@@ -33,17 +33,9 @@ ERROR_SNIPPET_LENGTH = 200
 MIN_SCRUB_LENGTH = 6
 
 
-class OpenIDError(Exception):
+class OpenIDError(OutboundError):
     """The userinfo lookup failed at ``step`` ("server name", "resolve", "connect",
     "tls", "timeout", "status 401", "bad json", "sub mismatch", ...)."""
-
-    def __init__(self, step: str, detail: str) -> None:
-        super().__init__(step, detail)
-        self.step = step
-        self.detail = detail
-
-    def __str__(self) -> str:
-        return f"{self.step}: {self.detail}"
 
 
 class FederationClient:

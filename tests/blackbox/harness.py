@@ -27,8 +27,6 @@ from twisted.web import server
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
 from twisted.web.http import HTTPChannel
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer
-from zope.interface import implementer
 
 log = Logger()
 
@@ -39,6 +37,8 @@ START_DEADLINE = 20.0
 STOP_DEADLINE = 10.0
 REQUEST_DEADLINE = 15.0
 POLL_INTERVAL = 0.05
+
+from rtcauthd.http.client import BytesProducer
 
 
 def _reactor(reactor):
@@ -330,28 +330,6 @@ class ManagedProcess:
 # HTTP to the daemon
 
 
-@implementer(IBodyProducer)
-class _Bytes:
-    """A body producer for a fixed byte string (Agent needs one)."""
-
-    def __init__(self, body: bytes) -> None:
-        self._body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer):
-        consumer.write(self._body)
-        return defer.succeed(None)
-
-    def pauseProducing(self):
-        pass
-
-    def resumeProducing(self):
-        pass
-
-    def stopProducing(self):
-        pass
-
-
 @attr.s(auto_attribs=True, frozen=True)
 class HTTPResult:
     """One complete response from the daemon."""
@@ -508,7 +486,7 @@ class DaemonProcess(ManagedProcess):
         for k, v in (headers or {}).items():
             h.addRawHeader(k, v)
         url = (self.base_url + path).encode("ascii")
-        d = self._agent.request(method.encode("ascii"), url, h, _Bytes(body) if body is not None else None)
+        d = self._agent.request(method.encode("ascii"), url, h, BytesProducer(body) if body is not None else None)
 
         def got(response):
             return readBody(response).addCallback(

@@ -37,9 +37,9 @@ from twisted.logger import Logger
 from twisted.trial.unittest import FailTest, SkipTest
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer
-from zope.interface import implementer
 
+
+from rtcauthd.http.client import BytesProducer
 from tests.blackbox.harness import REPO_ROOT, free_port, timeout_after
 from tests.support.certs import TestCA
 
@@ -398,26 +398,6 @@ def get_cluster(reactor):
 # client-server API calls the tests make as a Matrix client
 
 
-@implementer(IBodyProducer)
-class _Body:
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-        self.length = len(data)
-
-    def startProducing(self, consumer):
-        consumer.write(self._data)
-        return defer.succeed(None)
-
-    def pauseProducing(self):
-        pass
-
-    def resumeProducing(self):
-        pass
-
-    def stopProducing(self):
-        pass
-
-
 class _HTTP:
     """Plain HTTP with no kept-alive connections (nothing left in the reactor after a test)."""
 
@@ -431,7 +411,7 @@ class _HTTP:
         h = Headers()
         for k, v in (headers or {}).items():
             h.addRawHeader(k, v)
-        d = self._agent.request(method.encode(), url.encode(), h, _Body(body) if body is not None else None)
+        d = self._agent.request(method.encode(), url.encode(), h, BytesProducer(body) if body is not None else None)
         d.addCallback(lambda r: readBody(r).addCallback(lambda data: (r.code, data)))
         return timeout_after(self.reactor, d, timeout, f"{method} {url.split('?')[0]}")
 

@@ -1,0 +1,7 @@
+"""``python -m rtcauthd.doctor SERVER_NAME``."""
+
+import sys
+
+from rtcauthd.doctor import main
+
+sys.exit(main())

@@ -1,0 +1,133 @@
+"""Runs every check concurrently under one deadline and collects the report.
+
+Why a deadline on top of per-operation timeouts: some checks chain several bounded steps
+(well-known, then SRV, then connect); the report must still come back in bounded time for
+a dead host (under 15 s with the default ``--timeout`` of 5 s). Whatever has not finished
+by then is reported as such and cancelled, and every connection doctor opened is closed
+before the report is returned.
+"""
+
+from __future__ import annotations
+
+from typing import Awaitable, Callable, Optional
+
+import attr
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from rtcauthd.doctor import checks
+from rtcauthd.doctor.checks import Context, DoctorOptions
+from rtcauthd.doctor.report import Report, Result, Status
+from rtcauthd.matrix.servername import InvalidServerName, parse_server_name
+
+log = Logger()
+
+#: The whole report is cut off after this many ``--timeout``s (12 s by default).
+DEADLINE_FACTOR = 2.4
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class CheckSpec:
+    id: str
+    title: str
+    run: Callable[[Context], Awaitable[list]]
+
+
+#: Report order. Each check may emit several lines (e.g. one per address family or host).
+CHECKS = (
+    CheckSpec("dns", "DNS", checks.check_dns),
+    CheckSpec("reach", "Reachability", checks.check_reachability),
+    CheckSpec("well-known", "Client discovery", checks.check_client_discovery),
+    CheckSpec("rtc-focus", "RTC focus", checks.check_rtc_focus),
+    CheckSpec("service", "Auth service", checks.check_service),
+    CheckSpec("tls", "TLS", checks.check_tls),
+    CheckSpec("federation", "Federation", checks.check_federation),
+    CheckSpec("client-api", "Homeserver API", checks.check_client_api),
+    CheckSpec("token-flow", "Token flow", checks.check_token_flow),
+    CheckSpec("delayed-events", "Delayed events", checks.check_delayed_event_limits),
+    CheckSpec("livekit", "LiveKit", checks.check_livekit),
+)
+
+
+def deadline_for(timeout: float) -> float:
+    return timeout * DEADLINE_FACTOR
+
+
+async def _run_one(spec: CheckSpec, ctx: Context) -> list:
+    try:
+        return list(await spec.run(ctx))
+    except CancelledError:
+        raise
+    except Exception as e:
+        log.failure("Doctor check {check} crashed", check=spec.id)
+        return [Result(spec.id, spec.title, Status.FAIL, f"internal error in doctor: {type(e).__name__}: {e}")]
+
+
+async def diagnose(options: DoctorOptions, *, reactor, network=None, specs=CHECKS) -> Report:
+    """Run every check against ``options.server_name``; never raises for a bad deployment.
+
+    ``network`` (see :class:`rtcauthd.doctor.net.Network`) is built from ``reactor`` and the
+    options when not given; tests pass their own.
+    """
+    started = reactor.seconds()
+    try:
+        server = parse_server_name(options.server_name)
+    except InvalidServerName as e:
+        result = Result("server-name", "Server name", Status.FAIL, f"{options.server_name!r} is not a Matrix server name: {e.reason}")
+        return Report(options.server_name, (result,), 0.0, options.https_port, options.timeout)
+    if network is None:
+        raise ValueError("diagnose() needs a network (see rtcauthd.doctor.net.build_network)")
+    ctx = Context(clock=reactor, options=options, server=server, net=network)
+    deadline = deadline_for(options.timeout)
+    slots: list[Optional[list]] = [None] * len(specs)
+    all_done: Deferred = Deferred()
+    running: list[Deferred] = []
+
+    def settle() -> None:
+        if not all_done.called and all(slot is not None for slot in slots):
+            all_done.callback(None)
+
+    def store(result, index: int) -> None:
+        if slots[index] is None:
+            if isinstance(result, Failure):  # only cancellation gets here, and late
+                result = [Result(specs[index].id, specs[index].title, Status.FAIL, "cancelled")]
+            slots[index] = result
+            settle()
+        return None
+
+    def expire() -> None:
+        for index, spec in enumerate(specs):
+            if slots[index] is None:
+                slots[index] = [
+                    Result(
+                        spec.id,
+                        spec.title,
+                        Status.FAIL,
+                        f"did not finish within {deadline:g} s, the report's time limit "
+                        f"({DEADLINE_FACTOR:g} × --timeout)",
+                    )
+                ]
+        settle()
+        for d in running:
+            d.cancel()
+        ctx.cancel()
+
+    for index, spec in enumerate(specs):
+        d = Deferred.fromCoroutine(_run_one(spec, ctx))
+        running.append(d)
+        d.addBoth(store, index)
+    timer = reactor.callLater(deadline, expire) if not all_done.called else None
+    settle()
+    await all_done
+    if timer is not None and timer.active():
+        timer.cancel()
+    await network.close()
+    results = tuple(result for slot in slots for result in slot)
+    return Report(
+        server_name=server.original,
+        results=results,
+        elapsed=reactor.seconds() - started,
+        https_port=options.https_port,
+        timeout=options.timeout,
+    )
