@@ -156,10 +156,9 @@ class RtcAuthService(MultiService):
 
     async def _drain(self) -> None:
         """Let in-flight requests finish, bounded by DRAIN_SECONDS."""
-        waited = 0.0
-        while getattr(self._site, "in_flight", 0) > 0 and waited < DRAIN_SECONDS:
+        deadline = self._reactor.seconds() + DRAIN_SECONDS
+        while getattr(self._site, "in_flight", 0) > 0 and self._reactor.seconds() < deadline:
             await deferLater(self._reactor, 0.05, lambda: None)
-            waited += 0.05
         left = getattr(self._site, "in_flight", 0)
         if left:
             log.warn("Stopping with {count} request(s) still in flight", count=left)

@@ -89,6 +89,46 @@ class BuildTests(SynchronousTestCase):
             trigger(*args, **kwargs)
         self.assertIsNone(reactor._exitSignal)
 
+    def test_stop_closes_listeners_then_waits_for_in_flight_requests(self):
+        class Site:
+            in_flight = 1
+
+        reactor = Reactor()
+        stopped = []
+
+        async def after_stop():
+            stopped.append(True)
+
+        service = RtcAuthService(
+            reactor=reactor, endpoints=["tcp:9000"], site=Site(), after_stop=after_stop
+        )
+        service.startService()
+        [port] = service.ports
+        closed = []
+        port.stopListening = lambda: closed.append(True)
+        d = service.stopService()
+        self.assertEqual(closed, [True])  # no new connections from here on
+        reactor.pump([0.05] * 20)
+        self.assertNoResult(d)  # a request is still being answered
+        self.assertEqual(stopped, [])
+        Site.in_flight = 0
+        reactor.advance(0.1)
+        self.successResultOf(d)
+        self.assertEqual(stopped, [True])
+
+    def test_stop_gives_up_waiting_after_the_drain_bound(self):
+        class Site:
+            in_flight = 1
+
+        reactor = Reactor()
+        service = RtcAuthService(reactor=reactor, endpoints=[], site=Site())
+        service.startService()
+        d = service.stopService()
+        reactor.pump([0.05] * 150)  # 7.5 s
+        self.assertNoResult(d)
+        reactor.pump([0.05] * 12)  # past 8 s
+        self.successResultOf(d)
+
     def test_listeners_open_only_after_restore(self):
         gate = Deferred()
         reactor = Reactor()
