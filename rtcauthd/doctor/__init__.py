@@ -7,7 +7,8 @@ service's configuration its LiveKit settings) and prints one line per check: ✓
 (also for usage errors). ``--json`` prints the same findings for machines.
 
 This module is the command-line glue (``rtcauthd.cli`` lists it); the checks live in
-:mod:`rtcauthd.doctor.checks`, the orchestration in :mod:`rtcauthd.doctor.runner`.
+:mod:`rtcauthd.doctor.checks` (their shared findings in :mod:`rtcauthd.doctor.context`),
+the orchestration in :mod:`rtcauthd.doctor.runner`.
 Heavy imports happen inside :func:`run`, so that ``rtcauth --help`` stays fast.
 """
 
@@ -103,7 +104,7 @@ def _access_token(value: Optional[str]) -> Optional[str]:
 def options_from_args(args: argparse.Namespace, environ: Mapping[str, str]):
     """DoctorOptions and the DNS servers for the parsed command line (no network)."""
     from rtcauthd.config import ConfigError, load_config
-    from rtcauthd.doctor.checks import DoctorOptions
+    from rtcauthd.doctor.context import DoctorOptions
     from rtcauthd.doctor.dns import DNSServerSyntaxError, parse_dns_server, system_dns_servers
 
     if args.dns_server:

@@ -293,10 +293,11 @@ class DoctorReactor:
 class ProbeError(Exception):
     """A TCP or TLS probe failed; ``stage`` is "connect" or "tls", ``detail`` says why."""
 
-    def __init__(self, stage: str, detail: str) -> None:
+    def __init__(self, stage: str, detail: str, *, timed_out: bool = False) -> None:
         super().__init__(stage, detail)
         self.stage = stage
         self.detail = detail
+        self.timed_out = timed_out
 
     def __str__(self) -> str:
         return self.detail
@@ -377,7 +378,7 @@ class Probes:
 
         def failed(failure: Failure) -> Failure:
             if expired or failure.check(net_error.TimeoutError):
-                raise ProbeError("connect", f"no connection within {self._timeout:g} s")
+                raise ProbeError("connect", f"no connection within {self._timeout:g} s", timed_out=True)
             raise ProbeError("connect", explain(failure))
 
         def stop(result):
@@ -421,10 +422,10 @@ class Probes:
             if done.called:
                 return
             if holder:
-                done.errback(ProbeError("tls", f"no TLS handshake within {self._timeout:g} s"))
+                done.errback(ProbeError("tls", f"no TLS handshake within {self._timeout:g} s", timed_out=True))
                 holder[0].transport.abortConnection()
             else:
-                done.errback(ProbeError("connect", f"no connection within {self._timeout:g} s"))
+                done.errback(ProbeError("connect", f"no connection within {self._timeout:g} s", timed_out=True))
                 connecting.cancel()
 
         timer = self._clock.callLater(self._timeout, expire)

@@ -17,7 +17,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from rtcauthd.doctor import checks
-from rtcauthd.doctor.checks import Context, DoctorOptions
+from rtcauthd.doctor.context import Context, DoctorOptions
 from rtcauthd.doctor.report import Report, Result, Status
 from rtcauthd.matrix.servername import InvalidServerName, parse_server_name
 
@@ -60,6 +60,8 @@ async def _run_one(spec: CheckSpec, ctx: Context) -> list:
     except CancelledError:
         raise
     except Exception as e:
+        if ctx.expired:  # cut off at the deadline; already reported as unfinished
+            raise CancelledError() from None
         log.failure("Doctor check {check} crashed", check=spec.id)
         return [Result(spec.id, spec.title, Status.FAIL, f"internal error in doctor: {type(e).__name__}: {e}")]
 
@@ -97,6 +99,7 @@ async def diagnose(options: DoctorOptions, *, reactor, network=None, specs=CHECK
         return None
 
     def expire() -> None:
+        ctx.expired = True
         for index, spec in enumerate(specs):
             if slots[index] is None:
                 slots[index] = [

@@ -278,6 +278,8 @@ class Homeserver(ServerNameHost):
         self.openid_tokens: dict[str, str] = {}
         self.delayed_event_burst: Optional[int] = None  # None → never throttled
         self.delayed_event_calls = 0
+        #: "open" (Synapse today), "auth" (the current MSC text), None (no endpoint).
+        self.delayed_event_endpoint: Optional[str] = "open"
 
     def _authorised(self, request) -> bool:
         return request.getHeader(b"authorization") == f"Bearer {ACCESS_TOKEN}".encode("ascii")
@@ -300,7 +302,7 @@ class Homeserver(ServerNameHost):
                 return None
             return self._transports
         if method == "POST" and path.startswith("/_matrix/client/unstable/org.matrix.msc4140/delayed_events/"):
-            return self._delayed_event if self.msc4140 else None
+            return self._delayed_event if self.delayed_event_endpoint else None
         return None
 
     def _whoami(self, request):
@@ -334,6 +336,8 @@ class Homeserver(ServerNameHost):
 
     def _delayed_event(self, request):
         self.delayed_event_calls += 1
+        if self.delayed_event_endpoint == "auth" and not self._authorised(request):
+            return _error(request, 401, "M_MISSING_TOKEN", "Missing access token.")
         if self.delayed_event_burst is not None and self.delayed_event_calls > self.delayed_event_burst:
             body = {"errcode": "M_LIMIT_EXCEEDED", "error": "Too Many Requests", "retry_after_ms": 1000}
             return _json(request, 429, body, {"Retry-After": "1"})
@@ -478,7 +482,7 @@ class Deployment:
     def start(self) -> None:
         """Listen (DNS, TLS front) and fill in the well-knowns for the chosen port."""
         self.dns.start()
-        default = self.default_certificate or self.ca.issue(self.names)
+        default = self.default_certificate or self.ca.issue(self.names + ["127.0.0.1", "::1"])
         self.front.start(SNIContextFactory(default, self.certificates), ipv6=self.listen_ipv6)
         self.server_host.client_well_known = {
             "m.homeserver": {"base_url": f"https://{HS_HOST}"},
@@ -506,7 +510,7 @@ class Deployment:
                config_file: Optional[str] = None, ca_file: Any = True, environ=None):
         """Run the doctor in-process against this deployment (a Deferred of the Report)."""
         from rtcauthd.config import ConfigError, load_config
-        from rtcauthd.doctor.checks import DoctorOptions
+        from rtcauthd.doctor.context import DoctorOptions
         from rtcauthd.doctor.dns import parse_dns_server
         from rtcauthd.doctor.net import build_network
         from rtcauthd.doctor.runner import diagnose

@@ -284,6 +284,19 @@ class DNSTests(DoctorCase):
         self.assertLine(report, "dns", Status.FAIL, "nowhere.test does not exist in DNS (NXDOMAIN)")
 
 
+class IPLiteralTests(DoctorCase):
+    @coroutine_test
+    async def test_ipv6_literal_server_name(self):
+        """Server names like [::1] never pass through hyperlink (protocol.md §9.4)."""
+        self.deployment.vhosts.default = self.deployment.server_host
+        report = await self.diagnose(server_name="[::1]")
+        port = self.deployment.front.port
+        self.assertLine(report, "dns", Status.SKIP, "::1 is an IP address: nothing to look up")
+        self.assertLine(report, "reach-ipv6", Status.PASS, f"IPv6 ::1 accepts connections on port {port}")
+        self.assertLine(report, "well-known", Status.PASS, "https://[::1]/.well-known/matrix/client: m.homeserver")
+        self.assertLine(report, "tls", Status.PASS, "certificate valid", title="TLS ::1")
+
+
 class ClientDiscoveryTests(DoctorCase):
     @coroutine_test
     async def test_well_known_without_cors(self):
@@ -325,6 +338,8 @@ class FocusTests(DoctorCase):
         report = await self.diagnose(access_token=ACCESS_TOKEN)
         self.assertLine(report, "rtc-focus", Status.PASS, "(from the homeserver's rtc/transports)")
         self.assertLine(report, "service", Status.PASS, "answers /healthz")
+        self.assertLine(report, "token-flow", Status.PASS, f"{USER_ID} got a LiveKit JWT")
+        self.assertLine(report, "sfu-url", Status.PASS, f"wss://{SFU_HOST} (the URL the service hands to clients) is reachable")
 
     @coroutine_test
     async def test_focus_from_rtc_transports_needs_token(self):
@@ -493,6 +508,26 @@ class TokenFlowTests(DoctorCase):
         self.assertIn("about 8 participants", result.details[0])
         self.assertFix(result, "rc_delayed_event_mgmt:", "per_second:")
         self.assertEqual(self.deployment.homeserver.delayed_event_calls, 6)
+
+    @coroutine_test
+    async def test_delayed_event_management_needs_a_token(self):
+        self.deployment.homeserver.delayed_event_endpoint = "auth"
+        report = await self.diagnose(access_token=ACCESS_TOKEN)
+        self.assertLine(
+            report, "delayed-events", Status.WARN,
+            "the homeserver requires a token to manage delayed events (HTTP 401 (M_MISSING_TOKEN",
+            "the service calls without one, so delegated leave will fail",
+        )
+
+    @coroutine_test
+    async def test_no_delayed_event_endpoint(self):
+        self.deployment.homeserver.delayed_event_endpoint = None
+        report = await self.diagnose(access_token=ACCESS_TOKEN)
+        result = self.assertLine(
+            report, "delayed-events", Status.WARN, "the homeserver has no MSC4140 delayed-event management endpoint"
+        )
+        self.assertFix(result, "max_event_delay_duration")
+        self.assertEqual(self.deployment.homeserver.delayed_event_calls, 0)
 
 
 class _Forgetful(dict):
