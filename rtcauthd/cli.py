@@ -50,6 +50,15 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
+def run_command_module(module, argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m rtcauthd.<command>``: one command without the dispatcher."""
+    spec = getattr(module, "__spec__", None)  # run as -m, the module is "__main__"
+    name = spec.name if spec is not None and spec.name else module.__name__
+    parser = ArgumentParser(prog=f"python -m {name}", description=module.HELP)
+    module.configure_parser(parser)
+    return module.run(parser.parse_args(argv))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``rtcauth`` (setup.cfg); returns the exit status."""
     args = build_parser().parse_args(argv)

@@ -447,11 +447,9 @@ def run(
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m rtcauthd.healthcheck [URL]``: the same probe without the dispatcher."""
-    from rtcauthd.cli import ArgumentParser
+    from rtcauthd.cli import run_command_module
 
-    parser = ArgumentParser(prog="python -m rtcauthd.healthcheck", description=HELP)
-    configure_parser(parser)
-    return run(parser.parse_args(argv))
+    return run_command_module(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

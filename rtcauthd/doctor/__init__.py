@@ -211,11 +211,9 @@ async def _nothing() -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m rtcauthd.doctor SERVER_NAME``: the same without the dispatcher."""
-    from rtcauthd.cli import ArgumentParser
+    from rtcauthd.cli import run_command_module
 
-    parser = ArgumentParser(prog="python -m rtcauthd.doctor", description=HELP)
-    configure_parser(parser)
-    return run(parser.parse_args(argv))
+    return run_command_module(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":
