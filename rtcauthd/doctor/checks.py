@@ -190,18 +190,20 @@ async def check_reachability(ctx: Context) -> list[Result]:
             who, record, wildcard = "Clients that try IPv6 first (most phones and dual-stack networks) fail or stall", "AAAA", "[::]"
         else:
             who, record, wildcard = "IPv4-only clients cannot connect", "A", "0.0.0.0"
-        fix = (
-            f"{who}. Make {ctx.host} answer HTTPS on this address (listen on {wildcard}:{port} and "
-            f"allow it in the firewall), or delete the {record} record."
-        )
-        results.append(
-            Result(
-                "reach-" + family.lower(),
-                "Reachability",
-                Status.FAIL,
-                f"{family} address published but unreachable: {where}",
-                fix=[fix],
+        if ctx.server.is_ip:  # an IP-literal server name: there is no DNS record to delete
+            message = f"{family} address {ctx.host} is unreachable: {where}"
+            fix = (
+                f"Make {ctx.host} answer HTTPS on port {port} (listen on it and allow it in the "
+                "firewall)."
             )
+        else:
+            message = f"{family} address published but unreachable: {where}"
+            fix = (
+                f"{who}. Make {ctx.host} answer HTTPS on this address (listen on {wildcard}:{port} and "
+                f"allow it in the firewall), or delete the {record} record."
+            )
+        results.append(
+            Result("reach-" + family.lower(), "Reachability", Status.FAIL, message, fix=[fix])
         )
     return results
 

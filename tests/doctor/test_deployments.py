@@ -258,6 +258,18 @@ class PostMortemTests(DoctorCase):
         self.assertEqual(report.exit_status, 1)
 
     @coroutine_test
+    async def test_ip_literal_server_unreachable_names_no_dns_record(self):
+        self.deployment.listen_ipv6 = False
+        report = await self.diagnose(server_name="[::1]")
+        port = self.deployment.front.port
+        result = self.assertLine(
+            report, "reach-ipv6", Status.FAIL, f"IPv6 address ::1 is unreachable: [::1]:{port}: connection refused"
+        )
+        self.assertFix(result, f"Make ::1 answer HTTPS on port {port}")
+        self.assertNotIn("AAAA", " ".join(result.fix))
+        self.assertEqual(report.exit_status, 1)
+
+    @coroutine_test
     async def test_6_homeserver_without_msc4140(self):
         self.deployment.homeserver.msc4140 = False
         report = await self.diagnose()
