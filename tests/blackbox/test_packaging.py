@@ -31,7 +31,8 @@ class PluginPackagingTests(TestCase):
 
     def test_installed_twistd_lists_the_plugin(self):
         twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
-        result = subprocess.run([twistd, "--help"], capture_output=True, text=True, cwd=self.mktemp() and "/")
+        # From "/" so that the plugin is found through the install, not the checkout.
+        result = subprocess.run([twistd, "--help"], capture_output=True, text=True, cwd="/")
         self.assertIn("rtcauth", result.stdout)
         help_text = subprocess.run([twistd, "rtcauth", "--help"], capture_output=True, text=True, cwd="/").stdout
         for option in ("--listen", "--dev", "--config", "LIVEKIT_FULL_ACCESS_HOMESERVERS", "RTCAUTH_CA_FILE"):
