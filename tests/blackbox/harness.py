@@ -258,8 +258,13 @@ class ManagedProcess:
         self.exit_signal = None
         self._alive = True
         self.starts += 1
+        argv = list(self.argv)
+        setpriv = shutil.which("setpriv")
+        if setpriv:
+            # Die with the test runner even if it is SIGKILLed (setpriv execs: same pid).
+            argv = [setpriv, "--pdeathsig", "KILL", "--", *argv]
         self._transport = self.reactor.spawnProcess(
-            _Capture(self), self.argv[0], self.argv, env=self.env, path=self.cwd
+            _Capture(self), argv[0], argv, env=self.env, path=self.cwd
         )
 
     def _ended(self, reason) -> None:
