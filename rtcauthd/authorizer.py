@@ -179,12 +179,12 @@ class Authorizer:
         if full_access:  # P6
             try:
                 await self._rooms.create_room(room)
-            except TwirpError as e:
+            except Exception as e:  # any CreateRoom failure is E-CREATE (§3.1 P6)
                 log.error(
                     "{endpoint}: CreateRoom for {room} failed: {error}",
                     endpoint=endpoint,
                     room=room,
-                    error=str(e),
+                    error=str(e) if isinstance(e, TwirpError) else f"{type(e).__name__}: {e}",
                 )
                 raise MatrixError(500, errors.M_UNKNOWN, errors.E_CREATE) from None
         if full_access and delegate:  # P7

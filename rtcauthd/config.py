@@ -10,6 +10,7 @@ an operator can swap services without touching their environment file. Additions
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 from typing import Callable, Mapping, Optional
@@ -120,8 +121,10 @@ class Config:
 
 
 def read_text_file(path: str) -> str:
+    """File content as os.environ holds values: undecodable bytes kept as surrogates, so a
+    secret that is not UTF-8 still signs with its exact bytes (``encode(..., "surrogateescape")``)."""
     with open(path, "rb") as f:
-        return f.read().decode("utf-8", errors="replace")
+        return f.read().decode("utf-8", errors="surrogateescape")
 
 
 def _env_file_value(raw: str) -> str:
@@ -270,26 +273,27 @@ def parse_cidrs(variable: str, value: str) -> tuple[str, ...]:
     return tuple(networks)
 
 
-def bind_to_endpoints(bind: str) -> tuple[str, ...]:
+def bind_to_endpoints(bind: str, variable: str = "LIVEKIT_JWT_BIND") -> tuple[str, ...]:
     """Map a Go listen address (``host:port``, ``:port``, ``[v6]:port``) onto endpoint strings.
 
     ``:port`` means every interface of both families, so it becomes a dual-stack ``::``
     listener (the listener service falls back to IPv4 ``0.0.0.0`` on IPv4-only hosts).
+    ``localhost`` binds 127.0.0.1, the address Go's listener picks for it.
     """
     host, sep, port = bind.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"LIVEKIT_JWT_BIND: {_go_quote(bind)} is not host:port")
+    if not sep or not re.fullmatch(r"[0-9]{1,5}", port) or int(port) > 65535:
+        raise ConfigError(f"{variable}: {_go_quote(bind)} is not host:port")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     if host in ("", "::"):
         return (f"tcp6:{port}:interface=\\:\\:",)
     if host == "localhost":
-        return (f"tcp:{port}:interface=127.0.0.1", f"tcp6:{port}:interface=\\:\\:1")
+        return (f"tcp:{port}:interface=127.0.0.1",)
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
         raise ConfigError(
-            f"LIVEKIT_JWT_BIND: {_go_quote(bind)}: the host must be an IP address, localhost or empty"
+            f"{variable}: {_go_quote(bind)}: the host must be an IP address, localhost or empty"
         ) from None
     if address.version == 6:
         return (f"tcp6:{port}:interface={str(address).replace(':', chr(92) + ':')}",)
@@ -299,7 +303,7 @@ def bind_to_endpoints(bind: str) -> tuple[str, ...]:
 def metrics_endpoint(value: str) -> str:
     """``RTCAUTH_METRICS_LISTEN``: a port alone means loopback; anything else is an endpoint."""
     value = value.strip()
-    if value.isdigit():
+    if re.fullmatch(r"[0-9]{1,5}", value):
         return f"tcp:{value}:interface=127.0.0.1"
     return value
 
@@ -311,7 +315,7 @@ def _positive_number(variable: str, value: str, default: float, kind: type) -> f
         number = kind(value)
     except ValueError:
         number = -1
-    if number <= 0:
+    if not math.isfinite(number) or number <= 0:
         raise ConfigError(f"{variable} must be a positive number, got {_go_quote(value)}")
     return number
 
@@ -382,21 +386,23 @@ def load_config(
     bind, port = env.get("LIVEKIT_JWT_BIND", ""), env.get("LIVEKIT_JWT_PORT", "")
     if bind and port:
         raise ConfigError("LIVEKIT_JWT_BIND and LIVEKIT_JWT_PORT must not be set together")
+    bind_variable = "LIVEKIT_JWT_BIND"
     if port:
         warnings.append("LIVEKIT_JWT_PORT is deprecated, use LIVEKIT_JWT_BIND (e.g. :8080) instead")
-        bind = ":" + port
+        bind, bind_variable = ":" + port, "LIVEKIT_JWT_PORT"
     if listen:
         endpoints = tuple(listen)
     elif env.get("RTCAUTH_LISTEN", "").strip():
         endpoints = tuple(e.strip() for e in env["RTCAUTH_LISTEN"].split(" ") if e.strip())
     else:
-        endpoints = bind_to_endpoints(bind or DEFAULT_BIND)
+        endpoints = bind_to_endpoints(bind or DEFAULT_BIND, bind_variable)
 
     # 7. sanity-check interval
     sanity_raw = env.get("LIVEKIT_SANITY_CHECK_INTERVAL_SECONDS", "")
     sanity = 0
     if sanity_raw != "":
-        if not re.fullmatch(r"[+-]?[0-9]+", sanity_raw) or int(sanity_raw) < 0:
+        # Go's strconv.Atoi: optional sign, digits, int64 range.
+        if not re.fullmatch(r"[+-]?[0-9]+", sanity_raw) or not 0 <= int(sanity_raw) < 2**63:
             raise ConfigError(
                 "LIVEKIT_SANITY_CHECK_INTERVAL_SECONDS must be a non-negative integer, "
                 f"got {_go_quote(sanity_raw)}"

@@ -12,7 +12,7 @@ import socket
 from typing import Awaitable, Callable, Optional, Sequence
 
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.task import deferLater
@@ -74,6 +74,7 @@ class RtcAuthService(MultiService):
         self._after_stop = after_stop
         self._exit_process = exit_process
         self.ports: list = []
+        self._stopping = False
         self._ready_result = None  # ports list, or the Failure that stopped the start
         self._ready_waiters: list[Deferred] = []
 
@@ -107,10 +108,15 @@ class RtcAuthService(MultiService):
     async def _start(self) -> None:
         if self._before_listen is not None:
             await self._before_listen()
-        for description in self._endpoints:
-            self.ports.append(await self._listen(description, self._site))
-        for description, factory in self._extra_listeners:
-            self.ports.append(await self._listen(description, factory))
+        if self._stopping:  # stopped while restoring: never open the listeners
+            return
+        listeners = [(d, self._site) for d in self._endpoints] + self._extra_listeners
+        for description, factory in listeners:
+            port = await self._listen(description, factory)
+            if self._stopping:  # stop arrived while this listener was opening
+                await maybeDeferred(port.stopListening)
+                return
+            self.ports.append(port)
         for port in self.ports:
             log.info("Listening on {address}", address=_describe_port(port))
         sd_notify("READY=1\nSTATUS=serving")
@@ -142,6 +148,7 @@ class RtcAuthService(MultiService):
             self._reactor.callWhenRunning(self._reactor.stop)
 
     def stopService(self) -> Deferred:
+        self._stopping = True
         sd_notify("STOPPING=1")
         return ensureDeferred(self._stop())
 

@@ -145,11 +145,14 @@ def build_service(config: Config, reactor, environ: Mapping[str, str] = os.envir
     from rtcauthd.service import RtcAuthService
     from rtcauthd.tls import TLSConfigError, TLSPolicy
 
-    for description in config.listen:
+    listeners = [("listen endpoint", d) for d in config.listen]
+    if config.metrics_listen:
+        listeners.append(("RTCAUTH_METRICS_LISTEN", config.metrics_listen))
+    for what, description in listeners:
         try:
             serverFromString(reactor, description)
         except (ValueError, KeyError, TypeError) as e:
-            raise ConfigError(f"listen endpoint {description!r} is invalid: {e}") from None
+            raise ConfigError(f"{what} {description!r} is invalid: {e}") from None
     try:
         tls_policy = TLSPolicy(ca_file=config.ca_file, insecure=config.insecure_skip_verify_tls)
     except TLSConfigError as e:

@@ -12,7 +12,7 @@ import time
 from typing import Awaitable, Callable, Optional
 
 from klein import Klein
-from twisted.internet.defer import ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
 from twisted.web.server import Request, Site
 from twisted.web.iweb import INonQueuedRequestFactory, IRequest
@@ -84,7 +84,11 @@ def _cors_json_endpoint(func: Callable[..., Awaitable[bytes]]):
                 log.failure("Unhandled error in {path}", path=request.path.decode("latin-1"))
                 return self._error(request, MatrixError(500, errors.M_UNKNOWN, errors.E_INTERNAL))
 
-        return ensureDeferred(run())
+        # Shielded: Klein cancels the handler when the client goes away, but a verification
+        # or a job registration half done must finish (and not be logged as a failure).
+        shield: Deferred = Deferred()
+        ensureDeferred(run()).chainDeferred(shield)
+        return shield
 
     return wrapper
 

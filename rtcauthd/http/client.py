@@ -18,7 +18,7 @@ from twisted.internet.defer import CancelledError, Deferred, TimeoutError as Def
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
-from twisted.web.client import HTTPConnectionPool, PartialDownloadError, ResponseDone
+from twisted.web.client import HTTPConnectionPool, ResponseDone
 from twisted.web.client import _HTTP11ClientFactory
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
@@ -110,8 +110,6 @@ class _CappedBodyReader(Protocol):
         finished, self._finished = self._finished, None
         if reason.check(ResponseDone, PotentialDataLoss):
             finished.callback(b"".join(self._chunks))
-        elif reason.check(PartialDownloadError):
-            finished.errback(OutboundError("read body", "connection closed mid-body"))
         else:
             finished.errback(
                 OutboundError("read body", f"connection lost: {reason.getErrorMessage()}")
@@ -200,7 +198,10 @@ class HTTPClient:
             return fail(e)
         producer = None if body is None else BytesProducer(body)
 
-        d = self._agent.request(method, url_bytes, raw_headers, producer)
+        try:
+            d = self._agent.request(method, url_bytes, raw_headers, producer)
+        except Exception as e:  # Agent raises, not fails, on a URL it cannot parse
+            return fail(OutboundError(step, f"invalid URL: {type(e).__name__}: {e}"))
 
         def got_response(response: IResponse) -> Deferred:
             return read_body(response, limit).addCallback(

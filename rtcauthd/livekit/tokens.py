@@ -38,7 +38,7 @@ class TokenMinter:
             # Upstream fails to sign with an empty key or secret; refuse early instead.
             raise ValueError("LiveKit API key and secret must both be non-empty")
         self._api_key = api_key
-        self._secret = api_secret.encode("utf-8")
+        self._secret = api_secret.encode("utf-8", "surrogateescape")  # exact bytes, like Go
         self._clock = clock
 
     @property

@@ -297,7 +297,7 @@ class WebhookVerifier:
 
     def __init__(self, *, api_key: str, api_secret: str, clock: IReactorTime) -> None:
         self._api_key = api_key
-        self._secret = api_secret.encode("utf-8")
+        self._secret = api_secret.encode("utf-8", "surrogateescape")  # exact bytes, like Go
         self._clock = clock
 
     def verify(self, authorization: Optional[str], body: bytes) -> WebhookEvent:

@@ -302,11 +302,39 @@ class GetTokenTests(AppTestCase):
         response, body = self.request("POST", "/get_token", token_body())
         self.assertMatrixError(response, body, 500, "M_UNKNOWN", errors.E_CREATE)
 
-    def test_unexpected_error_is_500_internal(self):
+    def test_any_create_room_failure_is_500_create(self):
         self.rooms.error = RuntimeError("boom")
         response, body = self.request("POST", "/get_token", token_body())
+        self.assertMatrixError(response, body, 500, "M_UNKNOWN", errors.E_CREATE)
+
+    def test_signing_failure_is_500_internal(self):
+        def broken(identity, room):
+            raise ValueError("no key")
+
+        self.tokens.participant_token = broken
+        response, body = self.request("POST", "/get_token", token_body())
         self.assertMatrixError(response, body, 500, "M_UNKNOWN", errors.E_INTERNAL)
-        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(self.rooms.created, [])
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+
+
+class DisconnectTests(AppTestCase):
+    def test_client_going_away_does_not_cancel_job_registration(self):
+        from twisted.internet.defer import Deferred
+
+        stored = Deferred()  # the store write is still in flight when the client leaves
+        self.delegation.add_job = lambda job: (self.delegation.jobs.append(job), stored)[1]
+        d = self.treq.request(
+            "POST", "http://rtc.test/get_token", data=json.dumps(token_body(delay_id="syd_1", delay_timeout=8000)).encode()
+        )
+        self.agent.flush()
+        self.assertNoResult(d)
+        d.cancel()  # the client disconnects
+        self.agent.flush()
+        self.assertFalse(stored.called)  # our work was not cancelled with it
+        stored.callback(None)
+        self.assertEqual(len(self.delegation.jobs), 1)
+        self.assertEqual(self.flushLoggedErrors(), [])
 
 
 class LegacyTests(AppTestCase):

@@ -117,7 +117,7 @@ class LoadConfigTests(SynchronousTestCase):
     def test_sanity_interval(self):
         self.assertEqual(self.load({"LIVEKIT_SANITY_CHECK_INTERVAL_SECONDS": "+5"}).sanity_check_interval, 5)
         self.assertEqual(self.load({"LIVEKIT_SANITY_CHECK_INTERVAL_SECONDS": "0"}).sanity_check_interval, 0)
-        for bad in ("not-a-number", "-1", " 5", "1.5"):
+        for bad in ("not-a-number", "-1", " 5", "1.5", "99999999999999999999999", "9223372036854775808"):
             self.assertConfigError(
                 f'LIVEKIT_SANITY_CHECK_INTERVAL_SECONDS must be a non-negative integer, got "{bad}"',
                 {"LIVEKIT_SANITY_CHECK_INTERVAL_SECONDS": bad},
@@ -218,6 +218,20 @@ class LoadConfigTests(SynchronousTestCase):
             'RTCAUTH_MAX_BODY_BYTES must be a positive number, got "lots"',
             {"RTCAUTH_MAX_BODY_BYTES": "lots"},
         )
+        for unbounded in ("nan", "inf", "-inf", "Infinity"):
+            self.assertConfigError(
+                f'RTCAUTH_OUTBOUND_TIMEOUT_SECONDS must be a positive number, got "{unbounded}"',
+                {"RTCAUTH_OUTBOUND_TIMEOUT_SECONDS": unbounded},
+            )
+
+    def test_port_errors_name_the_variable_given(self):
+        self.assertConfigError('LIVEKIT_JWT_PORT: ":80a" is not host:port', {"LIVEKIT_JWT_PORT": "80a"})
+        self.assertConfigError('LIVEKIT_JWT_BIND: ":80a" is not host:port', {"LIVEKIT_JWT_BIND": ":80a"})
+
+    def test_secret_that_is_not_utf8_keeps_its_bytes(self):
+        read = files({"/secret": b"secretsecret\xff\n".decode("utf-8", "surrogateescape")})
+        c = self.load({"LIVEKIT_SECRET_FROM_FILE": "/secret"}, read_file=read)
+        self.assertEqual(c.api_secret.encode("utf-8", "surrogateescape"), b"secretsecret\xff")
 
     def test_dev_mode_fills_only_missing_values(self):
         c = load_config({}, dev=True, read_file=files({}))
@@ -274,13 +288,12 @@ class BindTests(SynchronousTestCase):
         self.assertEqual(bind_to_endpoints("127.0.0.1:8080"), ("tcp:8080:interface=127.0.0.1",))
         self.assertEqual(bind_to_endpoints("[::1]:8080"), ("tcp6:8080:interface=\\:\\:1",))
         self.assertEqual(bind_to_endpoints("[::]:8080"), ("tcp6:8080:interface=\\:\\:",))
-        self.assertEqual(
-            bind_to_endpoints("localhost:8080"),
-            ("tcp:8080:interface=127.0.0.1", "tcp6:8080:interface=\\:\\:1"),
-        )
+        # Go's listener takes the first address of localhost: 127.0.0.1 (no ::1 to fail
+        # on hosts without IPv6).
+        self.assertEqual(bind_to_endpoints("localhost:8080"), ("tcp:8080:interface=127.0.0.1",))
 
     def test_bad(self):
-        for bad in ("8080", "host:port", ":99999", "example.com:80"):
+        for bad in ("8080", "host:port", ":99999", "example.com:80", ":\u00b2", ":+80", ": 80"):
             with self.assertRaises(ConfigError) as cm:
                 bind_to_endpoints(bad)
             self.assertIn("LIVEKIT_JWT_BIND", str(cm.exception))

@@ -74,6 +74,13 @@ class HTTPClientTests(SynchronousTestCase):
         ok = self.successResultOf(self.request(b"GET", "http://127.0.0.1/stream", max_body=1000))
         self.assertEqual(len(ok.body), 200)
 
+    def test_unparsable_url_fails_the_deferred_instead_of_raising(self):
+        for url in ("http://127.0.0.1:443x/", "http://[::1/"):
+            error = self.failureResultOf(self.request(b"GET", url, step="twirp"), OutboundError).value
+            self.assertEqual(error.step, "twirp")
+            self.assertIn("invalid URL", error.detail)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
     def test_non_ascii_url_is_an_error_not_a_crash(self):
         error = self.failureResultOf(self.request(b"GET", "http://exämple.org/"), OutboundError).value
         self.assertIn("not ASCII", error.detail)

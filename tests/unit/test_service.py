@@ -129,6 +129,25 @@ class BuildTests(SynchronousTestCase):
         reactor.pump([0.05] * 12)  # past 8 s
         self.successResultOf(d)
 
+    def test_stop_during_restore_never_opens_listeners(self):
+        gate = Deferred()
+        reactor = Reactor()
+
+        async def restore():
+            await gate
+
+        service = RtcAuthService(reactor=reactor, endpoints=["tcp:9000"], site=object(), before_listen=restore)
+        service.startService()
+        self.successResultOf(service.stopService())
+        gate.callback(None)
+        self.assertEqual(reactor.tcpServers, [])
+        self.assertEqual(service.ports, [])
+
+    def test_bad_metrics_endpoint_is_a_config_error(self):
+        with self.assertRaises(ConfigError) as cm:
+            build_service(load_config(dict(ENV, RTCAUTH_METRICS_LISTEN="tcp:notaport")), Reactor())
+        self.assertIn("RTCAUTH_METRICS_LISTEN", str(cm.exception))
+
     def test_listeners_open_only_after_restore(self):
         gate = Deferred()
         reactor = Reactor()

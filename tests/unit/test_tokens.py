@@ -167,3 +167,18 @@ class AdminTokenTests(_QuietTestCase):
         self.assertIs(admin.video.room_admin, True)
         self.assertEqual(admin.video.room, ALIAS)
         self.assertIsNone(admin.video.room_join)
+
+
+class RawSecretBytesTests(SynchronousTestCase):
+    def test_secret_that_is_not_utf8_signs_with_its_exact_bytes(self):
+        import base64
+        import hashlib
+        import hmac
+
+        from twisted.internet.task import Clock
+
+        secret = b"secretsecret\xff".decode("utf-8", "surrogateescape")  # as os.environ holds it
+        token = TokenMinter(api_key="k", api_secret=secret, clock=Clock()).create_room_token()
+        signing_input, _, signature = token.rpartition(".")
+        expected = hmac.new(b"secretsecret\xff", signing_input.encode(), hashlib.sha256).digest()
+        self.assertEqual(signature, base64.urlsafe_b64encode(expected).rstrip(b"=").decode())
