@@ -331,6 +331,7 @@ class DisconnectTests(AppTestCase):
         self.assertNoResult(d)
         d.cancel()  # the client disconnects
         self.agent.flush()
+        self.failureResultOf(d)  # the client sees its own cancellation
         self.assertFalse(stored.called)  # our work was not cancelled with it
         stored.callback(None)
         self.assertEqual(len(self.delegation.jobs), 1)
