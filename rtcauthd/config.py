@@ -261,16 +261,12 @@ def parse_cs_api_overrides(value: str) -> dict[str, str]:
 
 def parse_cidrs(variable: str, value: str) -> tuple[str, ...]:
     """Comma-separated CIDRs (bare addresses allowed); one bad entry is fatal."""
-    networks = []
-    for item in value.split(","):
-        item = item.strip()
-        if not item:
-            continue
-        try:
-            networks.append(str(ipaddress.ip_network(item, strict=False)))
-        except ValueError:
-            raise ConfigError(f"{variable}: {_go_quote(item)} is not an IP network (CIDR)") from None
-    return tuple(networks)
+    from rtcauthd.matrix.ipfilter import parse_cidr_list
+
+    try:
+        return tuple(parse_cidr_list(value, variable))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def bind_to_endpoints(bind: str, variable: str = "LIVEKIT_JWT_BIND") -> tuple[str, ...]:

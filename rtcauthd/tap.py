@@ -126,8 +126,6 @@ def makeService(options: Mapping) -> "RtcAuthService":  # noqa: F821
 
 def build_service(config: Config, reactor, environ: Mapping[str, str] = os.environ):
     """Wire the daemon from its Config (raises ConfigError for settings that fail to load)."""
-    from twisted.web.client import BrowserLikeRedirectAgent
-
     from rtcauthd.authorizer import Authorizer
     from rtcauthd.leave.delegation import DelegatedLeave
     from rtcauthd.leave.jobs import State
@@ -136,11 +134,15 @@ def build_service(config: Config, reactor, environ: Mapping[str, str] = os.envir
     from rtcauthd.livekit.webhooks import WebhookVerifier
     from rtcauthd.matrix.csapi import ClientAPIResolver, DelayedEventClient
     from rtcauthd.http.app import RtcAuthApp, RtcAuthSite
-    from rtcauthd.http.client import HTTPClient, connection_pool
+    from rtcauthd.http.client import ClosingBrowserLikeRedirectAgent, HTTPClient, connection_pool
     from rtcauthd.livekit.tokens import TokenMinter
     from rtcauthd.livekit.twirp import RoomServiceClient
     from rtcauthd.matrix.federation import FederationClient
-    from rtcauthd.matrix.federation_agent import build_federation_agent, build_plain_agent
+    from rtcauthd.matrix.federation_agent import (
+        build_federation_agent,
+        build_guarded_web_agent,
+        build_plain_agent,
+    )
     from rtcauthd.matrix.ipfilter import DEFAULT_BLOCKLIST, IPRangeFilter
     from rtcauthd.service import RtcAuthService
     from rtcauthd.tls import TLSConfigError, TLSPolicy
@@ -184,15 +186,23 @@ def build_service(config: Config, reactor, environ: Mapping[str, str] = os.envir
             ip_filter=ip_filter,
             is_trusted=config.is_named_full_access,  # "*" never disables the SSRF filter
             pool=pool,
+            # Half the bound, so a hanging well-known host leaves time for the SRV/8448 fallback.
+            well_known_timeout=config.outbound_timeout / 2,
         ),
         timeout=config.outbound_timeout,
     )
     plain_agent = build_plain_agent(reactor, tls_policy=tls_policy, pool=pool)
     plain_http = HTTPClient(clock=reactor, agent=plain_agent, timeout=config.outbound_timeout)
-    # The client-server API calls follow redirects as upstream's Go client does (max 10).
+    # The client-server API calls follow redirects as upstream's Go client does (max 10);
+    # servers admitted only by "*" get the SSRF-filtered variant for every hop.
     redirecting_http = HTTPClient(
         clock=reactor,
-        agent=BrowserLikeRedirectAgent(plain_agent, redirectLimit=10),
+        agent=ClosingBrowserLikeRedirectAgent(plain_agent, redirectLimit=10),
+        timeout=config.outbound_timeout,
+    )
+    guarded_http = HTTPClient(
+        clock=reactor,
+        agent=build_guarded_web_agent(reactor, tls_policy=tls_policy, ip_filter=ip_filter),
         timeout=config.outbound_timeout,
     )
     tokens = TokenMinter(api_key=config.api_key, api_secret=config.api_secret, clock=reactor)
@@ -204,10 +214,14 @@ def build_service(config: Config, reactor, environ: Mapping[str, str] = os.envir
         metrics=metrics,
     )
     store = build_store(config, reactor, tls_policy, metrics)
-    cs_api = ClientAPIResolver(clock=reactor, http=redirecting_http, overrides=config.cs_api_url_overrides)
-    delayed_events = DelayedEventClient(
-        clock=reactor, http=redirecting_http, resolver=cs_api, metrics=metrics
+    cs_api = ClientAPIResolver(
+        clock=reactor,
+        http=redirecting_http,
+        guarded_http=guarded_http,
+        is_trusted=config.is_named_full_access,
+        overrides=config.cs_api_url_overrides,
     )
+    delayed_events = DelayedEventClient(clock=reactor, resolver=cs_api, metrics=metrics)
     manager = JobManager(
         clock=reactor,
         store=store,

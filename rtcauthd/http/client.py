@@ -18,7 +18,7 @@ from twisted.internet.defer import CancelledError, Deferred, TimeoutError as Def
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
-from twisted.web.client import HTTPConnectionPool, ResponseDone
+from twisted.web.client import BrowserLikeRedirectAgent, HTTPConnectionPool, RedirectAgent, ResponseDone
 from twisted.web.client import _HTTP11ClientFactory
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
@@ -40,6 +40,33 @@ def connection_pool(reactor, *, persistent: bool = True, per_host: int = 8, idle
     pool.maxPersistentPerHost = per_host
     pool.cachedConnectionTimeout = idle_seconds
     return pool
+
+
+class _Discard(Protocol):
+    """Takes a response body nobody will read and closes its connection at once."""
+
+    def connectionMade(self) -> None:
+        self.transport.stopProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+
+class _DrainRedirects:
+    """Twisted's redirect agents never read a 3xx body, so its connection stays open (and
+    paused) forever — ten per hostile redirect chain. Close it before following."""
+
+    def _handleRedirect(self, response, method, uri, headers, redirectCount):
+        response.deliverBody(_Discard())
+        return super()._handleRedirect(response, method, uri, headers, redirectCount)
+
+
+class ClosingRedirectAgent(_DrainRedirects, RedirectAgent):
+    """RedirectAgent (GET/HEAD follow 301/302/303/307/308) that closes every 3xx connection."""
+
+
+class ClosingBrowserLikeRedirectAgent(_DrainRedirects, BrowserLikeRedirectAgent):
+    """BrowserLikeRedirectAgent (POST→GET on 301/302/303, as Go) that closes 3xx connections."""
 
 
 class OutboundError(Exception):

@@ -10,7 +10,7 @@ reach another URL than the one intended.
 from __future__ import annotations
 
 import json
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 from urllib.parse import quote
 
 from twisted.internet.defer import Deferred
@@ -75,12 +75,24 @@ class ClientAPIResolver:
         http: HTTPClient,
         overrides: Mapping[str, str],
         cache_seconds: float = WELL_KNOWN_CACHE_SECONDS,
+        guarded_http: Optional[HTTPClient] = None,
+        is_trusted: Callable[[str], bool] = lambda server_name: True,
     ) -> None:
+        """``http`` serves servers the operator named (``is_trusted``) and overrides;
+        ``guarded_http`` (SSRF-filtered) serves the rest, e.g. servers admitted by ``*``."""
         self._clock = clock
         self._http = http
+        self._guarded_http = guarded_http if guarded_http is not None else http
+        self._is_trusted = is_trusted
         self._overrides = dict(overrides)
         self._cache_seconds = cache_seconds
         self._cache: dict[str, tuple[str, float]] = {}
+
+    def client_for(self, server_name: str) -> HTTPClient:
+        """The HTTP client for calls to ``server_name``'s client-server API."""
+        if server_name in self._overrides or self._is_trusted(server_name):
+            return self._http
+        return self._guarded_http
 
     async def _resolve(self, server_name: str) -> str:
         override = self._overrides.get(server_name)
@@ -95,7 +107,7 @@ class ClientAPIResolver:
         if "/" in server_name or "?" in server_name or "#" in server_name or "@" in server_name:
             raise CsApiUnresolvable(f"{server_name!r} is not a server name")
         try:
-            response = await self._http.request(
+            response = await self.client_for(server_name).request(
                 b"GET",
                 f"https://{server_name}/.well-known/matrix/client",
                 headers={"Accept": "application/json"},
@@ -128,14 +140,14 @@ class DelayedEventClient:
         self,
         *,
         clock: IReactorTime,
-        http: HTTPClient,
         resolver: ClientAPIResolver,
         timeout: float = DELAYED_EVENT_TIMEOUT,
         metrics: Optional[Metrics] = None,
     ) -> None:
+        """Calls go out through ``resolver.client_for(server_name)`` (SSRF-filtered where
+        the operator did not name the server)."""
         self._metrics = metrics if metrics is not None else Metrics()
         self._clock = clock
-        self._http = http
         self._resolver = resolver
         self._timeout = timeout
 
@@ -154,7 +166,7 @@ class DelayedEventClient:
             raise
         url = delayed_event_url(base_url, params.delay_id, action)
         try:
-            response = await self._http.request(
+            response = await self._resolver.client_for(params.server_name).request(
                 b"POST",
                 url,
                 headers={"Content-Type": "application/json"},

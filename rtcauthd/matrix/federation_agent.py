@@ -41,13 +41,19 @@ from twisted.internet.interfaces import (
 )
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, RedirectAgent, URI
+from twisted.web.client import URI, Agent, HTTPConnectionPool
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
-from rtcauthd.http.client import HTTPClient, OutboundError, connection_pool
+from rtcauthd.http.client import (
+    ClosingBrowserLikeRedirectAgent,
+    ClosingRedirectAgent,
+    HTTPClient,
+    OutboundError,
+    connection_pool,
+)
 from rtcauthd.matrix.ipfilter import IPRangeFilter
 from rtcauthd.matrix.resolver import (
     WELL_KNOWN_MAX_BODY,
@@ -402,7 +408,13 @@ class FederationAgent:
         self._name_resolver = _name_resolver
         if pool is None:
             pool = connection_pool(reactor, persistent=True)
-        self._agent = Agent.usingEndpointFactory(reactor, _FederationEndpointFactory(self), pool=pool)
+        factory = _FederationEndpointFactory(self)
+        self._agent = Agent.usingEndpointFactory(reactor, factory, pool=pool)
+        # Servers anyone can name get no keep-alive: otherwise every made-up name would
+        # park an idle connection (and a file descriptor) for minutes.
+        self._filtered_agent = Agent.usingEndpointFactory(
+            reactor, factory, pool=connection_pool(reactor, persistent=False)
+        )
 
     def request(
         self,
@@ -423,9 +435,8 @@ class FederationAgent:
             scheme = _INNER_TRUSTED if trusted else _INNER_FILTERED
             request_headers = headers.copy() if headers is not None else Headers()
             request_headers.setRawHeaders(b"Host", [delegation.host_header.encode("ascii")])
-            return self._agent.request(
-                method, scheme + b"://" + netloc + path, request_headers, bodyProducer
-            )
+            agent = self._agent if trusted else self._filtered_agent
+            return agent.request(method, scheme + b"://" + netloc + path, request_headers, bodyProducer)
 
         d = self._resolver.delegate(server_name)
         d.addCallback(send)
@@ -499,7 +510,37 @@ def build_well_known_agent(
         ),
         pool=connection_pool(reactor, persistent=False),
     )
-    return RedirectAgent(_ClassifyingAgent(inner), redirectLimit=WELL_KNOWN_REDIRECT_LIMIT)
+    return ClosingRedirectAgent(_ClassifyingAgent(inner), redirectLimit=WELL_KNOWN_REDIRECT_LIMIT)
+
+
+def build_guarded_web_agent(
+    reactor,
+    *,
+    tls_policy: TLSPolicy,
+    ip_filter: IPRangeFilter,
+    redirect_limit: int = 10,
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    _name_resolver=None,
+) -> IAgent:
+    """Plain http(s) where every address (every redirect hop too) must pass ``ip_filter``.
+
+    For URLs a homeserver chose that the operator did not vouch for: the client-server
+    API base URL from the .well-known of a server admitted only by the ``*`` wildcard.
+    Redirects follow Go's client (301/302/303 turn a POST into a GET). Own pool, as above.
+    """
+    inner = Agent.usingEndpointFactory(
+        reactor,
+        _GuardedWebEndpointFactory(
+            reactor,
+            tls_policy=tls_policy,
+            ip_filter=ip_filter,
+            is_trusted=lambda _host: False,
+            connect_timeout=connect_timeout,
+            name_resolver=_name_resolver,
+        ),
+        pool=connection_pool(reactor, persistent=False),
+    )
+    return ClosingBrowserLikeRedirectAgent(_ClassifyingAgent(inner), redirectLimit=redirect_limit)
 
 
 #: Where the system's DNS servers are listed (for SRV lookups).
@@ -543,22 +584,27 @@ def build_federation_agent(
     """
     if dns_resolver is None:
         dns_resolver = _SystemDNSResolver(reactor)
-    well_known_http = HTTPClient(
-        clock=reactor,
-        agent=build_well_known_agent(
-            reactor,
-            tls_policy=tls_policy,
-            ip_filter=ip_filter,
-            is_trusted=is_trusted,
-            connect_timeout=connect_timeout,
-            _name_resolver=_name_resolver,
-        ),
-        timeout=well_known_timeout,
-        max_body=WELL_KNOWN_MAX_BODY,
-    )
+
+    def well_known_client(trust_every_hop: bool) -> HTTPClient:
+        return HTTPClient(
+            clock=reactor,
+            agent=build_well_known_agent(
+                reactor,
+                tls_policy=tls_policy,
+                ip_filter=ip_filter,
+                is_trusted=lambda _host: trust_every_hop,
+                connect_timeout=connect_timeout,
+                _name_resolver=_name_resolver,
+            ),
+            timeout=well_known_timeout,
+            max_body=WELL_KNOWN_MAX_BODY,
+        )
+
     resolver = ServerResolver(
         clock=reactor,
-        http=well_known_http,
+        http=well_known_client(True),
+        guarded_http=well_known_client(False),
+        is_trusted=is_trusted,
         srv_resolver=dns_resolver,
         well_known_timeout=well_known_timeout,
         _random=_random,

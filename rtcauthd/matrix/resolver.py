@@ -24,7 +24,7 @@ import email.utils
 import json
 import random
 from collections import OrderedDict
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import attr
 from twisted.internet.defer import CancelledError, Deferred, fail, inlineCallbacks, succeed
@@ -115,11 +115,21 @@ class ServerResolver:
         http: HTTPClient,
         srv_resolver,
         well_known_timeout: float = WELL_KNOWN_TIMEOUT,
+        guarded_http: Optional[HTTPClient] = None,
+        is_trusted: Callable[[str], bool] = lambda server_name: False,
         _random: Optional[random.Random] = None,
     ) -> None:
-        """``srv_resolver`` is a twisted.names IResolver (only ``lookupService`` is used)."""
+        """``srv_resolver`` is a twisted.names IResolver (only ``lookupService`` is used).
+
+        The well-known of a server name the operator trusts is fetched with ``http``; any
+        other with ``guarded_http``, which filters every address *and every redirect hop*
+        — trust is decided once, from the name being resolved, never from where a
+        redirect points (a redirect to a trusted private host must not open the filter).
+        """
         self._clock = clock
         self._http = http
+        self._guarded_http = guarded_http if guarded_http is not None else http
+        self._is_trusted = is_trusted
         self._srv = srv_resolver
         self._well_known_timeout = well_known_timeout
         self._random = _random if _random is not None else random.Random()
@@ -204,7 +214,8 @@ class ServerResolver:
 
     def _fetch_well_known(self, hostname: str, previous_down: int) -> "Deferred[_WellKnownEntry]":
         url = f"https://{hostname}{WELL_KNOWN_PATH}".encode("ascii")
-        d = self._http.request(
+        http = self._http if self._is_trusted(hostname) else self._guarded_http
+        d = http.request(
             b"GET",
             url,
             timeout=self._well_known_timeout,
@@ -340,9 +351,20 @@ def _srv_order(records: list, rng: random.Random) -> list[Target]:
             ordered.append(chosen)
         for record in ordered:
             target = record.target.name.decode("ascii", "replace").rstrip(".")
-            if target:
+            if target and _valid_srv_target(target):
                 result.append((target, record.port))
     return result
+
+
+def _valid_srv_target(target: str) -> bool:
+    """SRV targets are DNS wire data chosen by whoever runs the zone: only host names of
+    the server-name grammar are used (no control characters into logs or URLs)."""
+    try:
+        parse_server_name(target)
+        return True
+    except InvalidServerName:
+        log.warn("Ignoring invalid SRV target {target!r}", target=target)
+        return False
 
 
 def _parse_well_known(response: HTTPResponse) -> ServerName:

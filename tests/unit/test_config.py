@@ -204,8 +204,13 @@ class LoadConfigTests(SynchronousTestCase):
         self.assertEqual(c.ip_allowlist, ("127.0.0.0/8", "::1/128"))
         self.assertEqual(c.ip_blocklist, ("10.0.0.0/8",))
         self.assertConfigError(
-            'RTCAUTH_FEDERATION_IP_RANGE_ALLOWLIST: "10.0.0.300/8" is not an IP network (CIDR)',
+            'RTCAUTH_FEDERATION_IP_RANGE_ALLOWLIST: "10.0.0.300/8" is not an IP address or CIDR range',
             {"RTCAUTH_FEDERATION_IP_RANGE_ALLOWLIST": "10.0.0.300/8"},
+        )
+        # zone IDs were accepted here once and crashed the filter at start-up
+        self.assertConfigError(
+            'RTCAUTH_FEDERATION_IP_RANGE_ALLOWLIST: "fe80::1%eth0" is not an IP address or CIDR range',
+            {"RTCAUTH_FEDERATION_IP_RANGE_ALLOWLIST": "fe80::1%eth0"},
         )
 
     def test_numbers(self):

@@ -130,7 +130,7 @@ class UrlTests(SynchronousTestCase):
 class DelayedEventTests(Fixture):
     def setUp(self):
         super().setUp()
-        self.client = DelayedEventClient(clock=self.clock, http=self.http, resolver=self.resolver)
+        self.client = DelayedEventClient(clock=self.clock, resolver=self.resolver)
 
     def params(self, delay_id="syd_1", server_name="override.org"):
         return JobParams(delay_id=delay_id, delay_timeout_ns=10**10, server_name=server_name, room="r", identity="i")
@@ -173,9 +173,12 @@ class DelayedEventTests(Fixture):
                 return NOT_DONE_YET
 
         agent = RequestTraversalAgent(Silent())
-        client = DelayedEventClient(
-            clock=self.clock, http=HTTPClient(clock=self.clock, agent=agent), resolver=self.resolver, timeout=5
+        resolver = ClientAPIResolver(
+            clock=self.clock,
+            http=HTTPClient(clock=self.clock, agent=agent),
+            overrides={"override.org": "https://cs.override.org/prefix/"},
         )
+        client = DelayedEventClient(clock=self.clock, resolver=resolver, timeout=5)
         d = client.send(self.params())
         agent.flush()
         self.assertNoResult(d)
@@ -183,3 +186,38 @@ class DelayedEventTests(Fixture):
         outcome = self.successResultOf(d)
         self.assertEqual(outcome.kind, OutcomeKind.RETRY)
         self.assertIn("no complete answer within 5 s", outcome.detail)
+
+
+class GuardedTests(Fixture):
+    """Servers the operator did not name (admitted by "*") go through the guarded client."""
+
+    def setUp(self):
+        super().setUp()
+        self.guarded_server = Recorder()
+        self.guarded_server.default = (200, {}, well_known("https://wild.example/cs"))
+        self.guarded_agent = RequestTraversalAgent(self.guarded_server)
+        self.resolver = ClientAPIResolver(
+            clock=self.clock,
+            http=self.http,
+            guarded_http=HTTPClient(clock=self.clock, agent=self.guarded_agent),
+            is_trusted=lambda name: name == "named.example",
+            overrides={"override.org": "https://cs.override.org/"},
+        )
+        self.client = DelayedEventClient(clock=self.clock, resolver=self.resolver)
+
+    def call(self, d):
+        self.agent.flush()
+        self.guarded_agent.flush()
+        return d
+
+    def test_well_known_and_calls_of_an_unnamed_server_are_guarded(self):
+        self.successResultOf(self.call(self.client.restart(JobParams("d", 10**10, "wild.example", "r", "i"))))
+        self.assertEqual([m for m, *_ in self.guarded_server.seen], [b"GET", b"POST"])
+        self.assertEqual(self.server.seen, [])
+
+    def test_named_servers_and_overrides_use_the_plain_client(self):
+        self.server.default = (200, {}, well_known("https://named.example/cs"))
+        self.successResultOf(self.call(self.client.send(JobParams("d", 10**10, "named.example", "r", "i"))))
+        self.successResultOf(self.call(self.client.send(JobParams("d", 10**10, "override.org", "r", "i"))))
+        self.assertEqual([m for m, *_ in self.server.seen], [b"GET", b"POST", b"POST"])
+        self.assertEqual(self.guarded_server.seen, [])

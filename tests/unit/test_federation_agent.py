@@ -603,6 +603,17 @@ class RealSocketTests(TestCase):
         self.assertEqual(site.connections, 1)
         self.assertEqual(len(homeserver.hosts), 3)
 
+    @defer.inlineCallbacks
+    def test_untrusted_servers_get_no_keep_alive(self):
+        homeserver, site, port = self.serve(self.ca.issue(["hs.test"]), "")
+        homeserver.sub = f"@erin:hs.test:{port}"
+        self.names.answers["hs.test"] = ["127.0.0.1"]
+        client = self.client(allow={"127.0.0.0/8"})  # allowed, but nobody vouched for it
+        for _ in range(3):
+            user_id = yield client.userinfo(f"hs.test:{port}", "token")
+            self.assertEqual(user_id, homeserver.sub)
+        self.assertEqual(site.connections, 3)
+
 
 class Redirector(Resource):
     """Well-known host that redirects before answering."""

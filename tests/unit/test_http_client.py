@@ -6,7 +6,9 @@ from treq.testing import RequestTraversalAgent
 from twisted.internet.defer import fail
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
@@ -95,3 +97,54 @@ class HTTPClientTests(SynchronousTestCase):
         self.assertEqual(error.step, "connect")
         self.assertIn("ConnectionRefusedError", error.detail)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class RedirectConnectionTests(TestCase):
+    """A redirect chain must not leave a connection open per hop (real sockets)."""
+
+    @inlineCallbacks
+    def test_closing_redirect_agents_close_every_3xx_connection(self):
+        from twisted.internet import protocol, reactor
+        from twisted.web.client import Agent
+
+        from rtcauthd.http.client import ClosingBrowserLikeRedirectAgent, ClosingRedirectAgent, connection_pool
+
+        open_connections = set()
+
+        class Hops(protocol.Protocol):
+            """302 after 302, each announcing a body it never finishes sending."""
+
+            def connectionMade(self):
+                open_connections.add(self)
+                self.buffer = b""
+
+            def connectionLost(self, reason):
+                open_connections.discard(self)
+
+            def dataReceived(self, data):
+                self.buffer += data
+                if b"\r\n\r\n" not in self.buffer:
+                    return
+                line, self.buffer = self.buffer.split(b"\r\n")[0], b""
+                hop = int(line.split()[1].rsplit(b"/", 1)[1]) if b"/hop/" in line else 0
+                if hop < 5:
+                    self.transport.write(
+                        b"HTTP/1.1 302 Found\r\nLocation: /hop/%d\r\nContent-Length: 100\r\n\r\nx" % (hop + 1)
+                    )
+                else:
+                    self.transport.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+
+        listener = reactor.listenTCP(0, protocol.Factory.forProtocol(Hops), interface="127.0.0.1")
+        self.addCleanup(listener.stopListening)
+        url = f"http://127.0.0.1:{listener.getHost().port}/start"
+        for agent_class in (ClosingRedirectAgent, ClosingBrowserLikeRedirectAgent):
+            pool = connection_pool(reactor)
+            http = HTTPClient(clock=reactor, agent=agent_class(Agent(reactor, pool=pool), redirectLimit=10), timeout=5)
+            response = yield http.request(b"GET", url)
+            self.assertEqual(response.code, 404)
+            yield pool.closeCachedConnections()
+            for _ in range(40):  # the server sees the aborted connections close
+                if not open_connections:
+                    break
+                yield deferLater(reactor, 0.05, lambda: None)
+            self.assertEqual(open_connections, set(), agent_class.__name__)

@@ -137,7 +137,6 @@ class CallMetricsTests(SynchronousTestCase):
         d2 = rooms.get_participant("R", "I")
         events = DelayedEventClient(
             clock=clock,
-            http=http,
             resolver=ClientAPIResolver(clock=clock, http=http, overrides={"hs": "http://127.0.0.1"}),
             metrics=metrics,
         )

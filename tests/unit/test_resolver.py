@@ -493,3 +493,41 @@ class InputTests(ResolverTestBase):
         error = self.resolve_error("evil.example/x")
         self.assertEqual(error.step, "server name")
         self.assertEqual(self.web.fetched, [])
+
+
+class WellKnownTrustTests(ResolverTestBase):
+    """Trust for the well-known fetch comes from the name being resolved, not from hops."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.guarded = FakeWebAgent(self.site)
+        self.resolver = ServerResolver(
+            clock=self.clock,
+            http=HTTPClient(clock=self.clock, agent=self.web),
+            guarded_http=HTTPClient(clock=self.clock, agent=self.guarded),
+            is_trusted=lambda name: name == "trusted.example",
+            srv_resolver=self.srv,
+            _random=self.random,
+        )
+
+    def test_untrusted_name_uses_the_guarded_client(self) -> None:
+        self.site.delegate("evil.example", "delegated.example:443")
+        self.resolve("evil.example")
+        self.assertEqual(self.guarded.fetch_count("evil.example"), 1)
+        self.assertEqual(self.web.fetched, [])
+
+    def test_trusted_name_uses_the_plain_client(self) -> None:
+        self.site.delegate("trusted.example", "delegated.example:443")
+        self.resolve("trusted.example")
+        self.assertEqual(self.web.fetch_count("trusted.example"), 1)
+        self.assertEqual(self.guarded.fetched, [])
+
+
+class SRVTargetValidationTests(ResolverTestBase):
+    def test_targets_outside_the_server_name_grammar_are_skipped(self) -> None:
+        self.srv.records["_matrix-fed._tcp.example.com"] = [
+            (0, 0, 8448, "x\n2030-01-01 [rtcauthd] INFO: fake line."),
+            (1, 0, 8449, "good.example.com."),
+        ]
+        resolution = self.resolve("example.com")
+        self.assertEqual(resolution.targets, (("good.example.com", 8449),))
