@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from typing import Optional, Protocol
 
-import time
-
 import attr
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -25,14 +23,6 @@ from rtcauthd.livekit.twirp import TwirpError
 from rtcauthd.metrics import Metrics, reason_label
 
 log = Logger()
-
-
-class _WallClock:
-    """Stands in for the reactor where none is given (unit tests of the procedure only)."""
-
-    @staticmethod
-    def seconds() -> float:
-        return time.time()
 
 
 class UserInfoVerifier(Protocol):
@@ -84,11 +74,11 @@ class Authorizer:
         federation: UserInfoVerifier,
         tokens: TokenMinter,
         rooms: RoomCreator,
+        clock: IReactorTime,
         delegation: Optional[Delegation] = None,
-        clock: Optional[IReactorTime] = None,
         metrics: Optional[Metrics] = None,
     ) -> None:
-        self._clock = clock if clock is not None else _WallClock()
+        self._clock = clock
         self._metrics = metrics if metrics is not None else Metrics()
         self._config = config
         self._federation = federation
@@ -145,7 +135,7 @@ class Authorizer:
         request.validate()
         user_id = await self._verify(request.openid_token, "/sfu/get")
         identity = naming.legacy_identity(user_id, request.device_id)
-        room = naming.room_alias(request.room, naming.LEGACY_SLOT_ID)
+        room = naming.legacy_room_alias(request.room)
         return await self._grant(request, user_id, identity, room, "/sfu/get")
 
     async def delegate_delayed_leave(self, request: TokenRequest) -> None:

@@ -21,6 +21,7 @@ __all__ = [
     "JSONObject",
     "NotJSON",
     "STRICT_DECODER",
+    "decode_first_value",
     "decode_utf8_per_byte",
     "fold_key",
     "go_json_dumps",
@@ -161,3 +162,18 @@ codecs.register_error("rtcauthd-go-replace", _per_byte_replace)
 def decode_utf8_per_byte(data: bytes) -> str:
     """UTF-8 text as Go sees it: each invalid byte becomes its own U+FFFD."""
     return data.decode("utf-8", errors="rtcauthd-go-replace")
+
+
+_JSON_WHITESPACE = " \t\r\n"
+
+
+def decode_first_value(data: bytes) -> Any:
+    """The first JSON value of ``data`` as Go's streaming decoder reads it: leading JSON
+    whitespace skipped, bytes after the value ignored, objects as :class:`JSONObject`.
+    Raises ValueError (or RecursionError for absurd nesting) when there is none."""
+    text = decode_utf8_per_byte(data)
+    start = len(text) - len(text.lstrip(_JSON_WHITESPACE))
+    if start == len(text):
+        raise NotJSON("no JSON value")
+    value, _end = STRICT_DECODER.raw_decode(text, start)
+    return value

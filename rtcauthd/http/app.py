@@ -53,13 +53,24 @@ class WebhookSink:
         log.debug("Webhook received but delegated leave is not enabled; ignored")
 
 
+def _exact_path(func):
+    """Klein folds ``//get_token`` onto ``/get_token``; Go would not serve it, so neither do we."""
+
+    @functools.wraps(func)
+    def wrapper(self, request: IRequest, *args):
+        if not _is_canonical(request):
+            return _not_found(request)
+        return func(self, request, *args)
+
+    return wrapper
+
+
 def _cors_json_endpoint(func: Callable[..., Awaitable[bytes]]):
     """Wrap a POST endpoint: CORS on every answer, OPTIONS 200, other methods 405, errors as JSON."""
 
     @functools.wraps(func)
+    @_exact_path
     def wrapper(self: "RtcAuthApp", request: IRequest):
-        if not _is_canonical(request):
-            return _not_found(request)
         for name, value in CORS_HEADERS.items():
             request.setHeader(name, value)
         if request.method == b"OPTIONS":
@@ -129,10 +140,9 @@ class RtcAuthApp:
         return json_body({})
 
     @app.route("/sfu_webhook", branch=False)
+    @_exact_path
     def sfu_webhook(self, request: IRequest) -> bytes:
         """Always 200 with an empty body: failures are only logged (protocol.md §3.4)."""
-        if not _is_canonical(request):
-            return _not_found(request)
         if not getattr(request, "body_too_large", False):
             body = request.content.read() if request.content is not None else b""
             auth = request.getHeader(b"Authorization")
@@ -145,9 +155,8 @@ class RtcAuthApp:
         return b""
 
     @app.route("/healthz", branch=False)
+    @_exact_path
     def healthz(self, request: IRequest) -> bytes:
-        if not _is_canonical(request):
-            return _not_found(request)
         if request.method not in (b"GET", b"HEAD"):
             request.setResponseCode(405)
         return b""
@@ -158,7 +167,7 @@ class RtcAuthApp:
 
 
 def _is_canonical(request: IRequest) -> bool:
-    """Klein folds ``//get_token`` onto ``/get_token``; Go would not serve it, so neither do we."""
+    """No empty, ``.`` or ``..`` segments: the path Go's mux would serve as it is."""
     path = request.path
     return b"//" not in path and b"/./" not in path and b"/../" not in path and not path.endswith(b"/.")
 

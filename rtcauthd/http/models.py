@@ -16,13 +16,7 @@ import attr
 
 from rtcauthd import errors
 from rtcauthd.errors import MatrixError
-from rtcauthd.gojson import (
-    STRICT_DECODER,
-    JSONObject,
-    decode_utf8_per_byte,
-    fold_key,
-    scrub_surrogates,
-)
+from rtcauthd.gojson import JSONObject, decode_first_value, fold_key, scrub_surrogates
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 #: delay_timeout in ms that still fits Go's int64 nanoseconds (protocol.md §12.1)
@@ -33,20 +27,12 @@ class DecodeError(Exception):
     """The body is not what Go's decoder would accept (always answered as M_NOT_JSON)."""
 
 
-_JSON_WHITESPACE = " \t\r\n"
-
-
 def decode_json_value(body: bytes) -> Any:
     """The first JSON value of ``body`` (trailing bytes ignored), objects as pair lists."""
-    text = decode_utf8_per_byte(body)
-    start = len(text) - len(text.lstrip(_JSON_WHITESPACE))
-    if start == len(text):
-        raise DecodeError("empty body")
     try:
-        value, _end = STRICT_DECODER.raw_decode(text, start)
+        return decode_first_value(body)
     except (ValueError, RecursionError) as e:
         raise DecodeError(str(e)) from None
-    return value
 
 
 def _clean_string(value: str) -> str:

@@ -20,7 +20,6 @@ __all__ = [
     "legacy_room_alias",
     "identity",
     "legacy_identity",
-    "job_field",
 ]
 
 # The slot the legacy /sfu/get endpoint implies for every room (§5.2).
@@ -59,8 +58,3 @@ def identity(user_id: str, device_id: str, member_id: str) -> str:
 def legacy_identity(user_id: str, device_id: str) -> str:
     """The legacy (``/sfu/get``) identity: ``<user>:<device>``, deliberately not hashed."""
     return f"{user_id}:{device_id}"
-
-
-def job_field(room: str, identity: str) -> str:
-    """The Redis hash field naming a delayed-leave job: Go JSON of ``[room, identity]``."""
-    return go_json_dumps(_strings((room, identity)))

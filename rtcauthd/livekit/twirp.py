@@ -10,7 +10,6 @@ Go Twirp client does, because "participant absent" must only be concluded from a
 from __future__ import annotations
 
 import enum
-import json
 import re
 from typing import Any, Optional
 
@@ -18,7 +17,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from rtcauthd.gojson import JSONObject, reject_constant
+from rtcauthd.gojson import JSONObject, decode_first_value
 from rtcauthd.http.client import HTTPClient, HTTPResponse, OutboundError
 from rtcauthd.livekit import protobuf as pb
 from rtcauthd.livekit.tokens import TokenMinter
@@ -150,10 +149,6 @@ def body_snippet(body: bytes) -> str:
     return text[:SNIPPET_CHARS]
 
 
-_DECODER = json.JSONDecoder(parse_constant=reject_constant, object_pairs_hook=JSONObject)
-_JSON_SPACE = " \t\r\n"
-
-
 def parse_twirp_error(body: bytes) -> Optional[tuple[str, str]]:
     """``(code, msg)`` if ``body`` is a Twirp error object as Go's client accepts it.
 
@@ -164,9 +159,8 @@ def parse_twirp_error(body: bytes) -> Optional[tuple[str, str]]:
     are ignored. Returns None otherwise; whether ``code`` is a valid Twirp code is the
     caller's business.
     """
-    text = body.decode("utf-8", "replace").lstrip(_JSON_SPACE)
     try:
-        value, _end = _DECODER.raw_decode(text)
+        value = decode_first_value(body)
     except (ValueError, RecursionError):
         return None
     if not isinstance(value, JSONObject):

@@ -76,6 +76,8 @@ class StoredJob:
 
 def encode_field(room: str, identity: str) -> str:
     """The hash field: Go JSON of ``[room, identity]`` (HTML escaping included)."""
+    if not isinstance(room, str) or not isinstance(identity, str):
+        raise TypeError("a job field is made of two strings")
     return go_json_dumps([room, identity])
 
 

@@ -11,11 +11,11 @@ from hypothesis import given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from rtcauthd.gojson import go_json_dumps
+from rtcauthd.store.model import encode_field as job_field  # the Redis field of §13.2
 from rtcauthd.livekit.naming import (
     LEGACY_SLOT_ID,
     H,
     identity,
-    job_field,
     legacy_identity,
     legacy_room_alias,
     room_alias,
