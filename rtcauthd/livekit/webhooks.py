@@ -204,8 +204,8 @@ def _pb_string(value: Any) -> str:
 def _pb_integer(value: Any, bounds: tuple[int, int], allow_string: bool) -> int:
     # protojson takes integral JSON numbers (also 1.0 / 1e2), or the same quoted.
     if isinstance(value, str):
-        if not allow_string or not _DECIMAL.fullmatch(value):
-            raise _Invalid()
+        if not allow_string or len(value) > 64 or not _DECIMAL.fullmatch(value):
+            raise _Invalid()  # (an int64 never needs 64 characters; int() of 5000 digits raises)
         value = _Fraction(value) if any(c in value for c in ".eE") else int(value)
     if isinstance(value, Decimal):
         # adjusted() bounds the magnitude before int() could build a huge number
@@ -349,7 +349,7 @@ class WebhookVerifier:
             raise WebhookRejected(R_FUTURE_IAT)
 
         digest = base64.b64encode(hashlib.sha256(body).digest()).decode("ascii")
-        if not hmac.compare_digest(claimed.encode("utf-8"), digest.encode("ascii")):
+        if not hmac.compare_digest(claimed.encode("utf-8", "surrogatepass"), digest.encode("ascii")):
             raise WebhookRejected(R_CHECKSUM)
 
         try:

@@ -55,7 +55,8 @@ def _well_known_base_url(body: bytes) -> str:
     for key in ("m.homeserver", "m.identity_server"):
         if key in document and document[key] is not None:
             entry = document[key]
-            if not isinstance(entry, dict) or not isinstance(entry.get("base_url", ""), str):
+            url = entry.get("base_url") if isinstance(entry, dict) else None
+            if not isinstance(entry, dict) or (url is not None and not isinstance(url, str)):  # null: Go keeps ""
                 raise CsApiUnresolvable(f"well-known {key} is malformed")
     homeserver = document.get("m.homeserver") or {}
     base_url = homeserver.get("base_url") or ""

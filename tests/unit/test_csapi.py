@@ -221,3 +221,11 @@ class GuardedTests(Fixture):
         self.successResultOf(self.call(self.client.send(JobParams("d", 10**10, "override.org", "r", "i"))))
         self.assertEqual([m for m, *_ in self.server.seen], [b"GET", b"POST", b"POST"])
         self.assertEqual(self.guarded_server.seen, [])
+
+
+class IdentityServerNullTests(SynchronousTestCase):
+    def test_null_identity_server_base_url_is_accepted_like_go(self):
+        from rtcauthd.matrix.csapi import _well_known_base_url
+
+        body = b'{"m.homeserver":{"base_url":"https://hs"},"m.identity_server":{"base_url":null}}'
+        self.assertEqual(_well_known_base_url(body), "https://hs")

@@ -437,3 +437,38 @@ class SignalMappingTests(SynchronousTestCase):
             body = event_body(event=event_name, room={"name": "r"}, participant=participant)
             with self.subTest(event=event_name, reason=reason):
                 self.assertEqual(signal_for(verifier.verify(sign(claims_for(body)), body)), expected)
+
+
+class HostileSignedBodyTests(SynchronousTestCase):
+    """Bodies signed with the right secret but built to break the parser: rejected, never raised."""
+
+    def test_huge_integers_and_surrogate_checksums_are_rejections(self):
+        import base64
+        import hashlib
+        import hmac
+        import json
+
+        from twisted.internet.task import Clock
+
+        from rtcauthd.livekit.webhooks import WebhookRejected, WebhookVerifier
+
+        def b64u(data):
+            return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+        def sign(claims):
+            header = b64u(b'{"alg":"HS256","typ":"JWT"}')
+            payload = b64u(json.dumps(claims).encode())
+            sig = b64u(hmac.new(b"devsecret", f"{header}.{payload}".encode(), hashlib.sha256).digest())
+            return f"{header}.{payload}.{sig}"
+
+        clock = Clock()
+        clock.advance(1785000000)
+        verifier = WebhookVerifier(api_key="devkey", api_secret="devsecret", clock=clock)
+        base = {"iss": "devkey", "exp": 1785000300, "nbf": 1785000000}
+        for field in ("createdAt", "numDropped"):
+            body = json.dumps({"event": "participant_left", "room": {"name": "r"}, field: "1" * 5000}).encode()
+            claims = dict(base, sha256=base64.b64encode(hashlib.sha256(body).digest()).decode())
+            with self.assertRaises(WebhookRejected):
+                verifier.verify(sign(claims), body)
+        with self.assertRaises(WebhookRejected):
+            verifier.verify(sign(dict(base, sha256="\ud800")), b'{"event":"participant_joined"}')
