@@ -134,7 +134,7 @@ def build_service(config: Config, reactor, environ: Mapping[str, str] = os.envir
     from rtcauthd.livekit.webhooks import WebhookVerifier
     from rtcauthd.matrix.csapi import ClientAPIResolver, DelayedEventClient
     from rtcauthd.http.app import RtcAuthApp, RtcAuthSite
-    from rtcauthd.http.client import ClosingBrowserLikeRedirectAgent, HTTPClient, connection_pool
+    from rtcauthd.http.client import GoRedirectAgent, HTTPClient, connection_pool
     from rtcauthd.livekit.tokens import TokenMinter
     from rtcauthd.livekit.twirp import RoomServiceClient
     from rtcauthd.matrix.federation import FederationClient
@@ -197,7 +197,7 @@ def build_service(config: Config, reactor, environ: Mapping[str, str] = os.envir
     # servers admitted only by "*" get the SSRF-filtered variant for every hop.
     redirecting_http = HTTPClient(
         clock=reactor,
-        agent=ClosingBrowserLikeRedirectAgent(plain_agent, redirectLimit=10),
+        agent=GoRedirectAgent(plain_agent, limit=10),
         timeout=config.outbound_timeout,
     )
     guarded_http = HTTPClient(

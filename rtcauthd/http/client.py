@@ -18,12 +18,13 @@ from twisted.internet.defer import CancelledError, Deferred, TimeoutError as Def
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
-from twisted.web.client import BrowserLikeRedirectAgent, HTTPConnectionPool, RedirectAgent, ResponseDone
+from twisted.web.client import HTTPConnectionPool, ResponseDone
 from twisted.web.client import _HTTP11ClientFactory
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
+from urllib.parse import urljoin
 
 DEFAULT_TIMEOUT = 10.0
 DEFAULT_MAX_BODY = 64 * 1024
@@ -52,21 +53,40 @@ class _Discard(Protocol):
         pass
 
 
-class _DrainRedirects:
-    """Twisted's redirect agents never read a 3xx body, so its connection stays open (and
-    paused) forever — ten per hostile redirect chain. Close it before following."""
-
-    def _handleRedirect(self, response, method, uri, headers, redirectCount):
-        response.deliverBody(_Discard())
-        return super()._handleRedirect(response, method, uri, headers, redirectCount)
+REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
 
 
-class ClosingRedirectAgent(_DrainRedirects, RedirectAgent):
-    """RedirectAgent (GET/HEAD follow 301/302/303/307/308) that closes every 3xx connection."""
+@implementer(IAgent)
+class GoRedirectAgent:
+    """Follows redirects the way Go's ``http.Client`` does, as upstream's calls do (§11.3).
 
+    301/302/303 turn the request into a GET without a body (HEAD stays HEAD); 307/308
+    repeat the same method and body (our bodies are in memory, so they replay). Every 3xx
+    connection is closed before following: Twisted's own redirect agents leave the unread
+    body's connection open forever. At most ``limit`` redirects, then an error.
+    """
 
-class ClosingBrowserLikeRedirectAgent(_DrainRedirects, BrowserLikeRedirectAgent):
-    """BrowserLikeRedirectAgent (POST→GET on 301/302/303, as Go) that closes 3xx connections."""
+    def __init__(self, agent: IAgent, *, limit: int = 10) -> None:
+        self._agent = agent
+        self._limit = limit
+
+    def request(self, method, uri, headers=None, bodyProducer=None):
+        return self._follow(method, uri, headers, bodyProducer, 0)
+
+    def _follow(self, method: bytes, uri: bytes, headers, body, redirects: int) -> Deferred:
+        def got(response: IResponse):
+            locations = response.headers.getRawHeaders(b"location")
+            if response.code not in REDIRECT_CODES or not locations:
+                return response  # Go hands back a 3xx without Location as it is
+            response.deliverBody(_Discard())
+            if redirects >= self._limit:
+                raise OutboundError("redirect", f"stopped after {self._limit} redirects")
+            target = urljoin(uri.decode("latin-1"), locations[0].decode("latin-1")).encode("latin-1")
+            if response.code in (307, 308):
+                return self._follow(method, target, headers, body, redirects + 1)
+            return self._follow(b"HEAD" if method == b"HEAD" else b"GET", target, headers, None, redirects + 1)
+
+        return self._agent.request(method, uri, headers, body).addCallback(got)
 
 
 class OutboundError(Exception):

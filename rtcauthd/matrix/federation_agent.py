@@ -48,8 +48,7 @@ from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IResp
 from zope.interface import implementer
 
 from rtcauthd.http.client import (
-    ClosingBrowserLikeRedirectAgent,
-    ClosingRedirectAgent,
+    GoRedirectAgent,
     HTTPClient,
     OutboundError,
     connection_pool,
@@ -510,7 +509,7 @@ def build_well_known_agent(
         ),
         pool=connection_pool(reactor, persistent=False),
     )
-    return ClosingRedirectAgent(_ClassifyingAgent(inner), redirectLimit=WELL_KNOWN_REDIRECT_LIMIT)
+    return GoRedirectAgent(_ClassifyingAgent(inner), limit=WELL_KNOWN_REDIRECT_LIMIT)
 
 
 def build_guarded_web_agent(
@@ -526,7 +525,7 @@ def build_guarded_web_agent(
 
     For URLs a homeserver chose that the operator did not vouch for: the client-server
     API base URL from the .well-known of a server admitted only by the ``*`` wildcard.
-    Redirects follow Go's client (301/302/303 turn a POST into a GET). Own pool, as above.
+    Redirects follow Go's client (GoRedirectAgent). Own pool, as above.
     """
     inner = Agent.usingEndpointFactory(
         reactor,
@@ -540,7 +539,7 @@ def build_guarded_web_agent(
         ),
         pool=connection_pool(reactor, persistent=False),
     )
-    return ClosingBrowserLikeRedirectAgent(_ClassifyingAgent(inner), redirectLimit=redirect_limit)
+    return GoRedirectAgent(_ClassifyingAgent(inner), limit=redirect_limit)
 
 
 #: Where the system's DNS servers are listed (for SRV lookups).

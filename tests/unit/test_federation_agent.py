@@ -678,7 +678,7 @@ class WellKnownAgentTests(TestCase):
     @defer.inlineCallbacks
     def test_redirect_loop_gives_up(self):
         error = yield self.assertFailure(self.get("/loop"), OutboundError)
-        self.assertIn("InfiniteRedirection", error.detail)
+        self.assertIn("stopped after", error.detail)
 
     @defer.inlineCallbacks
     def test_each_redirect_hop_is_filtered(self):

@@ -107,7 +107,7 @@ class RedirectConnectionTests(TestCase):
         from twisted.internet import protocol, reactor
         from twisted.web.client import Agent
 
-        from rtcauthd.http.client import ClosingBrowserLikeRedirectAgent, ClosingRedirectAgent, connection_pool
+        from rtcauthd.http.client import GoRedirectAgent, connection_pool
 
         open_connections = set()
 
@@ -137,9 +137,9 @@ class RedirectConnectionTests(TestCase):
         listener = reactor.listenTCP(0, protocol.Factory.forProtocol(Hops), interface="127.0.0.1")
         self.addCleanup(listener.stopListening)
         url = f"http://127.0.0.1:{listener.getHost().port}/start"
-        for agent_class in (ClosingRedirectAgent, ClosingBrowserLikeRedirectAgent):
+        for agent_class in (GoRedirectAgent,):
             pool = connection_pool(reactor)
-            http = HTTPClient(clock=reactor, agent=agent_class(Agent(reactor, pool=pool), redirectLimit=10), timeout=5)
+            http = HTTPClient(clock=reactor, agent=agent_class(Agent(reactor, pool=pool), limit=10), timeout=5)
             response = yield http.request(b"GET", url)
             self.assertEqual(response.code, 404)
             yield pool.closeCachedConnections()
@@ -148,3 +148,58 @@ class RedirectConnectionTests(TestCase):
                     break
                 yield deferLater(reactor, 0.05, lambda: None)
             self.assertEqual(open_connections, set(), agent_class.__name__)
+
+
+class GoRedirectTests(SynchronousTestCase):
+    """Go's redirect rules for the client-server API calls (protocol.md §11.3)."""
+
+    def setUp(self):
+        from rtcauthd.http.client import GoRedirectAgent
+
+        class Hops(Resource):
+            isLeaf = True
+
+            def __init__(self):
+                super().__init__()
+                self.seen = []
+
+            def render(self, request):
+                body = request.content.read()
+                self.seen.append((request.method, request.path, body))
+                if request.path.startswith(b"/old/"):
+                    code = int(request.path.split(b"/")[2])
+                    request.setResponseCode(code)
+                    request.setHeader(b"Location", b"/new/x")
+                    return b""
+                if request.path == b"/loop":
+                    request.setResponseCode(302)
+                    request.setHeader(b"Location", b"/loop")
+                    return b""
+                return b"done"
+
+        self.clock = Clock()
+        self.server = Hops()
+        self.agent = RequestTraversalAgent(self.server)
+        self.http = HTTPClient(clock=self.clock, agent=GoRedirectAgent(self.agent, limit=10))
+
+    def post(self, path):
+        d = self.http.request(b"POST", "http://127.0.0.1" + path, body=b"{}")
+        self.agent.flush()
+        return d
+
+    def test_307_and_308_repeat_the_post_with_its_body(self):
+        for code in (307, 308):
+            self.server.seen.clear()
+            self.assertEqual(self.successResultOf(self.post(f"/old/{code}")).body, b"done")
+            self.assertEqual(self.server.seen[-1], (b"POST", b"/new/x", b"{}"))
+
+    def test_301_302_303_turn_the_post_into_a_bodyless_get(self):
+        for code in (301, 302, 303):
+            self.server.seen.clear()
+            self.successResultOf(self.post(f"/old/{code}"))
+            self.assertEqual(self.server.seen[-1], (b"GET", b"/new/x", b""))
+
+    def test_gives_up_after_the_limit(self):
+        error = self.failureResultOf(self.post("/loop"), OutboundError).value
+        self.assertIn("stopped after 10 redirects", error.detail)
+        self.assertEqual(len(self.server.seen), 11)
