@@ -17,6 +17,8 @@ from typing import Callable, Mapping, Optional
 
 import attr
 
+from rtcauthd.gojson import go_quote
+
 INSECURE_MAGIC = "YES_I_KNOW_WHAT_I_AM_DOING"
 DEFAULT_BIND = ":8080"
 DEFAULT_OUTBOUND_TIMEOUT = 10.0
@@ -67,15 +69,6 @@ KNOWN_VARIABLES = frozenset(
 
 class ConfigError(Exception):
     """A start-up configuration problem; ``str()`` is the single line to print."""
-
-
-def _go_quote(value: str) -> str:
-    """Go's %q for the printable strings we echo back in error messages."""
-    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
-    escaped = "".join(
-        ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in escaped
-    )
-    return f'"{escaped}"'
 
 
 def _trim_secret(value: str) -> str:
@@ -252,7 +245,7 @@ def parse_cs_api_overrides(value: str) -> dict[str, str]:
         server, url = server.strip(), url.strip()
         if not sep or not server or not url:
             raise ConfigError(
-                f"failed parsing LIVEKIT_CS_API_URL_OVERRIDES: invalid entry {_go_quote(entry)}, "
+                f"failed parsing LIVEKIT_CS_API_URL_OVERRIDES: invalid entry {go_quote(entry)}, "
                 "expected server_name=url"
             )
         overrides[server] = url
@@ -278,7 +271,7 @@ def bind_to_endpoints(bind: str, variable: str = "LIVEKIT_JWT_BIND") -> tuple[st
     """
     host, sep, port = bind.rpartition(":")
     if not sep or not re.fullmatch(r"[0-9]{1,5}", port) or int(port) > 65535:
-        raise ConfigError(f"{variable}: {_go_quote(bind)} is not host:port")
+        raise ConfigError(f"{variable}: {go_quote(bind)} is not host:port")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     if host in ("", "::"):
@@ -289,7 +282,7 @@ def bind_to_endpoints(bind: str, variable: str = "LIVEKIT_JWT_BIND") -> tuple[st
         address = ipaddress.ip_address(host)
     except ValueError:
         raise ConfigError(
-            f"{variable}: {_go_quote(bind)}: the host must be an IP address, localhost or empty"
+            f"{variable}: {go_quote(bind)}: the host must be an IP address, localhost or empty"
         ) from None
     if address.version == 6:
         return (f"tcp6:{port}:interface={str(address).replace(':', chr(92) + ':')}",)
@@ -312,7 +305,7 @@ def _positive_number(variable: str, value: str, default: float, kind: type) -> f
     except ValueError:
         number = -1
     if not math.isfinite(number) or number <= 0:
-        raise ConfigError(f"{variable} must be a positive number, got {_go_quote(value)}")
+        raise ConfigError(f"{variable} must be a positive number, got {go_quote(value)}")
     return number
 
 
@@ -349,7 +342,7 @@ def load_config(
         warnings.append("Invalid log level in LIVEKIT_LOG_LEVEL, defaulting to info")
     log_format = env.get("RTCAUTH_LOG_FORMAT", "auto").strip().lower() or "auto"
     if log_format not in LOG_FORMATS:
-        raise ConfigError(f"RTCAUTH_LOG_FORMAT must be one of auto, text, json, got {_go_quote(log_format)}")
+        raise ConfigError(f"RTCAUTH_LOG_FORMAT must be one of auto, text, json, got {go_quote(log_format)}")
 
     # 2. insecure TLS: only the exact magic value counts
     insecure = env.get("LIVEKIT_INSECURE_SKIP_VERIFY_TLS", "") == INSECURE_MAGIC
@@ -401,7 +394,7 @@ def load_config(
         if not re.fullmatch(r"[+-]?[0-9]+", sanity_raw) or not 0 <= int(sanity_raw) < 2**63:
             raise ConfigError(
                 "LIVEKIT_SANITY_CHECK_INTERVAL_SECONDS must be a non-negative integer, "
-                f"got {_go_quote(sanity_raw)}"
+                f"got {go_quote(sanity_raw)}"
             )
         sanity = int(sanity_raw)
 

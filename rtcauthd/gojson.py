@@ -26,6 +26,7 @@ __all__ = [
     "fold_key",
     "go_json_dumps",
     "go_json_string",
+    "go_quote",
     "reject_constant",
     "scrub_surrogates",
 ]
@@ -177,3 +178,25 @@ def decode_first_value(data: bytes) -> Any:
         raise NotJSON("no JSON value")
     value, _end = STRICT_DECODER.raw_decode(text, start)
     return value
+
+
+def go_quote(text: str) -> str:
+    """Go's ``%q``: double quotes; quotes, backslashes and unprintables escaped."""
+    out = []
+    for ch in text:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ch.isprintable():
+            out.append(ch)
+        elif ch in _GO_SHORT:
+            out.append(_GO_SHORT[ch])
+        elif ord(ch) < 0x80:
+            out.append("\\x%02x" % ord(ch))
+        elif ord(ch) <= 0xFFFF:
+            out.append("\\u%04x" % ord(ch))
+        else:
+            out.append("\\U%08x" % ord(ch))
+    return '"' + "".join(out) + '"'
+
+
+_GO_SHORT = {"\a": "\\a", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t", "\v": "\\v"}

@@ -38,6 +38,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
+from rtcauthd.gojson import go_quote
 from rtcauthd.metrics import Metrics
 from rtcauthd.store.interface import IJobStore
 from rtcauthd.store.model import StoredJob, StoredJobError, decode_value, encode_field, encode_value
@@ -58,13 +59,15 @@ log = Logger()
 JOBS_KEY = b"lk-jwt:jobs"
 
 DEFAULT_PORT = 6379
+#: seconds between fresh connections when txredisapi has given up on its own
+REBUILD_INTERVAL = 10.0
 
 
 class RedisURLError(ValueError):
     """``LIVEKIT_REDIS_URL`` cannot be used; the message is upstream's, minus the password."""
 
     def __init__(self, url: str, detail: str) -> None:
-        super().__init__(f"store: invalid Redis URL {_go_quote(redact_url(url))}: {detail}")
+        super().__init__(f"store: invalid Redis URL {go_quote(redact_url(url))}: {detail}")
         self.detail = detail
 
 
@@ -99,26 +102,6 @@ class RedisTarget:
         return f"{host}:{self.port}"
 
 
-def _go_quote(text: str) -> str:
-    """Go's ``%q``: double quotes; quotes, backslashes and unprintables escaped."""
-    out = []
-    for ch in text:
-        if ch in '"\\':
-            out.append("\\" + ch)
-        elif ch.isprintable():
-            out.append(ch)
-        elif ch in _GO_SHORT:
-            out.append(_GO_SHORT[ch])
-        elif ord(ch) < 0x80:
-            out.append("\\x%02x" % ord(ch))
-        elif ord(ch) <= 0xFFFF:
-            out.append("\\u%04x" % ord(ch))
-        else:
-            out.append("\\U%08x" % ord(ch))
-    return '"' + "".join(out) + '"'
-
-
-_GO_SHORT = {"\a": "\\a", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t", "\v": "\\v"}
 def redact_url(url: str) -> str:
     """The URL with any password replaced by ``xxxxx`` (as Go's ``URL.Redacted``)."""
     scheme_end = url.find("://")
@@ -336,18 +319,10 @@ class RedisStore:
         self._op_timeout = op_timeout
         self._restore_wait = restore_wait
         self._retry_interval = retry_interval
-        self._redis = (
-            _connection
-            if _connection is not None
-            # Replies may be as slow as the start-up HGETALL of every job; each operation is
-            # still bounded by its own timeout (_bounded).
-            else _connect(
-                target,
-                tls_policy=tls_policy,
-                reply_timeout=max(op_timeout, restore_wait),
-                connect_timeout=op_timeout,
-            )
-        )
+        self._tls_policy = tls_policy
+        self._owns_connection = _connection is None
+        self._next_rebuild = 0.0
+        self._redis = _connection if _connection is not None else self._new_connection()
         self._up = True  # optimistic until an operation says otherwise
         self._closing = False
         self._version = 0
@@ -361,6 +336,36 @@ class RedisStore:
         self._touched: Optional[set[bytes]] = None
         self._restoring = False
         self._drained: list[Deferred] = []
+
+    def _new_connection(self) -> Any:
+        # Replies may be as slow as the start-up HGETALL of every job; each operation is
+        # still bounded by its own timeout (_bounded).
+        return _connect(
+            self._target,
+            tls_policy=self._tls_policy,
+            reply_timeout=max(self._op_timeout, self._restore_wait),
+            connect_timeout=self._op_timeout,
+        )
+
+    def _replace_connection(self) -> None:
+        old, self._redis = self._redis, self._new_connection()
+        defer.maybeDeferred(old.disconnect).addErrback(lambda _f: None)
+
+    def _rebuild_if_given_up(self) -> None:
+        """txredisapi stops reconnecting for good when AUTH or SELECT fails on a new
+        connection — even if the connection merely dropped, e.g. behind a proxy while Redis
+        restarts — and its reconnect backoff can be long. So while Redis stays unreachable,
+        start a fresh connection every REBUILD_INTERVAL seconds (a wrong password does not
+        spin faster than that)."""
+        if not self._owns_connection:
+            return
+        now = self._clock.seconds()
+        if now < self._next_rebuild:
+            return
+        if self._next_rebuild:  # not on the first failed probe of an outage
+            log.info("Reconnecting to Redis at {address} from scratch", address=self._target.address)
+            self._replace_connection()
+        self._next_rebuild = now + REBUILD_INTERVAL
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> "RedisStore":
@@ -424,10 +429,16 @@ class RedisStore:
     def close(self) -> "Deferred[None]":
         self._closing = True
         self._stop_probe()
-        if self._up and self._pending:
-            waiting: Deferred = Deferred()
-            self._drained.append(waiting)
-            d = self._bounded(waiting, self._op_timeout)
+        if self._pending and not self._up:
+            # Redis may be back already, before our probe noticed: a fresh connection (the
+            # old one may sit in its reconnect backoff), one bounded PING, and if it answers,
+            # one bounded chance for the queued changes to land.
+            if self._owns_connection:
+                self._replace_connection()
+            d = self._bounded(self._redis.ping(), self._op_timeout)
+            d.addCallbacks(lambda _: self._flush_for_close(), lambda _f: None)
+        elif self._up and self._pending:
+            d = self._wait_drained()
         else:
             d = succeed(None)
 
@@ -441,6 +452,18 @@ class RedisStore:
             return defer.maybeDeferred(self._redis.disconnect).addErrback(lambda _f: None)
 
         return d.addBoth(disconnect).addCallback(lambda _: None)
+
+    def _wait_drained(self) -> "Deferred[None]":
+        waiting: Deferred = Deferred()
+        self._drained.append(waiting)
+        self._check_drained()
+        return self._bounded(waiting, self._op_timeout)
+
+    def _flush_for_close(self) -> "Deferred[None]":
+        self._up = True
+        for field in list(self._pending):
+            self._pump(field)
+        return self._wait_drained()
 
     def ping(self) -> "Deferred[None]":
         """PING within ``op_timeout``; fails with :class:`RedisPingError`.
@@ -560,16 +583,19 @@ class RedisStore:
         # Waits for txredisapi to reconnect (it backs off by itself); once connected the
         # PING is bounded by the reply timeout.
         self._probe_call = None
-        d = self._probe_d = self._redis.ping()
+        d = self._probe_d = self._bounded(self._redis.ping(), max(self._op_timeout, 2 * self._retry_interval))
 
         def ok(_: object) -> None:
             self._probe_d = None
+            self._next_rebuild = 0.0
             self._came_back()
 
         def failed(failure: Failure) -> None:
+            if self._probe_d is not d:
+                return  # cancelled by _stop_probe
             self._probe_d = None
-            if not failure.check(defer.CancelledError):
-                self._schedule_probe(self._retry_interval)
+            self._rebuild_if_given_up()
+            self._schedule_probe(self._retry_interval)
 
         d.addCallbacks(ok, failed)
 

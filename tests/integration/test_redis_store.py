@@ -27,6 +27,7 @@ from twisted.protocols.portforward import ProxyFactory
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import BrowserLikePolicyForHTTPS
 
+import rtcauthd.store.redis as redis_module
 from rtcauthd.store.model import StoredJob, encode_field, encode_value
 from rtcauthd.store.redis import (
     JOBS_KEY,
@@ -490,6 +491,45 @@ class OutageTests(RedisTestBase):
         self.assertIn(b'"DelayId":"syd_a2"', stored[b'["room-a","ident-a"]'])
         self.assertEqual(self.count_logs("is unavailable"), 1)
         self.assertEqual(self.count_logs("is available again"), 1)
+
+    @inlineCallbacks
+    def test_close_writes_what_is_pending_when_redis_came_back_unnoticed(self):
+        server = RedisServer(self)
+        yield server.start()
+        store = self.store(f"redis://127.0.0.1:{server.port}/0", retry_interval=5.0)
+        yield store.load_all()
+        yield store.put(job(room="a"))
+        server.kill()
+        yield store.put(job(room="b"))  # queued: Redis is gone
+        self.assertFalse(store.available)
+        yield server.start()  # back, but our probe has not looked yet
+        yield store.close()  # the SIGTERM path
+        self.assertIn(encode_field("b", IDENTITY).encode(), raw_hgetall(server.port))
+        self.assertEqual(self.count_logs("could not be written to Redis before shutdown"), 0)
+
+    @inlineCallbacks
+    def test_password_behind_a_proxy_that_drops_recovers(self):
+        """A refused or dropped AUTH makes txredisapi stop reconnecting for good; the store
+        must start over by itself once Redis is reachable again."""
+        server = RedisServer(self, "--requirepass", "pw")
+        yield server.start()
+        proxy_port = free_port()
+        listener = reactor.listenTCP(proxy_port, ProxyFactory("127.0.0.1", server.port), interface="127.0.0.1")
+        self.addCleanup(lambda: listener.stopListening() if listener.connected else None)
+        store = self.store(f"redis://:pw@127.0.0.1:{proxy_port}/0", retry_interval=0.2)
+        self.patch(redis_module, "REBUILD_INTERVAL", 0.5)
+        yield store.load_all()
+        server.kill()  # the proxy still accepts, then drops every connection (and its AUTH)
+        yield store.put(job(room="b"))
+        self.assertFalse(store.available)
+        yield deferLater(reactor, 1.0, lambda: None)
+        yield server.start()
+        yield wait_until(lambda: store.available and store.pending_count == 0, what="writes to land", timeout=20)
+        self.assertIn(encode_field("b", IDENTITY).encode(), raw_hgetall(server.port, password="pw"))
+        for _ in range(5):  # the dropped AUTH attempts surface as GC-time errors
+            gc.collect()
+            self.flushLoggedErrors()
+            yield deferLater(reactor, 0.05, lambda: None)
 
     @inlineCallbacks
     def test_close_while_down_does_not_hang(self):
