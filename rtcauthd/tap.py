@@ -10,6 +10,7 @@ import os
 import sys
 from typing import Mapping
 
+from twisted.internet.defer import DeferredSemaphore
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
@@ -19,6 +20,9 @@ from rtcauthd import logging as rtc_logging
 from rtcauthd.config import Config, ConfigError, load_config
 
 log = Logger()
+
+#: SFU participant lookups in flight at once; the rest queue (each still bounded in time).
+MAX_CONCURRENT_LOOKUPS = 128
 
 ENVIRONMENT_HELP = """
 Configuration comes from the environment, exactly as lk-jwt-service reads it
@@ -118,10 +122,26 @@ def makeService(options: Mapping) -> "RtcAuthService":  # noqa: F821
     rtc_logging.configure(
         level=config.log_level, log_format=config.log_format, secrets=(config.api_secret,)
     )
+    raise_open_file_limit()
     try:
         return build_service(config, reactor)
     except ConfigError as e:
         fail_startup(str(e))
+
+
+def raise_open_file_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit, as Go does at start: restored jobs, pooled
+    connections and clients need more than the usual 1024 descriptors."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as e:
+            log.warn("Could not raise the open-file limit from {soft}: {error}", soft=soft, error=e)
+            return
+        log.info("Open-file limit raised from {soft} to {hard}", soft=soft, hard=hard)
 
 
 def build_service(config: Config, reactor, environ: Mapping[str, str] = os.environ):
@@ -222,12 +242,14 @@ def build_service(config: Config, reactor, environ: Mapping[str, str] = os.envir
         overrides=config.cs_api_url_overrides,
     )
     delayed_events = DelayedEventClient(clock=reactor, resolver=cs_api, metrics=metrics)
+    lookups = DeferredSemaphore(MAX_CONCURRENT_LOOKUPS)
     manager = JobManager(
         clock=reactor,
         store=store,
         restart=delayed_events.restart,
         send=delayed_events.send,
-        lookup_participant=lambda params: rooms.get_participant(params.room, params.identity),
+        # Bounded: 100 000 restored jobs all look up their participant at once (§12.7).
+        lookup_participant=lambda params: lookups.run(rooms.get_participant, params.room, params.identity),
         sanity_interval=float(config.sanity_check_interval),
     )
     metrics.watch_jobs(lambda: (job.state.value for job in manager), (state.value for state in State))
