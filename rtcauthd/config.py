@@ -17,7 +17,7 @@ from typing import Callable, Mapping, Optional
 
 import attr
 
-from rtcauthd.gojson import go_quote
+from rtcauthd.gojson import INT64_MAX, go_quote
 
 INSECURE_MAGIC = "YES_I_KNOW_WHAT_I_AM_DOING"
 DEFAULT_BIND = ":8080"
@@ -391,7 +391,7 @@ def load_config(
     sanity = 0
     if sanity_raw != "":
         # Go's strconv.Atoi: optional sign, digits, int64 range.
-        if not re.fullmatch(r"[+-]?[0-9]+", sanity_raw) or not 0 <= int(sanity_raw) < 2**63:
+        if not re.fullmatch(r"[+-]?[0-9]+", sanity_raw) or not 0 <= int(sanity_raw) <= INT64_MAX:
             raise ConfigError(
                 "LIVEKIT_SANITY_CHECK_INTERVAL_SECONDS must be a non-negative integer, "
                 f"got {go_quote(sanity_raw)}"

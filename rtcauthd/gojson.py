@@ -17,6 +17,8 @@ import re
 from typing import Any
 
 __all__ = [
+    "INT64_MAX",
+    "INT64_MIN",
     "JSONFraction",
     "JSONObject",
     "NotJSON",
@@ -122,6 +124,10 @@ def _encode(obj: Any, out: list[str]) -> None:
 # What every peer of ours (clients, Redis records written by Go, Twirp errors, Matrix 429
 # bodies, webhooks) is decoded with: Go's decoders reject NaN/Infinity, keep integers and
 # fractions apart, see duplicate members, and turn each invalid UTF-8 byte into U+FFFD.
+
+
+#: Go's int64, the type of every integer field we decode
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 class NotJSON(ValueError):

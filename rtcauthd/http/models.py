@@ -16,9 +16,15 @@ import attr
 
 from rtcauthd import errors
 from rtcauthd.errors import MatrixError
-from rtcauthd.gojson import JSONObject, decode_first_value, fold_key, scrub_surrogates
+from rtcauthd.gojson import (
+    INT64_MAX,
+    INT64_MIN,
+    JSONObject,
+    decode_first_value,
+    fold_key,
+    scrub_surrogates,
+)
 
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 #: delay_timeout in ms that still fits Go's int64 nanoseconds (protocol.md §12.1)
 MAX_DELAY_TIMEOUT_MS = INT64_MAX // 1_000_000
 

@@ -17,10 +17,7 @@ from typing import Any, Mapping, Optional, Union
 import attr
 from twisted.web.http_headers import Headers
 
-from rtcauthd.gojson import JSONObject, reject_constant
-
-_INT64_MAX = 2**63 - 1
-_INT64_MIN = -(2**63)
+from rtcauthd.gojson import INT64_MAX, INT64_MIN, JSONObject, reject_constant
 
 
 class CsApiUnresolvable(Exception):
@@ -115,7 +112,7 @@ def _retry_after_header(value: Optional[str], now: float) -> Optional[float]:
     value = value.strip(" \t")  # header framing whitespace; inner spaces make it unusable
     if _DECIMAL.fullmatch(value):
         seconds = int(value)
-        if _INT64_MIN <= seconds <= _INT64_MAX:
+        if INT64_MIN <= seconds <= INT64_MAX:
             return float(max(seconds, 0))
         # Out of int64 range: Go's Atoi fails, so fall through to the date forms (and fail).
     when = parse_http_date(value)
@@ -214,7 +211,7 @@ def _retry_after_body(body: bytes) -> Optional[float]:
         elif lkey == "retry_after_ms":
             if value is None:
                 continue
-            if type(value) is not int or not _INT64_MIN <= value <= _INT64_MAX:
+            if type(value) is not int or not INT64_MIN <= value <= INT64_MAX:
                 return None
             retry_after_ms = value
     if retry_after_ms <= 0:

@@ -27,7 +27,7 @@ from typing import Any, Optional
 import attr
 from twisted.internet.interfaces import IReactorTime
 
-from rtcauthd.gojson import JSONObject, reject_constant
+from rtcauthd.gojson import INT64_MAX, INT64_MIN, JSONObject, reject_constant
 
 __all__ = [
     "LEEWAY_SECONDS",
@@ -189,7 +189,7 @@ _BODY_DECODER = json.JSONDecoder(
 )
 
 _INT32 = (-(2**31), 2**31 - 1)
-_INT64 = (-(2**63), 2**63 - 1)
+_INT64 = (INT64_MIN, INT64_MAX)
 _DECIMAL = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?", re.ASCII)
 
 

@@ -18,6 +18,8 @@ from typing import Any
 import attr
 
 from rtcauthd.gojson import (
+    INT64_MAX,
+    INT64_MIN,
     STRICT_DECODER,
     JSONObject,
     decode_utf8_per_byte,
@@ -37,7 +39,6 @@ __all__ = [
     "parse_rfc3339",
 ]
 
-_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _NS_PER_S = 1_000_000_000
 
 #: Go's zero ``time.Time`` (0001-01-01T00:00:00Z) in unix seconds: what a record without
@@ -196,7 +197,7 @@ def _string(value: Any, what: str) -> str:
 def _duration(value: Any) -> int:
     if type(value) is not int:  # bool is an int subclass; JSONFraction marks 8e9 / 8.0
         raise StoredJobError("DelayTimeout: expected an integer")
-    if not _INT64_MIN <= value <= _INT64_MAX:
+    if not INT64_MIN <= value <= INT64_MAX:
         raise StoredJobError("DelayTimeout: out of int64 range")
     return value
 
