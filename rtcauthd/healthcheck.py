@@ -42,6 +42,8 @@ _PREFIX = "rtcauth healthcheck"
 _V4_LOOPBACK = "127.0.0.1"
 _V6_LOOPBACK = "::1"
 
+from rtcauthd.cli import positive_seconds
+
 
 class HealthcheckError(Exception):
     """The probe cannot even be attempted (bad URL or settings); ``str()`` is the reason."""
@@ -387,16 +389,6 @@ def check(
 # --- command line ------------------------------------------------------------------------
 
 
-def _positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
-    return value
-
-
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "url",
@@ -414,7 +406,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--timeout",
-        type=_positive_seconds,
+        type=positive_seconds,
         default=DEFAULT_TIMEOUT,
         metavar="SECONDS",
         help=f"give up after this long in total (default {DEFAULT_TIMEOUT:g})",

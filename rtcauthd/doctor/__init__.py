@@ -27,19 +27,11 @@ _PREFIX = "rtcauth doctor"
 #: Any of these in the environment means "this is the service's environment": check LiveKit.
 _SERVICE_VARIABLES = ("LIVEKIT_URL", "LIVEKIT_KEY", "LIVEKIT_KEY_FILE", "LIVEKIT_FULL_ACCESS_HOMESERVERS")
 
+from rtcauthd.cli import positive_seconds
+
 
 class DoctorUsageError(Exception):
     """Options that cannot be used; ``str()`` is the one line to print."""
-
-
-def _positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
-    return value
 
 
 def _port(text: str) -> int:
@@ -65,7 +57,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ca-file", metavar="PATH", help="also trust the CA certificates in this PEM file")
     parser.add_argument(
         "--timeout",
-        type=_positive_seconds,
+        type=positive_seconds,
         default=DEFAULT_TIMEOUT,
         metavar="SECONDS",
         help=f"bound for each network operation (default {DEFAULT_TIMEOUT:g}); the whole report "
