@@ -18,7 +18,7 @@ import attr
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, TimeoutError as DeferTimeout, gatherResults
-from twisted.internet.interfaces import IHostnameResolver, IHostResolution
+from twisted.internet.interfaces import IHostnameResolver
 from twisted.logger import Logger
 from twisted.names import dns
 from twisted.names.error import (
@@ -37,6 +37,7 @@ RESOLV_CONF = "/etc/resolv.conf"
 
 _KINDS = {"A": dns.A, "AAAA": dns.AAAA}
 _LOOKUPS = {"A": "lookupAddress", "AAAA": "lookupIPV6Address"}
+from rtcauthd.matrix.federation_agent import HostResolution
 
 
 class DNSServerSyntaxError(ValueError):
@@ -184,15 +185,6 @@ class DNSClient:
         return self._resolver.lookupService(name, timeout=self._timeouts)
 
 
-@implementer(IHostResolution)
-class _Resolution:
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def cancel(self) -> None:
-        pass
-
-
 @implementer(IHostnameResolver)
 class NamesHostnameResolver:
     """IHostnameResolver over :class:`DNSClient`, so connections use ``--dns-server`` too.
@@ -210,7 +202,7 @@ class NamesHostnameResolver:
         if isinstance(hostName, bytes):
             hostName = hostName.decode("ascii")
         receiver = resolutionReceiver
-        receiver.resolutionBegan(_Resolution(hostName))
+        receiver.resolutionBegan(HostResolution(hostName))
         wanted = tuple(addressTypes) if addressTypes else (IPv4Address, IPv6Address)
 
         def deliver(addresses: list[tuple[type, str]]) -> None:

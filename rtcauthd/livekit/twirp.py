@@ -324,21 +324,18 @@ class RoomServiceClient:
             error = error_from_response("GetParticipant", response)
             if error.code == "not_found":
                 return Presence.ABSENT
+            return unknown(error)
+
+        def failed(failure: Failure) -> Presence:
+            failure.trap(TwirpError)
+            return unknown(failure.value)
+
+        def unknown(error: TwirpError) -> Presence:
             log.warn(
                 "GetParticipant for {identity} in {room} failed: {error}",
                 identity=identity,
                 room=room,
                 error=str(error),
-            )
-            return Presence.UNKNOWN
-
-        def failed(failure: Failure) -> Presence:
-            failure.trap(TwirpError)
-            log.warn(
-                "GetParticipant for {identity} in {room} failed: {error}",
-                identity=identity,
-                room=room,
-                error=str(failure.value),
             )
             return Presence.UNKNOWN
 

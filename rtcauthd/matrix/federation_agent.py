@@ -94,7 +94,9 @@ class TLSFailed(OutboundError):
 
 
 @implementer(IHostResolution)
-class _LiteralResolution:
+class HostResolution:
+    """The IHostResolution a custom IHostnameResolver hands its receiver (nothing to cancel)."""
+
     def __init__(self, name: str) -> None:
         self.name = name
 
@@ -149,7 +151,7 @@ class _GuardedNameResolver:
             receiver = _FilteringReceiver(receiver, self._filter, self._refusals, hostName)
         if isIPAddress(hostName) or isIPv6Address(hostName):
             # No thread hop or DNS for literals; the filter still sees them.
-            receiver.resolutionBegan(_LiteralResolution(hostName))
+            receiver.resolutionBegan(HostResolution(hostName))
             kind = IPv6Address if ":" in hostName else IPv4Address
             receiver.addressResolved(kind("TCP", hostName, portNumber))
             receiver.resolutionComplete()

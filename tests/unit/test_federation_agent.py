@@ -10,7 +10,7 @@ from typing import Optional
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionRefusedError
-from twisted.internet.interfaces import IHostnameResolver, IHostResolution
+from twisted.internet.interfaces import IHostnameResolver
 from twisted.internet.ssl import PrivateCertificate
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
@@ -39,15 +39,6 @@ PUBLIC_V4 = "93.184.216.34"
 PUBLIC_V4_B = "8.8.4.4"
 HAPPY_EYEBALLS_DELAY = 0.3
 
-@implementer(IHostResolution)
-class _Resolution:
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def cancel(self) -> None:
-        pass
-
-
 @implementer(IHostnameResolver)
 class FakeNameResolver:
     """A/AAAA answers from a dict: name -> [ip, ...] or a list of such lists (one per
@@ -59,7 +50,7 @@ class FakeNameResolver:
 
     def resolveHostName(self, receiver, hostName, portNumber=0, addressTypes=None, transportSemantics="TCP"):
         self.queries.append((hostName, portNumber))
-        receiver.resolutionBegan(_Resolution(hostName))
+        receiver.resolutionBegan(agent_module.HostResolution(hostName))
         value = self.answers.get(hostName, [])
         if value and isinstance(value[0], list):  # successive answers
             value = value.pop(0) if len(value) > 1 else value[0]
