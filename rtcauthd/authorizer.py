@@ -16,7 +16,7 @@ from twisted.logger import Logger
 from rtcauthd import errors
 from rtcauthd.config import Config
 from rtcauthd.errors import MatrixError
-from rtcauthd.http.models import LegacyTokenRequest, OpenIDToken, TokenRequest
+from rtcauthd.inbound.models import LegacyTokenRequest, OpenIDToken, TokenRequest
 from rtcauthd.livekit import naming
 from rtcauthd.livekit.tokens import TokenMinter
 from rtcauthd.livekit.twirp import TwirpError

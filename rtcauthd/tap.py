@@ -153,8 +153,8 @@ def build_service(config: Config, reactor, environ: Mapping[str, str] = os.envir
     from rtcauthd.metrics import Metrics
     from rtcauthd.livekit.webhooks import WebhookVerifier
     from rtcauthd.matrix.csapi import ClientAPIResolver, DelayedEventClient
-    from rtcauthd.http.app import RtcAuthApp, RtcAuthSite
-    from rtcauthd.http.client import GoRedirectAgent, HTTPClient, connection_pool
+    from rtcauthd.inbound.app import RtcAuthApp, RtcAuthSite
+    from rtcauthd.outbound.client import GoRedirectAgent, HTTPClient, connection_pool
     from rtcauthd.livekit.tokens import TokenMinter
     from rtcauthd.livekit.twirp import RoomServiceClient
     from rtcauthd.matrix.federation import FederationClient

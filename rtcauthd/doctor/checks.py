@@ -46,7 +46,7 @@ from rtcauthd.doctor.context import (
 )
 from rtcauthd.doctor.net import HTTPS_PORT, ProbeError, explain, parse_url, simplify
 from rtcauthd.doctor.report import Result, Status
-from rtcauthd.http.client import HTTPResponse, OutboundError
+from rtcauthd.outbound.client import HTTPResponse, OutboundError
 
 log = Logger()
 

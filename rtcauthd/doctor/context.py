@@ -19,7 +19,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from rtcauthd.doctor.net import HTTPS_PORT, explain, parse_url
-from rtcauthd.http.client import HTTPResponse, OutboundError, RequestTimedOut
+from rtcauthd.outbound.errors import FailureKind
+from rtcauthd.outbound.client import HTTPResponse, OutboundError, RequestTimedOut
 from rtcauthd.matrix.servername import ServerName
 
 #: Sent as ``Origin`` so that CORS answers can be judged as a browser would.
@@ -262,7 +263,7 @@ class Context:
                 redirects.append(url)
                 continue
             return response, url, redirects
-        raise OutboundError("redirect", f"more than {MAX_REDIRECTS} redirects")
+        raise OutboundError(FailureKind.REDIRECT, "redirect", f"more than {MAX_REDIRECTS} redirects")
 
     # -- shared findings -------------------------------------------------------------------
 

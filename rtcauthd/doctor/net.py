@@ -42,7 +42,8 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IAgent
 from zope.interface import implementer
 
-from rtcauthd.http.client import OutboundError, RequestTimedOut
+from rtcauthd.outbound.errors import FailureKind
+from rtcauthd.outbound.client import OutboundError, RequestTimedOut
 
 HTTPS_PORT = 443
 #: How long to wait for aborted connections to report themselves closed.
@@ -181,7 +182,7 @@ class ExplainingAgent:
         def failed(failure: Failure) -> Failure:
             if failure.check(OutboundError, CancelledError):
                 return failure
-            raise OutboundError("connect", explain(failure))
+            raise OutboundError(FailureKind.CONNECT, "connect", explain(failure))
 
         return self._agent.request(method, uri, headers, bodyProducer).addErrback(failed)
 
@@ -465,7 +466,7 @@ def build_network(
     from twisted.web.client import HTTPConnectionPool
 
     from rtcauthd.doctor.dns import DNSClient, NamesHostnameResolver
-    from rtcauthd.http.client import HTTPClient
+    from rtcauthd.outbound.client import HTTPClient
     from rtcauthd.matrix.federation_agent import (
         FederationAgent,
         build_plain_agent,

@@ -16,7 +16,7 @@ from twisted.logger import Logger
 from rtcauthd import errors
 from rtcauthd.authorizer import LeaveJobRequest
 from rtcauthd.errors import MatrixError
-from rtcauthd.http.models import MAX_DELAY_TIMEOUT_MS
+from rtcauthd.inbound.models import MAX_DELAY_TIMEOUT_MS
 from rtcauthd.leave.jobs import JobParams, NS_PER_SECOND
 from rtcauthd.leave.manager import JobManager, ShuttingDown
 from rtcauthd.livekit.webhooks import WebhookRejected, WebhookVerifier, signal_for

@@ -41,7 +41,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from rtcauthd.leave.outcome import CsApiUnresolvable, Outcome, OutcomeKind
-from rtcauthd.livekit.twirp import Presence
+from rtcauthd.livekit.presence import Presence
 from rtcauthd.leave.retry import RetryLoop
 
 log = Logger()

@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 
 from rtcauthd.leave.jobs import DelayedLeaveJob, JobEnvironment, JobParams, Signal
 from rtcauthd.leave.outcome import Outcome
-from rtcauthd.livekit.twirp import Presence
+from rtcauthd.livekit.presence import Presence
 from rtcauthd.store.model import StoredJob
 
 log = Logger()

@@ -17,7 +17,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from rtcauthd.http.client import OutboundError
+from rtcauthd.outbound.client import OutboundError
 from rtcauthd.leave.outcome import Outcome, OutcomeKind
 
 log = Logger()

@@ -9,7 +9,6 @@ Go Twirp client does, because "participant absent" must only be concluded from a
 
 from __future__ import annotations
 
-import enum
 import re
 from typing import Any, Optional
 
@@ -18,8 +17,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from rtcauthd.gojson import JSONObject, decode_first_value
-from rtcauthd.http.client import HTTPClient, HTTPResponse, OutboundError
+from rtcauthd.outbound.client import HTTPClient, HTTPResponse, OutboundError
 from rtcauthd.livekit import protobuf as pb
+from rtcauthd.livekit.presence import Presence
 from rtcauthd.livekit.tokens import TokenMinter
 from rtcauthd.metrics import Metrics
 
@@ -68,14 +68,6 @@ VALID_TWIRP_CODES = frozenset(
         "dataloss",
     }
 )
-
-
-class Presence(enum.Enum):
-    """Outcome of a participant lookup (§7.4)."""
-
-    PRESENT = "present"
-    ABSENT = "absent"  # the SFU itself said not_found
-    UNKNOWN = "unknown"  # transport error or an answer we cannot trust
 
 
 class TwirpError(Exception):

@@ -28,6 +28,7 @@ import attr
 from twisted.internet.interfaces import IReactorTime
 
 from rtcauthd.gojson import INT64_MAX, INT64_MIN, JSONObject, reject_constant
+from rtcauthd.livekit.presence import SIGNAL_CONNECTED, SIGNAL_CONNECTION_ABORTED, SIGNAL_DISCONNECTED_INTENTIONALLY
 
 __all__ = [
     "LEEWAY_SECONDS",
@@ -42,10 +43,6 @@ __all__ = [
 
 #: go-jose's default leeway for exp / nbf / iat
 LEEWAY_SECONDS = 60
-
-SIGNAL_CONNECTED = "ParticipantConnected"
-SIGNAL_DISCONNECTED_INTENTIONALLY = "ParticipantDisconnectedIntentionally"
-SIGNAL_CONNECTION_ABORTED = "ParticipantConnectionAborted"
 
 #: livekit.DisconnectReason CLIENT_INITIATED
 CLIENT_INITIATED = 1

@@ -18,7 +18,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from rtcauthd.gojson import reject_constant
-from rtcauthd.http.client import HTTPClient, OutboundError
+from rtcauthd.outbound.client import HTTPClient, OutboundError
 from rtcauthd.metrics import Metrics
 from rtcauthd.leave.outcome import CsApiUnresolvable, Outcome, classify_delayed_event_response
 

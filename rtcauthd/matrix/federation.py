@@ -18,7 +18,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from rtcauthd.gojson import reject_constant
-from rtcauthd.http.client import BodyTooLarge, HTTPClient, HTTPResponse, OutboundError, RequestTimedOut
+from rtcauthd.outbound.errors import FailureKind
+from rtcauthd.outbound.client import BodyTooLarge, HTTPClient, HTTPResponse, OutboundError, RequestTimedOut
 from rtcauthd.matrix.federation_agent import AddressRefusedError, ConnectFailed, TLSFailed
 from rtcauthd.matrix.resolver import ResolveError
 from rtcauthd.matrix.servername import InvalidServerName, parse_server_name
@@ -36,6 +37,9 @@ MIN_SCRUB_LENGTH = 6
 class OpenIDError(OutboundError):
     """The userinfo lookup failed at ``step`` ("server name", "resolve", "connect",
     "tls", "timeout", "status 401", "bad json", "sub mismatch", ...)."""
+
+    def __init__(self, step: str, detail: str) -> None:
+        super().__init__(FailureKind.OTHER, step, detail)
 
 
 class FederationClient:

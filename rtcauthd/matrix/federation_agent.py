@@ -47,7 +47,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
-from rtcauthd.http.client import (
+from rtcauthd.outbound.errors import FailureKind
+from rtcauthd.outbound.client import (
     GoRedirectAgent,
     HTTPClient,
     OutboundError,
@@ -81,13 +82,22 @@ _INNER_TRUSTED = b"matrix-federation-trusted"
 class AddressRefusedError(OutboundError):
     """Every address of the destination is blocked by the IP range filter."""
 
+    def __init__(self, step: str, detail: str) -> None:
+        super().__init__(FailureKind.REFUSED, step, detail)
+
 
 class ConnectFailed(OutboundError):
     """No TCP connection could be established."""
 
+    def __init__(self, step: str, detail: str) -> None:
+        super().__init__(FailureKind.CONNECT, step, detail)
+
 
 class TLSFailed(OutboundError):
     """The TLS handshake or the certificate check failed."""
+
+    def __init__(self, step: str, detail: str) -> None:
+        super().__init__(FailureKind.TLS, step, detail)
 
 
 # -- name resolution with the SSRF filter -----------------------------------------------

@@ -36,7 +36,8 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
 from rtcauthd.gojson import reject_constant
-from rtcauthd.http.client import BodyTooLarge, HTTPClient, HTTPResponse, OutboundError
+from rtcauthd.outbound.errors import FailureKind
+from rtcauthd.outbound.client import BodyTooLarge, HTTPClient, HTTPResponse, OutboundError
 from rtcauthd.matrix.servername import InvalidServerName, ServerName, parse_server_name
 
 log = Logger()
@@ -69,6 +70,9 @@ Target = tuple[str, int]
 
 class ResolveError(OutboundError):
     """Resolution failed (invalid delegation, SRV says no service, DNS failure)."""
+
+    def __init__(self, step: str, detail: str) -> None:
+        super().__init__(FailureKind.RESOLVE, step, detail)
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)

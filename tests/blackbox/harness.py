@@ -38,7 +38,7 @@ STOP_DEADLINE = 10.0
 REQUEST_DEADLINE = 15.0
 POLL_INTERVAL = 0.05
 
-from rtcauthd.http.client import BytesProducer
+from rtcauthd.outbound.client import BytesProducer
 
 
 def _reactor(reactor):

@@ -39,7 +39,7 @@ from twisted.web.client import Agent, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
 
 
-from rtcauthd.http.client import BytesProducer
+from rtcauthd.outbound.client import BytesProducer
 from tests.blackbox.harness import REPO_ROOT, free_port, timeout_after
 from tests.support.certs import TestCA
 

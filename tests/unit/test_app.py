@@ -20,8 +20,8 @@ from twisted.internet.testing import MemoryReactorClock
 from rtcauthd import errors
 from rtcauthd.authorizer import Authorizer
 from rtcauthd.config import load_config
-from rtcauthd.http.app import RtcAuthApp, RtcAuthSite
-from rtcauthd.http.client import BytesProducer
+from rtcauthd.inbound.app import RtcAuthApp, RtcAuthSite
+from rtcauthd.outbound.client import BytesProducer
 from rtcauthd.livekit import naming
 from rtcauthd.livekit.tokens import TokenMinter
 from rtcauthd.livekit.twirp import TwirpError

@@ -9,7 +9,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 
-from rtcauthd.http.client import HTTPClient
+from rtcauthd.outbound.client import HTTPClient
 from rtcauthd.leave.jobs import JobParams
 from rtcauthd.leave.outcome import CsApiUnresolvable, OutcomeKind
 from rtcauthd.matrix.csapi import ClientAPIResolver, DelayedEventClient, delayed_event_url

@@ -25,7 +25,7 @@ from rtcauthd.doctor.net import (
     simplify,
     with_https_port,
 )
-from rtcauthd.http.client import OutboundError, RequestTimedOut
+from rtcauthd.outbound.client import OutboundError, RequestTimedOut
 
 
 class HTTPSPortTests(SynchronousTestCase):

@@ -11,12 +11,13 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from rtcauthd.outbound.errors import FailureKind
 from rtcauthd.doctor.context import DoctorOptions
 from rtcauthd.doctor.dns import Answer
 from rtcauthd.doctor.net import Network, ProbeError
 from rtcauthd.doctor.report import Result, Status
 from rtcauthd.doctor.runner import CHECKS, CheckSpec, deadline_for, diagnose
-from rtcauthd.http.client import HTTPClient
+from rtcauthd.outbound.client import HTTPClient
 from rtcauthd.matrix.resolver import ServerResolver
 
 
@@ -72,9 +73,9 @@ class RefusingAgent:
     def request(self, method, uri, headers=None, bodyProducer=None):
         from twisted.internet.defer import fail
 
-        from rtcauthd.http.client import OutboundError
+        from rtcauthd.outbound.client import OutboundError
 
-        return fail(OutboundError("connect", "connection refused"))
+        return fail(OutboundError(FailureKind.CONNECT, "connect", "connection refused"))
 
 
 def network(clock, *, dns, agent, probes, timeout: float = 5.0) -> Network:

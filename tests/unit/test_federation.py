@@ -15,7 +15,7 @@ from twisted.web.server import NOT_DONE_YET
 from treq.testing import RequestTraversalAgent
 from zope.interface import implementer
 
-from rtcauthd.http.client import HTTPClient
+from rtcauthd.outbound.client import HTTPClient
 from rtcauthd.matrix import federation as federation_module
 from rtcauthd.matrix.federation import USERINFO_MAX_BODY, FederationClient, OpenIDError
 from rtcauthd.matrix.federation_agent import AddressRefusedError, ConnectFailed, TLSFailed

@@ -20,7 +20,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 from zope.interface import implementer
 
-from rtcauthd.http.client import HTTPClient, OutboundError
+from rtcauthd.outbound.client import HTTPClient, OutboundError
 from rtcauthd.matrix import federation_agent as agent_module
 from rtcauthd.matrix.federation import FederationClient, OpenIDError
 from rtcauthd.matrix.federation_agent import (

@@ -12,7 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from rtcauthd.http.client import BodyTooLarge, HTTPClient, OutboundError, RequestTimedOut
+from rtcauthd.outbound.client import BodyTooLarge, HTTPClient, OutboundError, RequestTimedOut
 
 
 class Echo(Resource):
@@ -107,7 +107,7 @@ class RedirectConnectionTests(TestCase):
         from twisted.internet import protocol, reactor
         from twisted.web.client import Agent
 
-        from rtcauthd.http.client import GoRedirectAgent, connection_pool
+        from rtcauthd.outbound.client import GoRedirectAgent, connection_pool
 
         open_connections = set()
 
@@ -154,7 +154,7 @@ class GoRedirectTests(SynchronousTestCase):
     """Go's redirect rules for the client-server API calls (protocol.md §11.3)."""
 
     def setUp(self):
-        from rtcauthd.http.client import GoRedirectAgent
+        from rtcauthd.outbound.client import GoRedirectAgent
 
         class Hops(Resource):
             isLeaf = True

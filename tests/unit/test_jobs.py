@@ -14,7 +14,8 @@ from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from rtcauthd.http.client import OutboundError
+from rtcauthd.outbound.errors import FailureKind
+from rtcauthd.outbound.client import OutboundError
 from rtcauthd.leave.jobs import (
     ENTRY_ACTIONS,
     EXIT_ACTIONS,
@@ -28,7 +29,7 @@ from rtcauthd.leave.jobs import (
     new_job_id,
 )
 from rtcauthd.leave.outcome import CsApiUnresolvable, Outcome
-from rtcauthd.livekit.twirp import Presence
+from rtcauthd.livekit.presence import Presence
 
 S = 1_000_000_000  # ns per second
 W, C, D, A, R = (
@@ -644,7 +645,7 @@ class RestartProcedureTests(JobTestCase):
 
     def test_transport_errors_are_retried(self) -> None:
         h = self.harness()
-        h.restart.answer(OutboundError("connect", "refused"), OK)
+        h.restart.answer(OutboundError(FailureKind.CONNECT, "connect", "refused"), OK)
         job = self.connected(h)
         self.clock.advance(1.0)
         self.assertEqual(h.restart.times, [0.0, 1.0])
@@ -800,7 +801,7 @@ class LookupTests(JobTestCase):
 
     def test_phase1_errors_count_as_unknown(self) -> None:
         h = self.harness()
-        h.lookup.answer(OutboundError("GetParticipant", "timeout"), Presence.PRESENT)
+        h.lookup.answer(OutboundError(FailureKind.TIMEOUT, "GetParticipant", "timeout"), Presence.PRESENT)
         job = self.waiting(h)
         self.clock.advance(1.0)
         self.assertIs(job.state, C)
@@ -836,7 +837,7 @@ class LookupTests(JobTestCase):
     def test_phase2_sanity_check(self) -> None:
         h = self.harness(sanity_interval=5, send=PENDING)
         h.lookup.answer(Presence.PRESENT, Presence.PRESENT, Presence.UNKNOWN,
-                        OutboundError("x", "y"), Presence.ABSENT)
+                        OutboundError(FailureKind.OTHER, "x", "y"), Presence.ABSENT)
         job = self.job(h, timeout_s=60)
         self.assertIs(job.state, C)
         self.advance_to(4.999)

@@ -11,7 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from rtcauthd.leave.jobs import JobParams, Signal, State
 from rtcauthd.leave.manager import JobManager, ShuttingDown
 from rtcauthd.leave.outcome import Outcome
-from rtcauthd.livekit.twirp import Presence
+from rtcauthd.livekit.presence import Presence
 from rtcauthd.store.memory import MemoryStore
 from rtcauthd.store.model import StoredJob
 

@@ -100,7 +100,7 @@ class CallMetricsTests(SynchronousTestCase):
     def test_twirp_and_delayed_events_and_webhooks(self):
         from twisted.web.resource import Resource
 
-        from rtcauthd.http.client import HTTPClient
+        from rtcauthd.outbound.client import HTTPClient
         from rtcauthd.leave.delegation import DelegatedLeave
         from rtcauthd.livekit.tokens import TokenMinter
         from rtcauthd.livekit.twirp import RoomServiceClient

@@ -9,7 +9,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from rtcauthd import errors
 from rtcauthd.errors import MatrixError
-from rtcauthd.http.models import LegacyTokenRequest, TokenRequest
+from rtcauthd.inbound.models import LegacyTokenRequest, TokenRequest
 
 VALID = {
     "room_id": "!room:example.com",

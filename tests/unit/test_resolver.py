@@ -19,7 +19,7 @@ from twisted.web.server import NOT_DONE_YET
 from treq.testing import RequestTraversalAgent
 from zope.interface import implementer
 
-from rtcauthd.http.client import HTTPClient
+from rtcauthd.outbound.client import HTTPClient
 from rtcauthd.matrix import resolver as resolver_module
 from rtcauthd.matrix.resolver import (
     WELL_KNOWN_DOWN_CACHE_PERIOD,

@@ -8,7 +8,8 @@ from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from rtcauthd.http.client import OutboundError
+from rtcauthd.outbound.errors import FailureKind
+from rtcauthd.outbound.client import OutboundError
 from rtcauthd.leave.outcome import CsApiUnresolvable, Outcome, OutcomeKind
 from rtcauthd.leave.retry import jittered, next_interval, retry_with_backoff
 
@@ -183,7 +184,7 @@ class RetryTests(RetryTestCase):
         self.assertEqual(attempts.times, [0.0])
 
     def test_transport_error_is_transient(self) -> None:
-        attempts = ScriptedAttempts(self.clock, [OutboundError("connect", "refused")] * 3)
+        attempts = ScriptedAttempts(self.clock, [OutboundError(FailureKind.CONNECT, "connect", "refused")] * 3)
         d = self.retry(attempts, 2.0, permanent_errors=(CsApiUnresolvable,))
         self.clock.advance(1.0)
         result = self.successResultOf(d)
@@ -230,7 +231,7 @@ class RetryTests(RetryTestCase):
         d = self.retry(attempts, 100.0)
         d.cancel()
         self.failureResultOf(d, CancelledError)
-        attempts.pending[0].errback(OutboundError("read body", "connection lost"))
+        attempts.pending[0].errback(OutboundError(FailureKind.LOST, "read body", "connection lost"))
         self.assertEqual(self.flushLoggedErrors(), [])
 
     def test_cancel_after_result_is_harmless(self) -> None:

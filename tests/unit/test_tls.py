@@ -14,7 +14,7 @@ from twisted.web.resource import Resource
 from twisted.web.iweb import IPolicyForHTTPS
 
 from rtcauthd import tls as tls_module
-from rtcauthd.http.client import HTTPClient, OutboundError
+from rtcauthd.outbound.client import HTTPClient, OutboundError
 from rtcauthd.matrix.federation_agent import build_plain_agent
 from rtcauthd.tls import TLSConfigError, TLSPolicy
 from tests.support.certs import TestCA, self_signed

@@ -22,7 +22,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 from zope.interface import implementer
 
-from rtcauthd.http.client import HTTPClient
+from rtcauthd.outbound.client import HTTPClient
 from rtcauthd.livekit import twirp as twirp_module
 from rtcauthd.livekit.tokens import TokenMinter
 from rtcauthd.livekit.twirp import (

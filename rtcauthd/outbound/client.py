@@ -26,6 +26,8 @@ from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 from urllib.parse import urljoin
 
+from rtcauthd.outbound.errors import FailureKind, OutboundError
+
 DEFAULT_TIMEOUT = 10.0
 DEFAULT_MAX_BODY = 64 * 1024
 
@@ -80,7 +82,7 @@ class GoRedirectAgent:
                 return response  # Go hands back a 3xx without Location as it is
             response.deliverBody(_Discard())
             if redirects >= self._limit:
-                raise OutboundError("redirect", f"stopped after {self._limit} redirects")
+                raise OutboundError(FailureKind.REDIRECT, "redirect", f"stopped after {self._limit} redirects")
             target = urljoin(uri.decode("latin-1"), locations[0].decode("latin-1")).encode("latin-1")
             if response.code in (307, 308):
                 return self._follow(method, target, headers, body, redirects + 1)
@@ -89,24 +91,18 @@ class GoRedirectAgent:
         return self._agent.request(method, uri, headers, body).addCallback(got)
 
 
-class OutboundError(Exception):
-    """An outbound request failed; ``step`` names what failed, for the log."""
-
-    def __init__(self, step: str, detail: str) -> None:
-        super().__init__(step, detail)
-        self.step = step
-        self.detail = detail
-
-    def __str__(self) -> str:
-        return f"{self.step}: {self.detail}"
-
-
 class RequestTimedOut(OutboundError):
     """No complete answer within the time bound."""
+
+    def __init__(self, step: str, detail: str) -> None:
+        super().__init__(FailureKind.TIMEOUT, step, detail)
 
 
 class BodyTooLarge(OutboundError):
     """The answer was larger than we are willing to read."""
+
+    def __init__(self, step: str, detail: str) -> None:
+        super().__init__(FailureKind.TOO_LARGE, step, detail)
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -159,7 +155,7 @@ class _CappedBodyReader(Protocol):
             finished.callback(b"".join(self._chunks))
         else:
             finished.errback(
-                OutboundError("read body", f"connection lost: {reason.getErrorMessage()}")
+                OutboundError(FailureKind.LOST, "read body", f"connection lost: {reason.getErrorMessage()}")
             )
 
 
@@ -193,7 +189,7 @@ def _as_url_bytes(url: str | bytes) -> bytes:
     try:
         return url.encode("ascii")
     except UnicodeEncodeError:
-        raise OutboundError("build URL", f"URL is not ASCII: {url!r}") from None
+        raise OutboundError(FailureKind.INVALID, "build URL", f"URL is not ASCII: {url!r}") from None
 
 
 class HTTPClient:
@@ -248,7 +244,7 @@ class HTTPClient:
         try:
             d = self._agent.request(method, url_bytes, raw_headers, producer)
         except Exception as e:  # Agent raises, not fails, on a URL it cannot parse
-            return fail(OutboundError(step, f"invalid URL: {type(e).__name__}: {e}"))
+            return fail(OutboundError(FailureKind.INVALID, step, f"invalid URL: {type(e).__name__}: {e}"))
 
         def got_response(response: IResponse) -> Deferred:
             return read_body(response, limit).addCallback(
@@ -275,9 +271,9 @@ class HTTPClient:
             if timed_out or failure.check(DeferTimeout):
                 raise RequestTimedOut(step, f"no complete answer within {bound:g} s")
             if failure.check(OutboundError):
-                err = failure.value
-                raise type(err)(f"{step}: {err.step}", err.detail)
-            raise OutboundError(step, _describe(failure))
+                failure.value.step = f"{step}: {failure.value.step}"
+                return failure
+            raise OutboundError(FailureKind.OTHER, step, _describe(failure))
 
         d.addBoth(stop_timer)
         d.addErrback(translate)

@@ -24,7 +24,7 @@ from rtcauthd import errors
 from rtcauthd.authorizer import Authorizer
 from rtcauthd.errors import MatrixError
 from rtcauthd.gojson import go_json_dumps
-from rtcauthd.http.models import LegacyTokenRequest, TokenRequest
+from rtcauthd.inbound.models import LegacyTokenRequest, TokenRequest
 
 log = Logger()
 

@@ -1,1 +1,0 @@
-"""HTTP: the inbound Klein app and the outbound client."""

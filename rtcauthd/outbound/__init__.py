@@ -1,0 +1,1 @@
+"""Outbound HTTP: every call rtcauthd makes to a homeserver, LiveKit or a well-known."""
