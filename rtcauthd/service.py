@@ -19,6 +19,8 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from rtcauthd.twisted_private import forget_exit_signal
+
 log = Logger()
 
 DRAIN_SECONDS = 8.0  # systemd's default stop timeout is 90 s; upstream's suite wants < 10 s
@@ -102,7 +104,7 @@ class RtcAuthService(MultiService):
         super().startService()
         # twistd re-raises SIGTERM after a clean shutdown (exit status 143); a stop that
         # drained and persisted everything is a success, so report 0 as upstream does.
-        self._reactor.addSystemEventTrigger("after", "shutdown", _forget_exit_signal, self._reactor)
+        self._reactor.addSystemEventTrigger("after", "shutdown", forget_exit_signal, self._reactor)
         ensureDeferred(self._start()).addErrback(self._fatal)
 
     async def _start(self) -> None:
@@ -169,11 +171,6 @@ class RtcAuthService(MultiService):
         left = getattr(self._site, "in_flight", 0)
         if left:
             log.warn("Stopping with {count} request(s) still in flight", count=left)
-
-
-def _forget_exit_signal(reactor) -> None:
-    if getattr(reactor, "_exitSignal", None) is not None:
-        reactor._exitSignal = None
 
 
 def _is_address_family_error(error: CannotListenError) -> bool:

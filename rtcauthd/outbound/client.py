@@ -19,7 +19,6 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import HTTPConnectionPool, ResponseDone
-from twisted.web.client import _HTTP11ClientFactory
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
@@ -27,19 +26,16 @@ from zope.interface import implementer
 from urllib.parse import urljoin
 
 from rtcauthd.outbound.errors import FailureKind, OutboundError
+from rtcauthd.twisted_private import make_pool_quiet
 
 DEFAULT_TIMEOUT = 10.0
 DEFAULT_MAX_BODY = 64 * 1024
 
 
-class _QuietClientFactory(_HTTP11ClientFactory):
-    noisy = False  # no "Starting factory ..." line for every outbound connection
-
-
 def connection_pool(reactor, *, persistent: bool = True, per_host: int = 8, idle_seconds: float = 120) -> HTTPConnectionPool:
     """A keep-alive pool that does not log every connection it opens."""
     pool = HTTPConnectionPool(reactor, persistent=persistent)
-    pool._factory = _QuietClientFactory
+    make_pool_quiet(pool)
     pool.maxPersistentPerHost = per_host
     pool.cachedConnectionTimeout = idle_seconds
     return pool

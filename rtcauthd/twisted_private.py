@@ -1,0 +1,36 @@
+"""The only place rtcauthd touches Twisted's private API, each use with the reason.
+
+Checked against Twisted 22.4 (the ``setup.cfg`` floor) through 26.10 (the pin);
+``tests/unit/test_twisted_private.py`` fails loudly if a name disappears, so an upgrade
+that breaks one is caught in CI rather than as a noisy log or a wrong exit status.
+"""
+
+from __future__ import annotations
+
+from twisted.web import client as _web_client
+from twisted.web.client import HTTPConnectionPool
+
+
+class _QuietClientFactory(_web_client._HTTP11ClientFactory):
+    noisy = False  # no "Starting factory ..." line for every outbound connection
+
+
+def make_pool_quiet(pool: HTTPConnectionPool) -> HTTPConnectionPool:
+    """Stop ``pool`` logging every connection it opens.
+
+    No public hook: the pool builds its protocol factory from the private ``_factory``
+    class attribute, and ``_HTTP11ClientFactory`` is private too.
+    """
+    pool._factory = _QuietClientFactory
+    return pool
+
+
+def forget_exit_signal(reactor) -> None:
+    """Make a clean SIGTERM stop exit 0.
+
+    twistd re-raises the signal that stopped the reactor after shutdown (exit 143), and
+    the reactor records it only in the private ``_exitSignal``. systemd counts 143 as a
+    failure for ``Type=notify`` units without ``SuccessExitStatus``; operators expect 0.
+    """
+    if getattr(reactor, "_exitSignal", None) is not None:
+        reactor._exitSignal = None
