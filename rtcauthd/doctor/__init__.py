@@ -7,8 +7,8 @@ service's configuration its LiveKit settings) and prints one line per check: ✓
 (also for usage errors). ``--json`` prints the same findings for machines.
 
 This module is the command-line glue (``rtcauthd.cli`` lists it); the checks live in
-:mod:`rtcauthd.doctor.checks` (their shared findings in :mod:`rtcauthd.doctor.context`),
-the orchestration in :mod:`rtcauthd.doctor.runner`.
+:mod:`rtcauthd.doctor.check_*` modules, one per link of the chain (sharing findings
+through :mod:`rtcauthd.doctor.context`), the orchestration in :mod:`rtcauthd.doctor.runner`.
 Heavy imports happen inside :func:`run`, so that ``rtcauth --help`` stays fast.
 """
 

@@ -18,10 +18,9 @@ from urllib.parse import urlsplit
 
 import attr
 from OpenSSL import SSL
-from service_identity import VerificationError
 from twisted.internet import error as net_error
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError as DeferTimeout, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
@@ -42,8 +41,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IAgent
 from zope.interface import implementer
 
-from rtcauthd.outbound.errors import FailureKind
-from rtcauthd.outbound.client import OutboundError, RequestTimedOut
+from rtcauthd.outbound.errors import OutboundError, kind_of, reason
 
 HTTPS_PORT = 443
 #: How long to wait for aborted connections to report themselves closed.
@@ -105,75 +103,12 @@ def with_https_port(url: bytes, port: int) -> bytes:
     return scheme + b"://" + authority + b":" + str(port).encode("ascii") + rest
 
 
-# -- describing failures -----------------------------------------------------------------
-
-
-def _openssl_reason(error: SSL.Error) -> str:
-    reasons = []
-    for item in error.args[0] if error.args and isinstance(error.args[0], list) else []:
-        if isinstance(item, tuple) and item:
-            reasons.append(str(item[-1]))
-    return ", ".join(r for r in reasons if r) or str(error) or "handshake failed"
-
-
-def explain(failure: Failure) -> str:
-    """A short, human reason for a transport failure (no tracebacks, no URLs)."""
-    value = failure.value
-    reasons = getattr(value, "reasons", None)
-    if reasons:
-        texts: list[str] = []
-        for reason in reasons:
-            text = explain(reason) if isinstance(reason, Failure) else str(reason)
-            if text not in texts:
-                texts.append(text)
-        return "; ".join(texts)
-    if isinstance(value, RequestTimedOut):
-        return value.detail
-    if isinstance(value, OutboundError):
-        return simplify(value.detail)
-    if isinstance(value, VerificationError):
-        return "TLS: the certificate does not cover this host name"
-    if isinstance(value, SSL.Error):
-        reason = _openssl_reason(value)
-        if "certificate verify failed" in reason:
-            return "TLS: certificate verify failed (not signed by a trusted CA, or expired)"
-        return f"TLS handshake failed ({reason})"
-    if isinstance(value, net_error.ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(value, (net_error.TCPTimedOutError, net_error.TimeoutError, DeferTimeout)):
-        return "connection timed out"
-    if isinstance(value, net_error.DNSLookupError):
-        return "the host name does not resolve to an address"
-    if isinstance(value, net_error.NoRouteError):
-        return "no route to host"
-    if isinstance(value, (net_error.ConnectionDone, net_error.ConnectionLost)):
-        return "the connection was closed without an answer"
-    if isinstance(value, CancelledError):
-        return "cancelled"
-    text = str(value)
-    return f"{type(value).__name__}: {text}" if text else type(value).__name__
-
-
-_SIMPLIFY = (
-    (re.compile(r"ConnectionRefusedError:[^;]*"), "connection refused"),
-    (re.compile(r"(TCPTimedOutError|TimeoutError):[^;]*"), "connection timed out"),
-    (re.compile(r"DNSLookupError:[^;]*"), "the host name does not resolve to an address"),
-    (re.compile(r"DNS lookup failed:[^;]*"), "the host name does not resolve to an address"),
-    (re.compile(r"VerificationError:[^;]*"), "TLS: the certificate does not cover this host name"),
-    (re.compile(r"Error: \[\(.*certificate verify failed.*\)\]"), "TLS: certificate verify failed"),
-)
-
-
-def simplify(detail: str) -> str:
-    """Shorten the verbose exception text some shared clients put into errors."""
-    for pattern, replacement in _SIMPLIFY:
-        detail = pattern.sub(replacement, detail)
-    return detail
+# -- failures ---------------------------------------------------------------------------
 
 
 @implementer(IAgent)
 class ExplainingAgent:
-    """Turns raw transport failures of an agent into OutboundError with a short reason."""
+    """Turns raw transport failures of an agent into OutboundError: their kind, a short reason."""
 
     def __init__(self, agent: IAgent) -> None:
         self._agent = agent
@@ -182,7 +117,8 @@ class ExplainingAgent:
         def failed(failure: Failure) -> Failure:
             if failure.check(OutboundError, CancelledError):
                 return failure
-            raise OutboundError(FailureKind.CONNECT, "connect", explain(failure))
+            why = reason(failure.value)
+            raise OutboundError(kind_of(failure.value), "connect", why, reason=why)
 
         return self._agent.request(method, uri, headers, bodyProducer).addErrback(failed)
 
@@ -337,9 +273,9 @@ class _HandshakeProbe(Protocol):
             self._done.callback(certificate.to_cryptography() if certificate is not None else None)
         self.transport.loseConnection()
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, why: Failure) -> None:
         if not self._done.called:
-            self._done.errback(ProbeError("tls", explain(reason)))
+            self._done.errback(ProbeError("tls", reason(why.value)))
 
 
 class _ProbeFactory(Factory):
@@ -380,7 +316,7 @@ class Probes:
         def failed(failure: Failure) -> Failure:
             if expired or failure.check(net_error.TimeoutError):
                 raise ProbeError("connect", f"no connection within {self._timeout:g} s", timed_out=True)
-            raise ProbeError("connect", explain(failure))
+            raise ProbeError("connect", reason(failure.value))
 
         def stop(result):
             if timer.active():
@@ -415,7 +351,7 @@ class Probes:
 
         def connect_failed(failure: Failure) -> None:
             if not done.called:
-                done.errback(ProbeError("connect", explain(failure)))
+                done.errback(ProbeError("connect", reason(failure.value)))
 
         connecting.addCallbacks(connected, connect_failed)
 

@@ -5,6 +5,14 @@ Why a deadline on top of per-operation timeouts: some checks chain several bound
 a dead host (under 15 s with the default ``--timeout`` of 5 s). Whatever has not finished
 by then is reported as such and cancelled, and every connection doctor opened is closed
 before the report is returned.
+
+The checks (``check_*`` modules, one per link of the MatrixRTC call set-up chain) are
+``async`` functions ``check_x(ctx) -> list[Result]`` that never raise for a problem they
+diagnose: a problem becomes a ✗ or ! line naming what is wrong and what to change. The
+six misconfigurations of the post-mortem behind this command each have a dedicated
+diagnosis: no authorization service advertised; ``wss://`` instead of ``https://`` in
+the well-known; no ``.well-known`` on the bare server name; a DNS wildcard not covering
+the apex; an unreachable published IPv6 address; a homeserver without MSC4140.
 """
 
 from __future__ import annotations
@@ -16,7 +24,14 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from rtcauthd.doctor import checks
+from rtcauthd.doctor.check_client_api import check_client_api
+from rtcauthd.doctor.check_discovery import check_client_discovery, check_rtc_focus
+from rtcauthd.doctor.check_dns import check_dns, check_reachability
+from rtcauthd.doctor.check_federation import check_federation
+from rtcauthd.doctor.check_livekit import check_livekit
+from rtcauthd.doctor.check_service import check_service
+from rtcauthd.doctor.check_tls import check_tls
+from rtcauthd.doctor.check_token_flow import check_delayed_event_limits, check_token_flow
 from rtcauthd.doctor.context import Context, DoctorOptions
 from rtcauthd.doctor.report import Report, Result, Status
 from rtcauthd.matrix.servername import InvalidServerName, parse_server_name
@@ -36,17 +51,17 @@ class CheckSpec:
 
 #: Report order. Each check may emit several lines (e.g. one per address family or host).
 CHECKS = (
-    CheckSpec("dns", "DNS", checks.check_dns),
-    CheckSpec("reach", "Reachability", checks.check_reachability),
-    CheckSpec("well-known", "Client discovery", checks.check_client_discovery),
-    CheckSpec("rtc-focus", "RTC focus", checks.check_rtc_focus),
-    CheckSpec("service", "Auth service", checks.check_service),
-    CheckSpec("tls", "TLS", checks.check_tls),
-    CheckSpec("federation", "Federation", checks.check_federation),
-    CheckSpec("client-api", "Homeserver API", checks.check_client_api),
-    CheckSpec("token-flow", "Token flow", checks.check_token_flow),
-    CheckSpec("delayed-events", "Delayed events", checks.check_delayed_event_limits),
-    CheckSpec("livekit", "LiveKit", checks.check_livekit),
+    CheckSpec("dns", "DNS", check_dns),
+    CheckSpec("reach", "Reachability", check_reachability),
+    CheckSpec("well-known", "Client discovery", check_client_discovery),
+    CheckSpec("rtc-focus", "RTC focus", check_rtc_focus),
+    CheckSpec("service", "Auth service", check_service),
+    CheckSpec("tls", "TLS", check_tls),
+    CheckSpec("federation", "Federation", check_federation),
+    CheckSpec("client-api", "Homeserver API", check_client_api),
+    CheckSpec("token-flow", "Token flow", check_token_flow),
+    CheckSpec("delayed-events", "Delayed events", check_delayed_event_limits),
+    CheckSpec("livekit", "LiveKit", check_livekit),
 )
 
 

@@ -99,7 +99,7 @@ def _as_openid_error(failure: Failure) -> OpenIDError:
 
 def _check_answer(response: HTTPResponse, server_name: str) -> str:
     if not 200 <= response.code < 300:
-        raise OpenIDError(f"status {response.code}", _error_snippet(response.body))
+        raise OpenIDError(f"status {response.code}", error_snippet(response.body))
     try:
         document = json.loads(response.body.decode("utf-8"), parse_constant=reject_constant)
     except (UnicodeDecodeError, ValueError) as e:
@@ -117,7 +117,7 @@ def _check_answer(response: HTTPResponse, server_name: str) -> str:
     return sub
 
 
-def _error_snippet(body: bytes) -> str:
+def error_snippet(body: bytes) -> str:
     """errcode/error of a Matrix error body, else the start of the body."""
     try:
         document = json.loads(body.decode("utf-8"))

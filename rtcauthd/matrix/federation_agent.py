@@ -47,7 +47,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
-from rtcauthd.outbound.errors import FailureKind
+from rtcauthd.outbound.errors import FailureKind, reason
 from rtcauthd.outbound.client import (
     GoRedirectAgent,
     HTTPClient,
@@ -82,22 +82,22 @@ _INNER_TRUSTED = b"matrix-federation-trusted"
 class AddressRefusedError(OutboundError):
     """Every address of the destination is blocked by the IP range filter."""
 
-    def __init__(self, step: str, detail: str) -> None:
-        super().__init__(FailureKind.REFUSED, step, detail)
+    def __init__(self, step: str, detail: str, *, reason: Optional[str] = None) -> None:
+        super().__init__(FailureKind.REFUSED, step, detail, reason=reason)
 
 
 class ConnectFailed(OutboundError):
     """No TCP connection could be established."""
 
-    def __init__(self, step: str, detail: str) -> None:
-        super().__init__(FailureKind.CONNECT, step, detail)
+    def __init__(self, step: str, detail: str, *, reason: Optional[str] = None) -> None:
+        super().__init__(FailureKind.CONNECT, step, detail, reason=reason)
 
 
 class TLSFailed(OutboundError):
     """The TLS handshake or the certificate check failed."""
 
-    def __init__(self, step: str, detail: str) -> None:
-        super().__init__(FailureKind.TLS, step, detail)
+    def __init__(self, step: str, detail: str, *, reason: Optional[str] = None) -> None:
+        super().__init__(FailureKind.TLS, step, detail, reason=reason)
 
 
 # -- name resolution with the SSRF filter -----------------------------------------------
@@ -240,15 +240,16 @@ def _classify(failure: Failure) -> Failure:
 def _as_outbound(failure: Failure) -> Optional[OutboundError]:
     if failure.check(OutboundError):
         return failure.value
+    why = reason(failure.value)
     if failure.check(DNSLookupError):
-        return ResolveError("resolve", failure.getErrorMessage())
+        return ResolveError("resolve", failure.getErrorMessage(), reason=why)
     if failure.check(ConnectError):
-        return ConnectFailed("connect", _describe(failure))
+        return ConnectFailed("connect", _describe(failure), reason=why)
     if failure.check(SSL.Error, VerificationError):
-        return TLSFailed("tls", _describe(failure))
-    for reason in getattr(failure.value, "reasons", None) or ():
-        if isinstance(reason, Failure) and reason.check(SSL.Error, VerificationError):
-            return TLSFailed("tls", _describe(reason))
+        return TLSFailed("tls", _describe(failure), reason=why)
+    for inner in getattr(failure.value, "reasons", None) or ():
+        if isinstance(inner, Failure) and inner.check(SSL.Error, VerificationError):
+            return TLSFailed("tls", _describe(inner), reason=reason(inner.value))
     return None
 
 
@@ -303,16 +304,21 @@ class _TargetsInTurn:
         self._current.addCallbacks(succeeded, failed)
 
     def _combined(self) -> Failure:
-        errors = [(h, p, _as_outbound(f) or ConnectFailed("connect", _describe(f))) for h, p, f in self._errors]
+        errors = [
+            (h, p, _as_outbound(f) or ConnectFailed("connect", _describe(f), reason=reason(f.value)))
+            for h, p, f in self._errors
+        ]
         if len(errors) == 1:
             return Failure(errors[0][2])
         kinds = {type(e) for _, _, e in errors}
         kind = kinds.pop() if len(kinds) == 1 else ConnectFailed
-        detail = "; ".join(f"{_hostport(h, p)}: {e.detail}" for h, p, e in errors)
-        return Failure(kind("connect" if kind is not ResolveError else "resolve", detail))
+        detail = "; ".join(f"{hostport(h, p)}: {e.detail}" for h, p, e in errors)
+        why = "; ".join(f"{hostport(h, p)}: {e.reason}" for h, p, e in errors)
+        return Failure(kind("connect" if kind is not ResolveError else "resolve", detail, reason=why))
 
 
-def _hostport(host: str, port: int) -> str:
+def hostport(host: str, port: int) -> str:
+    """``host:port`` with an IPv6 literal in brackets."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 

@@ -71,8 +71,8 @@ Target = tuple[str, int]
 class ResolveError(OutboundError):
     """Resolution failed (invalid delegation, SRV says no service, DNS failure)."""
 
-    def __init__(self, step: str, detail: str) -> None:
-        super().__init__(FailureKind.RESOLVE, step, detail)
+    def __init__(self, step: str, detail: str, *, reason: Optional[str] = None) -> None:
+        super().__init__(FailureKind.RESOLVE, step, detail, reason=reason)
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)

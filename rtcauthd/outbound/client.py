@@ -25,7 +25,7 @@ from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 from urllib.parse import urljoin
 
-from rtcauthd.outbound.errors import FailureKind, OutboundError
+from rtcauthd.outbound.errors import FailureKind, OutboundError, reason
 from rtcauthd.twisted_private import make_pool_quiet
 
 DEFAULT_TIMEOUT = 10.0
@@ -54,6 +54,13 @@ class _Discard(Protocol):
 REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
 
 
+def redirect_target(url: str, code: int, location: Optional[str]) -> Optional[str]:
+    """Where an answer redirects to (``location`` resolved against ``url``), or None."""
+    if code not in REDIRECT_CODES or location is None:
+        return None
+    return urljoin(url, location)
+
+
 @implementer(IAgent)
 class GoRedirectAgent:
     """Follows redirects the way Go's ``http.Client`` does, as upstream's calls do (§11.3).
@@ -74,12 +81,14 @@ class GoRedirectAgent:
     def _follow(self, method: bytes, uri: bytes, headers, body, redirects: int) -> Deferred:
         def got(response: IResponse):
             locations = response.headers.getRawHeaders(b"location")
-            if response.code not in REDIRECT_CODES or not locations:
+            location = locations[0].decode("latin-1") if locations else None
+            followed = redirect_target(uri.decode("latin-1"), response.code, location)
+            if followed is None:
                 return response  # Go hands back a 3xx without Location as it is
             response.deliverBody(_Discard())
             if redirects >= self._limit:
                 raise OutboundError(FailureKind.REDIRECT, "redirect", f"stopped after {self._limit} redirects")
-            target = urljoin(uri.decode("latin-1"), locations[0].decode("latin-1")).encode("latin-1")
+            target = followed.encode("latin-1")
             if response.code in (307, 308):
                 return self._follow(method, target, headers, body, redirects + 1)
             return self._follow(b"HEAD" if method == b"HEAD" else b"GET", target, headers, None, redirects + 1)
@@ -269,7 +278,7 @@ class HTTPClient:
             if failure.check(OutboundError):
                 failure.value.step = f"{step}: {failure.value.step}"
                 return failure
-            raise OutboundError(FailureKind.OTHER, step, _describe(failure))
+            raise OutboundError(FailureKind.OTHER, step, _describe(failure), reason=reason(failure.value))
 
         d.addBoth(stop_timer)
         d.addErrback(translate)

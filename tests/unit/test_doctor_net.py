@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from OpenSSL import SSL
-from service_identity import VerificationError
 from twisted.internet import error as net_error
 from twisted.internet.defer import fail, succeed
 from twisted.internet.protocol import ClientFactory, Protocol
@@ -20,12 +18,11 @@ from rtcauthd.doctor.net import (
     PortMappingAgent,
     ProbeError,
     Probes,
-    explain,
     parse_url,
-    simplify,
     with_https_port,
 )
 from rtcauthd.outbound.client import OutboundError, RequestTimedOut
+from rtcauthd.outbound.errors import FailureKind
 
 
 class HTTPSPortTests(SynchronousTestCase):
@@ -62,41 +59,6 @@ class ParseURLTests(SynchronousTestCase):
                 parse_url(url)
 
 
-class ExplainTests(SynchronousTestCase):
-    def test_wording(self):
-        cases = [
-            (net_error.ConnectionRefusedError(), "connection refused"),
-            (ResponseNeverReceived([Failure(net_error.ConnectionRefusedError())]), "connection refused"),
-            (net_error.TCPTimedOutError(), "connection timed out"),
-            (net_error.DNSLookupError("example.com"), "the host name does not resolve to an address"),
-            (VerificationError([]), "TLS: the certificate does not cover this host name"),
-            (SSL.Error([("SSL routines", "", "certificate verify failed")]),
-             "TLS: certificate verify failed (not signed by a trusted CA, or expired)"),
-            (SSL.Error([("SSL routines", "", "wrong version number")]), "TLS handshake failed (wrong version number)"),
-            (RequestTimedOut("GET", "no complete answer within 5 s"), "no complete answer within 5 s"),
-            (net_error.ConnectionLost(), "the connection was closed without an answer"),
-        ]
-        for exception, text in cases:
-            self.assertEqual(explain(Failure(exception)), text)
-
-    def test_several_reasons_are_deduplicated(self):
-        failure = Failure(ResponseNeverReceived([Failure(net_error.ConnectionRefusedError()),
-                                                 Failure(net_error.ConnectionRefusedError())]))
-        self.assertEqual(explain(failure), "connection refused")
-
-    def test_simplify_federation_details(self):
-        self.assertEqual(
-            simplify("ConnectionRefusedError: Connection was refused by other side: 111: Connection refused."),
-            "connection refused",
-        )
-        self.assertEqual(
-            simplify("connect: h:1: ConnectionRefusedError: refused; h:2: TCPTimedOutError: timed out"),
-            "connect: h:1: connection refused; h:2: connection timed out",
-        )
-        self.assertEqual(simplify("DNS lookup failed: no results for hostname lookup: x."),
-                         "the host name does not resolve to an address")
-
-
 class RecordingAgent:
     def __init__(self, result) -> None:
         self.result = result
@@ -117,6 +79,7 @@ class AgentTests(SynchronousTestCase):
         agent = ExplainingAgent(RecordingAgent(fail(ResponseNeverReceived([Failure(net_error.ConnectionRefusedError())]))))
         failure = self.failureResultOf(agent.request(b"GET", b"https://h/"), OutboundError)
         self.assertEqual((failure.value.step, failure.value.detail), ("connect", "connection refused"))
+        self.assertEqual((failure.value.kind, failure.value.reason), (FailureKind.CONNECT, "connection refused"))
 
     def test_outbound_errors_pass_unchanged(self):
         original = RequestTimedOut("GET", "no complete answer within 1 s")
