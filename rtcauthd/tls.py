@@ -92,7 +92,7 @@ def load_ca_bundle(path: str) -> list[Certificate]:
 
 
 @implementer(IOpenSSLClientConnectionCreator)
-class _UnverifiedClientTLS:
+class UnverifiedClientTLS:
     """TLS without any certificate checks, still sending SNI for DNS names."""
 
     def __init__(self, options: CertificateOptions, name: str) -> None:
@@ -140,7 +140,7 @@ class TLSPolicy:
             self._cache.move_to_end(name)
             return options
         if self._insecure:
-            options = _UnverifiedClientTLS(self._unverified, name)
+            options = UnverifiedClientTLS(self._unverified, name)
         else:
             options = optionsForClientTLS(name, trustRoot=self._trust_root)
         self._cache[name] = options

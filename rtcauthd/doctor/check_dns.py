@@ -10,7 +10,7 @@ from typing import Optional
 
 from rtcauthd.doctor.answers import listing
 from rtcauthd.doctor.context import Context, gather
-from rtcauthd.doctor.net import ProbeError
+from rtcauthd.doctor.probes import ProbeError
 from rtcauthd.doctor.report import Result, Status
 from rtcauthd.matrix.federation_agent import hostport
 

@@ -16,7 +16,8 @@ from rtcauthd.doctor.answers import listing
 from rtcauthd.doctor.check_discovery import find_focus, find_well_known
 from rtcauthd.doctor.check_token_flow import run_token_flow
 from rtcauthd.doctor.context import Context
-from rtcauthd.doctor.net import HTTPS_PORT, ProbeError, parse_url
+from rtcauthd.doctor.net import HTTPS_PORT, parse_url
+from rtcauthd.doctor.probes import ProbeError
 from rtcauthd.doctor.report import Result, Status
 from rtcauthd.matrix.federation_agent import hostport
 

@@ -16,8 +16,6 @@ from rtcauthd.doctor.net import (
     DoctorReactor,
     ExplainingAgent,
     PortMappingAgent,
-    ProbeError,
-    Probes,
     parse_url,
     with_https_port,
 )
@@ -136,37 +134,3 @@ class DoctorReactorTests(SynchronousTestCase):
         self.assertEqual((host, port, timeout), ("192.0.2.1", 443, 3))
         self.assertIs(wrapped.wrappedFactory, factory)
         self.assertEqual(proxy.seconds(), memory.seconds())
-
-
-class ProbeTests(SynchronousTestCase):
-    def probes(self):
-        reactor = MemoryReactorClock()
-        proxy = DoctorReactor(reactor, tracker=ConnectionTracker())
-        return reactor, Probes(reactor=proxy, clock=reactor, tls_policy=None, timeout=2.0)
-
-    def test_tcp_refused(self):
-        reactor, probes = self.probes()
-        d = probes.tcp_connect("::1", 443)
-        host, port, factory, timeout, _bind = reactor.tcpClients[0]
-        self.assertEqual((host, port, timeout), ("::1", 443, 2.0))
-        factory.clientConnectionFailed(None, Failure(net_error.ConnectionRefusedError()))
-        failure = self.failureResultOf(d, ProbeError)
-        self.assertEqual((failure.value.stage, failure.value.detail), ("connect", "connection refused"))
-
-    def test_tcp_timeout(self):
-        reactor, probes = self.probes()
-        d = probes.tcp_connect("192.0.2.1", 443)
-        reactor.advance(2.0)
-        failure = self.failureResultOf(d, ProbeError)
-        self.assertEqual(failure.value.detail, "no connection within 2 s")
-        self.assertEqual(reactor.getDelayedCalls(), [])
-
-    def test_tcp_connected(self):
-        reactor, probes = self.probes()
-        d = probes.tcp_connect("192.0.2.1", 443)
-        factory = reactor.tcpClients[0][2]
-        p = factory.buildProtocol(None)
-        transport = StringTransport()
-        p.makeConnection(transport)
-        self.assertIsNone(self.successResultOf(d))
-        self.assertTrue(transport.disconnecting)

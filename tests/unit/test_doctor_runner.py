@@ -14,7 +14,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from rtcauthd.outbound.errors import FailureKind
 from rtcauthd.doctor.context import DoctorOptions
 from rtcauthd.doctor.dns import Answer
-from rtcauthd.doctor.net import Network, ProbeError
+from rtcauthd.doctor.net import Network
+from rtcauthd.doctor.probes import ProbeError
 from rtcauthd.doctor.report import Result, Status
 from rtcauthd.doctor.runner import CHECKS, CheckSpec, deadline_for, diagnose
 from rtcauthd.outbound.client import HTTPClient
