@@ -97,7 +97,7 @@ class UnverifiedClientTLS:
 
     def __init__(self, options: CertificateOptions, name: str) -> None:
         self._options = options
-        self._sni = None if _is_ip_literal(name) else name.encode("idna")
+        self._sni = None if is_ip_literal(name) else name.encode("idna")
 
     def clientConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
         connection = SSL.Connection(self._options.getContext(), None)
@@ -107,7 +107,8 @@ class UnverifiedClientTLS:
         return connection
 
 
-def _is_ip_literal(name: str) -> bool:
+def is_ip_literal(name: str) -> bool:
+    """An IPv4 or (unbracketed) IPv6 address rather than a DNS name."""
     return isIPAddress(name) or isIPv6Address(name)
 
 

@@ -15,6 +15,7 @@ from rtcauthd.doctor.report import Result, Status
 from rtcauthd.matrix.federation import USERINFO_PATH
 from rtcauthd.matrix.federation_agent import hostport
 from rtcauthd.outbound.client import OutboundError
+from rtcauthd.tls import is_ip_literal
 
 #: A token no homeserver has issued: userinfo must refuse it (401), proving the route works.
 PROBE_OPENID_TOKEN = "rtcauth-doctor-probe"
@@ -104,7 +105,7 @@ async def _private_address_warning(ctx: Context, resolution) -> list[str]:
     )
     addresses: list[str] = []
     for host, _port in resolution.targets:
-        if ":" in host or host.replace(".", "").isdigit():
+        if is_ip_literal(host):
             addresses.append(host)
         else:
             v4, v6 = await ctx.net.dns.addresses(host)

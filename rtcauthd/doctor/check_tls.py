@@ -20,6 +20,7 @@ from rtcauthd.doctor.net import HTTPS_PORT, parse_url
 from rtcauthd.doctor.probes import ProbeError
 from rtcauthd.doctor.report import Result, Status
 from rtcauthd.matrix.federation_agent import hostport
+from rtcauthd.tls import is_ip_literal
 
 CERT_WARN_DAYS = 14
 
@@ -48,7 +49,7 @@ def _covers(certificate, host: str) -> bool:
     from service_identity.cryptography import verify_certificate_hostname, verify_certificate_ip_address
 
     try:
-        if ":" in host or host.replace(".", "").isdigit():
+        if is_ip_literal(host):
             verify_certificate_ip_address(certificate, host)
         else:
             verify_certificate_hostname(certificate, host)
