@@ -1,0 +1,91 @@
+"""The doctor's run context: findings computed once, redirects followed like a browser."""
+
+from __future__ import annotations
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.http_headers import Headers
+
+from rtcauthd.doctor.context import MAX_REDIRECTS, Context, DoctorOptions
+from rtcauthd.matrix.servername import parse_server_name
+from rtcauthd.outbound.client import HTTPResponse, OutboundError
+from rtcauthd.outbound.errors import FailureKind
+
+
+class ScriptedHTTP:
+    """Answers each URL from a table; records what was asked."""
+
+    def __init__(self, answers: dict) -> None:
+        self.answers = answers
+        self.urls: list[str] = []
+
+    def request(self, method, url, *, headers=None, body=None, step="request"):
+        self.urls.append(url)
+        code, location = self.answers[url]
+        raw = Headers({b"Location": [location.encode()]} if location is not None else {})
+        return succeed(HTTPResponse(code=code, headers=raw, body=b""))
+
+
+class Net:
+    def __init__(self, http) -> None:
+        self.http = http
+
+
+def context(http) -> Context:
+    return Context(
+        clock=Clock(), options=DoctorOptions(server_name="example.com"), server=parse_server_name("example.com"), net=Net(http)
+    )
+
+
+class FetchFollowingTests(SynchronousTestCase):
+    def test_follows_relative_and_absolute_locations(self):
+        http = ScriptedHTTP({
+            "https://example.com/a": (301, "/b"),
+            "https://example.com/b": (307, "https://www.example.com/c"),
+            "https://www.example.com/c": (200, None),
+        })
+        d = Deferred.fromCoroutine(context(http).fetch_following("https://example.com/a", {}))
+        response, final, redirects = self.successResultOf(d)
+        self.assertEqual((response.code, final), (200, "https://www.example.com/c"))
+        self.assertEqual(redirects, ["https://example.com/b", "https://www.example.com/c"])
+
+    def test_a_redirect_without_location_is_the_answer(self):
+        http = ScriptedHTTP({"https://example.com/a": (302, "")})
+        d = Deferred.fromCoroutine(context(http).fetch_following("https://example.com/a", {}))
+        response, final, redirects = self.successResultOf(d)
+        self.assertEqual((response.code, final, redirects), (302, "https://example.com/a", []))
+
+    def test_too_many_redirects(self):
+        http = ScriptedHTTP({"https://example.com/a": (302, "/a")})
+        d = Deferred.fromCoroutine(context(http).fetch_following("https://example.com/a", {}))
+        error = self.failureResultOf(d, OutboundError).value
+        self.assertEqual((error.kind, error.detail), (FailureKind.REDIRECT, f"more than {MAX_REDIRECTS} redirects"))
+        self.assertEqual(len(http.urls), MAX_REDIRECTS + 1)
+
+
+class FindingTests(SynchronousTestCase):
+    def test_computed_once_for_every_caller(self):
+        ctx = context(None)
+        calls = []
+        pending: Deferred = Deferred()
+
+        async def find(c):
+            calls.append(c)
+            return await pending
+
+        first, second = ctx.finding(find), ctx.finding(find)
+        pending.callback("value")
+        self.assertEqual((self.successResultOf(first), self.successResultOf(second)), ("value", "value"))
+        self.assertEqual(self.successResultOf(ctx.finding(find)), "value")
+        self.assertEqual(calls, [ctx])
+
+    def test_cancel_stops_a_running_finding(self):
+        ctx = context(None)
+
+        async def find(c):
+            return await Deferred()
+
+        d = ctx.finding(find)
+        ctx.cancel()
+        self.failureResultOf(d)
