@@ -40,13 +40,13 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from rtcauthd.leave.outcome import CsApiUnresolvable, Outcome, OutcomeKind
+from rtcauthd.matrix.delayed_events import CsApiUnresolvable, Outcome, OutcomeKind
+from rtcauthd.leave.record import NS_PER_SECOND, JobParams
 from rtcauthd.livekit.presence import Presence
 from rtcauthd.leave.retry import RetryLoop
 
 log = Logger()
 
-NS_PER_SECOND = 1_000_000_000
 MAX_WAIT_NS = 3600 * NS_PER_SECOND  # MSC4354 sticky-event lifetime bounds every window
 MIN_SEND_WINDOW = 1.0
 MAX_SEND_WINDOW = 3600.0
@@ -129,21 +129,6 @@ EXIT_ACTIONS: Mapping[State, str] = MappingProxyType(
         _C: "_exit_connected",
     }
 )
-
-
-@attr.s(frozen=True, slots=True, auto_attribs=True)
-class JobParams:
-    """What the client delegated (§12.1); ``delay_timeout_ns`` is integer nanoseconds."""
-
-    delay_id: str
-    delay_timeout_ns: int
-    server_name: str
-    room: str
-    identity: str
-
-    @property
-    def key(self) -> Tuple[str, str]:
-        return (self.room, self.identity)
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)

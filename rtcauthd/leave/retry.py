@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from rtcauthd.outbound.client import OutboundError
-from rtcauthd.leave.outcome import Outcome, OutcomeKind
+from rtcauthd.matrix.delayed_events import Outcome, OutcomeKind
 
 log = Logger()
 

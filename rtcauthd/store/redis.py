@@ -384,7 +384,7 @@ class RedisStore:
     # ------------------------------------------------------------------ IJobStore
 
     def put(self, job: StoredJob) -> "Deferred[None]":
-        field = encode_field(job.room, job.identity).encode("utf-8")
+        field = encode_field(*job.key).encode("utf-8")
         return self._enqueue(field, encode_value(job).encode("utf-8"))
 
     def delete(self, room: str, identity: str) -> "Deferred[None]":
@@ -638,7 +638,7 @@ class RedisStore:
             jobs = [
                 job
                 for job in self._decode_all(mapping)
-                if encode_field(job.room, job.identity).encode("utf-8") not in touched
+                if encode_field(*job.key).encode("utf-8") not in touched
             ]
             log.info("Restoring {count} job(s) read from Redis after the outage", count=len(jobs))
             if callback is not None and not self._closing:

@@ -28,6 +28,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import BrowserLikePolicyForHTTPS
 
 import rtcauthd.store.redis as redis_module
+from rtcauthd.leave.record import JobParams
 from rtcauthd.store.model import StoredJob, encode_field, encode_value
 from rtcauthd.store.redis import (
     JOBS_KEY,
@@ -64,7 +65,7 @@ UNPARSABLE = {
 
 
 def job(room: str = ROOM, identity: str = IDENTITY, delay_id: str = "syd_integration_1", at: float = T_2026 + 0.123456) -> StoredJob:
-    return StoredJob(delay_id, 8_000_000_000, "example.com", room, identity, at)
+    return StoredJob(JobParams(delay_id, 8_000_000_000, "example.com", room, identity), at)
 
 
 # --------------------------------------------------------------------------- raw RESP client
@@ -312,11 +313,11 @@ class RoundTripTests(RedisTestBase):
         store = self.store(f"redis://127.0.0.1:{server.port}/0")
 
         loaded = yield store.load_all()
-        by_id = {j.delay_id: j for j in loaded}
+        by_id = {j.params.delay_id: j for j in loaded}
         self.assertEqual(sorted(by_id), ["syd_a", "syd_b", "syd_c"])
         self.assertAlmostEqual(by_id["syd_a"].restarted_at, T_2026 + 0.123456789, places=6)
-        self.assertEqual(by_id["syd_b"], StoredJob("syd_b", 30_000_000_000, "matrix.org", "room-b", "ident-b", T_2026 + 0.5))
-        self.assertEqual(by_id["syd_c"], StoredJob("syd_c", 1_000_000, "c.example", "room-c", "ident-c", float(T_2026)))
+        self.assertEqual(by_id["syd_b"], StoredJob(JobParams("syd_b", 30_000_000_000, "matrix.org", "room-b", "ident-b"), T_2026 + 0.5))
+        self.assertEqual(by_id["syd_c"], StoredJob(JobParams("syd_c", 1_000_000, "c.example", "room-c", "ident-c"), float(T_2026)))
 
         # unparsable entries are skipped with a warning and left in Redis
         stored = raw_hgetall(server.port)
@@ -335,7 +336,7 @@ class RoundTripTests(RedisTestBase):
         yield first.close()
         second = self.store(url)
         loaded = yield second.load_all()
-        self.assertEqual(sorted(loaded, key=lambda j: j.room), [job(), job(room="other")])
+        self.assertEqual(sorted(loaded, key=lambda j: j.params.room), [job(), job(room="other")])
 
 
 class URLTests(RedisTestBase):
@@ -478,14 +479,14 @@ class OutageTests(RedisTestBase):
         self.assertFalse(store.available)
 
         # the daemon goes on: a job is replaced and another one finished meanwhile
-        yield store.put(StoredJob("syd_a2", 8_000_000_000, "example.com", "room-a", "ident-a", T_2026 + 100))
+        yield store.put(StoredJob(JobParams("syd_a2", 8_000_000_000, "example.com", "room-a", "ident-a"), T_2026 + 100))
         yield store.delete("room-b", "ident-b")
 
         port = reactor.listenTCP(proxy_port, ProxyFactory("127.0.0.1", server.port), interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         yield wait_until(lambda: late and store.pending_count == 0, what="late restore")
 
-        self.assertEqual([[j.delay_id for j in batch] for batch in late], [["syd_c"]])
+        self.assertEqual([[j.params.delay_id for j in batch] for batch in late], [["syd_c"]])
         stored = raw_hgetall(server.port)
         self.assertEqual(sorted(stored), [b'["room-a","ident-a"]', b'["room-c","ident-c"]'])
         self.assertIn(b'"DelayId":"syd_a2"', stored[b'["room-a","ident-a"]'])

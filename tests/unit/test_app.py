@@ -288,7 +288,8 @@ class GetTokenTests(AppTestCase):
         response, _ = self.request("POST", "/get_token", token_body(delay_id="syd_1", delay_timeout=8000))
         self.assertEqual(response.code, 200)
         [job] = self.delegation.jobs
-        self.assertEqual((job.server_name, job.delay_id, job.delay_timeout_ms), ("example.com", "syd_1", 8000))
+        # the client's milliseconds become the record's nanoseconds
+        self.assertEqual((job.server_name, job.delay_id, job.delay_timeout_ns), ("example.com", "syd_1", 8_000_000_000))
         self.assertEqual(job.room, naming.room_alias("!room:example.com", "m.call#ROOM"))
 
     def test_unresolvable_cs_api_400_before_room_creation(self):

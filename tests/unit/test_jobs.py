@@ -14,6 +14,7 @@ from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
+from rtcauthd.leave.record import JobParams
 from rtcauthd.outbound.errors import FailureKind
 from rtcauthd.outbound.client import OutboundError
 from rtcauthd.leave.jobs import (
@@ -23,12 +24,11 @@ from rtcauthd.leave.jobs import (
     TRANSITIONS,
     DelayedLeaveJob,
     JobEnvironment,
-    JobParams,
     Signal,
     State,
     new_job_id,
 )
-from rtcauthd.leave.outcome import CsApiUnresolvable, Outcome
+from rtcauthd.matrix.delayed_events import CsApiUnresolvable, Outcome
 from rtcauthd.livekit.presence import Presence
 
 S = 1_000_000_000  # ns per second
