@@ -3,9 +3,11 @@
 Behaviour must match upstream's FSM exactly (protocol.md §12): which disconnects send the
 leave, which abort silently, when ``restart`` is called. So the transition table, the
 internal actions and the entry/exit actions are plain data below, and :meth:`_dispatch`
-is the only code that interprets them. Everything asynchronous (timers, retries, SFU
-lookups) re-enters the machine only by raising a :class:`Signal`; signals are handled one
-at a time, in arrival order.
+is the only code that changes ``state``. Timers, failed restarts and lookups re-enter the
+machine by raising a :class:`Signal`, handled one at a time in arrival order. Two paths act
+without a signal because they change no state: a successful ``restart`` re-arms the restart
+timer and reports ``restarted`` to the manager, and a finished ``send`` reports ``done``;
+:meth:`DelayedLeaveJob.cancel` stops everything from outside.
 
 Transition table (§12.3; blank = ignored, ``*`` = internal action, no state change)::
 
@@ -77,7 +79,6 @@ class Signal(enum.Enum):
     SFUParticipantGone = "SFUParticipantGone"
 
 
-TERMINAL_STATES = frozenset({State.Disconnected, State.Aborted, State.Replaced})
 
 _W, _C, _D, _A, _R = (
     State.WaitingForInitialConnect,

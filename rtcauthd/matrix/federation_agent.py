@@ -58,7 +58,7 @@ from rtcauthd.matrix.ipfilter import IPRangeFilter
 from rtcauthd.matrix.resolver import (
     WELL_KNOWN_MAX_BODY,
     WELL_KNOWN_TIMEOUT,
-    Delegation,
+    ServerDelegation,
     ResolveError,
     ServerResolver,
 )
@@ -440,7 +440,7 @@ class FederationAgent:
             return fail(ResolveError("server name", e.reason))
         trusted = bool(self._is_trusted(server_name.original))
 
-        def send(delegation: Delegation) -> Deferred:
+        def send(delegation: ServerDelegation) -> Deferred:
             target = delegation.server_name
             netloc = f"{target.bracketed_host}:{target.port or 0}".encode("ascii")
             scheme = _INNER_TRUSTED if trusted else _INNER_FILTERED

@@ -76,7 +76,7 @@ class ResolveError(OutboundError):
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
-class Delegation:
+class ServerDelegation:
     """Outcome of the well-known step: what to resolve next and how to address it."""
 
     server_name: ServerName
@@ -105,8 +105,8 @@ class _Invalid(Exception):
     """The well-known answer is unusable: fall back to SRV, cache for the invalid period."""
 
 
-def _delegation_for(name: ServerName) -> Delegation:
-    return Delegation(server_name=name, host_header=name.original, tls_name=name.host)
+def _delegation_for(name: ServerName) -> ServerDelegation:
+    return ServerDelegation(server_name=name, host_header=name.original, tls_name=name.host)
 
 
 class ServerResolver:
@@ -146,7 +146,7 @@ class ServerResolver:
         """The whole algorithm: targets, Host header and certificate name."""
         d = self.delegate(server_name)
 
-        def got_delegation(delegation: Delegation) -> Deferred:
+        def got_delegation(delegation: ServerDelegation) -> Deferred:
             return self.targets(delegation.server_name).addCallback(
                 lambda targets: Resolution(
                     targets=tuple(targets),
@@ -157,7 +157,7 @@ class ServerResolver:
 
         return d.addCallback(got_delegation)
 
-    def delegate(self, server_name: Union[str, ServerName]) -> "Deferred[Delegation]":
+    def delegate(self, server_name: Union[str, ServerName]) -> "Deferred[ServerDelegation]":
         """Steps 1-3 of §9.3: IP literal or explicit port as is, else ``.well-known``."""
         if isinstance(server_name, str):
             try:
@@ -167,7 +167,7 @@ class ServerResolver:
         if server_name.is_ip or server_name.port is not None:
             return succeed(_delegation_for(server_name))
 
-        def got_delegate(delegate: Optional[ServerName]) -> Delegation:
+        def got_delegate(delegate: Optional[ServerName]) -> ServerDelegation:
             return _delegation_for(delegate if delegate is not None else server_name)
 
         return self._well_known(server_name.host).addCallback(got_delegate)
@@ -420,7 +420,7 @@ def _period_from_headers(headers: Headers, now: float) -> Optional[float]:
 
 __all__ = [
     "DEFAULT_FEDERATION_PORT",
-    "Delegation",
+    "ServerDelegation",
     "Resolution",
     "ResolveError",
     "ServerResolver",
