@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 
 from rtcauthd.doctor.net import HTTPS_PORT, explain, parse_url
 from rtcauthd.outbound.errors import FailureKind
-from rtcauthd.outbound.client import HTTPResponse, OutboundError, RequestTimedOut
+from rtcauthd.outbound.client import HTTPResponse, OutboundError
 from rtcauthd.matrix.servername import ServerName
 
 #: Sent as ``Origin`` so that CORS answers can be judged as a browser would.
@@ -279,7 +279,7 @@ class Context:
         except OutboundError as e:
             info.fatal = info.unreachable = True
             info.problems.append((f"cannot fetch {url}: {explain(Failure(e))}", ()))
-            if not isinstance(e, RequestTimedOut):  # a hung host: do not wait twice
+            if e.kind is not FailureKind.TIMEOUT:  # a hung host: do not wait twice
                 await self._look_elsewhere(info, headers)
             return info
         info.response = response

@@ -43,7 +43,7 @@ from twisted.web.iweb import IAgent
 from zope.interface import implementer
 
 from rtcauthd.outbound.errors import FailureKind
-from rtcauthd.outbound.client import OutboundError, RequestTimedOut
+from rtcauthd.outbound.client import OutboundError
 
 HTTPS_PORT = 443
 #: How long to wait for aborted connections to report themselves closed.
@@ -127,7 +127,7 @@ def explain(failure: Failure) -> str:
             if text not in texts:
                 texts.append(text)
         return "; ".join(texts)
-    if isinstance(value, RequestTimedOut):
+    if isinstance(value, OutboundError) and value.kind is FailureKind.TIMEOUT:
         return value.detail
     if isinstance(value, OutboundError):
         return simplify(value.detail)

@@ -37,7 +37,7 @@ from twisted.web.http_headers import Headers
 
 from rtcauthd.gojson import reject_constant
 from rtcauthd.outbound.errors import FailureKind
-from rtcauthd.outbound.client import BodyTooLarge, HTTPClient, HTTPResponse, OutboundError
+from rtcauthd.outbound.client import HTTPClient, HTTPResponse, OutboundError
 from rtcauthd.matrix.servername import InvalidServerName, ServerName, parse_server_name
 
 log = Logger()
@@ -66,13 +66,6 @@ WELL_KNOWN_DOWN_CACHE_PERIOD_MAX = 3600.0
 WELL_KNOWN_CACHE_SIZE = 10_000
 
 Target = tuple[str, int]
-
-
-class ResolveError(OutboundError):
-    """Resolution failed (invalid delegation, SRV says no service, DNS failure)."""
-
-    def __init__(self, step: str, detail: str) -> None:
-        super().__init__(FailureKind.RESOLVE, step, detail)
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -163,7 +156,7 @@ class ServerResolver:
             try:
                 server_name = parse_server_name(server_name)
             except InvalidServerName as e:
-                return fail(ResolveError("server name", e.reason))
+                return fail(OutboundError(FailureKind.INVALID, "server name", e.reason))
         if server_name.is_ip or server_name.port is not None:
             return succeed(_delegation_for(server_name))
 
@@ -205,7 +198,7 @@ class ServerResolver:
         def unexpected(failure: Failure) -> None:
             log.failure("Well-known lookup for {hostname} crashed", failure, hostname=hostname)
             for waiter in self._inflight.pop(hostname, []):
-                waiter.errback(ResolveError("well-known", "internal error"))
+                waiter.errback(OutboundError(FailureKind.RESOLVE, "well-known", "internal error"))
 
         self._fetch_well_known(hostname, previous_down).addCallbacks(store, unexpected)
         return waiting
@@ -213,7 +206,7 @@ class ServerResolver:
     @staticmethod
     def _entry_result(entry: _WellKnownEntry) -> Deferred:
         if entry.error is not None:
-            return fail(ResolveError("well-known", entry.error))
+            return fail(OutboundError(FailureKind.RESOLVE, "well-known", entry.error))
         return succeed(entry.delegate)
 
     def _fetch_well_known(self, hostname: str, previous_down: int) -> "Deferred[_WellKnownEntry]":
@@ -254,7 +247,7 @@ class ServerResolver:
             return _WellKnownEntry(now + period, delegate, None)
 
         def failed(failure: Failure) -> _WellKnownEntry:
-            if failure.check(BodyTooLarge):
+            if failure.check(OutboundError) and failure.value.kind is FailureKind.TOO_LARGE:
                 log.debug("Well-known of {hostname} is too large", hostname=hostname)
                 return _WellKnownEntry(
                     self._clock.seconds() + WELL_KNOWN_INVALID_CACHE_PERIOD, None, None
@@ -323,7 +316,7 @@ class ServerResolver:
                 continue
             targets = _srv_order(records, self._random)
             if not targets:
-                raise ResolveError("resolve", f"SRV {query} says the service is not offered")
+                raise OutboundError(FailureKind.RESOLVE, "resolve", f"SRV {query} says the service is not offered")
             log.debug("SRV {query} -> {targets}", query=query, targets=targets)
             return targets
         return [(hostname, DEFAULT_FEDERATION_PORT)]
@@ -422,6 +415,5 @@ __all__ = [
     "DEFAULT_FEDERATION_PORT",
     "ServerDelegation",
     "Resolution",
-    "ResolveError",
     "ServerResolver",
 ]

@@ -25,7 +25,8 @@ from rtcauthd.doctor.net import (
     simplify,
     with_https_port,
 )
-from rtcauthd.outbound.client import OutboundError, RequestTimedOut
+from rtcauthd.outbound.client import OutboundError
+from rtcauthd.outbound.errors import FailureKind
 
 
 class HTTPSPortTests(SynchronousTestCase):
@@ -73,7 +74,7 @@ class ExplainTests(SynchronousTestCase):
             (SSL.Error([("SSL routines", "", "certificate verify failed")]),
              "TLS: certificate verify failed (not signed by a trusted CA, or expired)"),
             (SSL.Error([("SSL routines", "", "wrong version number")]), "TLS handshake failed (wrong version number)"),
-            (RequestTimedOut("GET", "no complete answer within 5 s"), "no complete answer within 5 s"),
+            (OutboundError(FailureKind.TIMEOUT, "GET", "no complete answer within 5 s"), "no complete answer within 5 s"),
             (net_error.ConnectionLost(), "the connection was closed without an answer"),
         ]
         for exception, text in cases:
@@ -119,7 +120,7 @@ class AgentTests(SynchronousTestCase):
         self.assertEqual((failure.value.step, failure.value.detail), ("connect", "connection refused"))
 
     def test_outbound_errors_pass_unchanged(self):
-        original = RequestTimedOut("GET", "no complete answer within 1 s")
+        original = OutboundError(FailureKind.TIMEOUT, "GET", "no complete answer within 1 s")
         failure = self.failureResultOf(ExplainingAgent(RecordingAgent(fail(original))).request(b"GET", b"https://h/"))
         self.assertIs(failure.value, original)
 
