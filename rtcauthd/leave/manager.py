@@ -17,7 +17,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from rtcauthd.leave.jobs import DelayedLeaveJob, JobEnvironment, Signal
+from rtcauthd.leave.jobs import DelayedLeaveJob, JobEnvironment
+from rtcauthd.leave.machine import Signal
 from rtcauthd.leave.record import JobParams
 from rtcauthd.matrix.delayed_events import Outcome
 from rtcauthd.livekit.presence import Presence

@@ -31,3 +31,29 @@ class JobParams:
     def key(self) -> Tuple[str, str]:
         """The job key (LiveKit room alias, LiveKit identity); one job per key."""
         return (self.room, self.identity)
+
+
+def go_duration(ns: int) -> str:
+    """``ns`` as Go's ``time.Duration.String`` writes it (e.g. ``0s``, ``-1.5ms``, ``1h0m0s``)."""
+    if ns == 0:
+        return "0s"
+    sign = "-" if ns < 0 else ""
+    u = abs(ns)
+    if u < NS_PER_SECOND:
+        for unit, scale in (("ns", 1), ("\u00b5s", 1_000), ("ms", 1_000_000)):
+            if u < scale * 1_000:
+                return sign + _go_fraction(u, scale) + unit
+    minutes, rest = divmod(u, 60 * NS_PER_SECOND)
+    text = _go_fraction(rest, NS_PER_SECOND) + "s"
+    if minutes:
+        hours, minutes = divmod(minutes, 60)
+        text = (f"{hours}h" if hours else "") + f"{minutes}m" + text
+    return sign + text
+
+
+def _go_fraction(value: int, scale: int) -> str:
+    whole, frac = divmod(value, scale)
+    if not frac:
+        return str(whole)
+    digits = str(frac).rjust(len(str(scale)) - 1, "0").rstrip("0")
+    return f"{whole}.{digits}"

@@ -17,17 +17,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from rtcauthd.leave.record import JobParams
 from rtcauthd.outbound.errors import FailureKind
 from rtcauthd.outbound.client import OutboundError
-from rtcauthd.leave.jobs import (
-    ENTRY_ACTIONS,
-    EXIT_ACTIONS,
-    INTERNAL_ACTIONS,
-    TRANSITIONS,
-    DelayedLeaveJob,
-    JobEnvironment,
-    Signal,
-    State,
-    new_job_id,
-)
+from rtcauthd.leave.jobs import DelayedLeaveJob, JobEnvironment, new_job_id
+from rtcauthd.leave.machine import ENTRY_ACTIONS, EXIT_ACTIONS, INTERNAL_ACTIONS, TRANSITIONS, Signal, State
 from rtcauthd.matrix.delayed_events import CsApiUnresolvable, Outcome
 from rtcauthd.livekit.presence import Presence
 

@@ -8,7 +8,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from rtcauthd.leave.jobs import Signal, State
+from rtcauthd.leave.machine import Signal, State
 from rtcauthd.leave.record import JobParams
 from rtcauthd.leave.manager import JobManager, ShuttingDown
 from rtcauthd.matrix.delayed_events import Outcome
