@@ -28,14 +28,10 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import BrowserLikePolicyForHTTPS
 
 import rtcauthd.store.redis as redis_module
+from rtcauthd.outbound.errors import FailureKind, OutboundError
 from rtcauthd.store.model import StoredJob, encode_field, encode_value
-from rtcauthd.store.redis import (
-    JOBS_KEY,
-    RedisPingError,
-    RedisStore,
-    RedisURLError,
-    parse_redis_url,
-)
+from rtcauthd.store.redis import JOBS_KEY, PING_STEP, RedisStore
+from rtcauthd.store.redis_url import RedisURLError, parse_redis_url
 from tests.support.certs import TestCA
 
 T_2026 = calendar.timegm((2026, 7, 23, 10, 15, 30, 0, 0, 0))
@@ -422,7 +418,8 @@ class URLTests(RedisTestBase):
         self.assertEqual(loaded, [])
         yield store.put(job())
         self.assertFalse(store.available)
-        yield self.assertFailure(store.ping(), RedisPingError)
+        error = yield self.assertFailure(store.ping(), OutboundError)
+        self.assertEqual(error.step, PING_STEP)
 
 
 class OutageTests(RedisTestBase):
@@ -445,7 +442,8 @@ class OutageTests(RedisTestBase):
         self.assertFalse(store.available)
         self.assertEqual(store.pending_count, 4)
         ping = store.ping()
-        yield self.assertFailure(ping, RedisPingError)
+        error = yield self.assertFailure(ping, OutboundError)
+        self.assertEqual((error.kind, error.step), (FailureKind.TIMEOUT, PING_STEP))
 
         yield server.start()
         yield wait_until(lambda: store.available and store.pending_count == 0, what="pending writes to land")
