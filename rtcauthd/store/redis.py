@@ -259,12 +259,9 @@ class RedisStore:
         )
 
     def _written(self, _result: object, field: bytes, version: int) -> None:
-        self._settled(field, version)
-
-    def _settled(self, field: bytes, version: int) -> None:
+        # landed, or (from _write_failed) refused for good: either way done with
         self._queue.settled(field, version)
         self._pump(field)
-        self._queue.check_drained()
 
     def _write_failed(self, failure: Failure, field: bytes, version: int) -> None:
         self._metrics.redis_errors.labels(operation="write").inc()
@@ -274,7 +271,7 @@ class RedisStore:
                 field=field.decode("utf-8", "replace"),
                 error=describe(failure),
             )
-            self._settled(field, version)
+            self._written(None, field, version)
             return
         self._queue.failed(field)
         self._went_down(failure)

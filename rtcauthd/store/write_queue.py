@@ -62,6 +62,7 @@ class WriteQueue:
         if self._pending.get(field, (None,))[0] == version:
             del self._pending[field]
         self._release(field, version)
+        self._check_drained()
 
     def failed(self, field: bytes) -> None:
         """The in-flight write did not land but is worth retrying: it stays pending."""
@@ -86,16 +87,16 @@ class WriteQueue:
         for entries in waiters.values():
             for _v, d in entries:
                 d.callback(None)
-        self.check_drained(force=True)
+        self._check_drained(force=True)
 
     def when_drained(self) -> Deferred:
         """A Deferred that fires once nothing is pending (or on :meth:`release_all`)."""
         waiting: Deferred = Deferred()
         self._drained.append(waiting)
-        self.check_drained()
+        self._check_drained()
         return waiting
 
-    def check_drained(self, force: bool = False) -> None:
+    def _check_drained(self, force: bool = False) -> None:
         if self._drained and (force or not self._pending):
             drained, self._drained = self._drained, []
             for d in drained:
