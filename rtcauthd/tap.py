@@ -314,7 +314,8 @@ def build_store(config: Config, reactor, tls_policy, metrics=None):
         from rtcauthd.store.memory import MemoryStore
 
         return MemoryStore()
-    from rtcauthd.store.redis import RedisStore, RedisURLError
+    from rtcauthd.store.redis import RedisStore
+    from rtcauthd.store.redis_url import RedisURLError
     from rtcauthd.tls import TLSPolicy
 
     try:
