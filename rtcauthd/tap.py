@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Mapping
+from typing import Any, Mapping, Optional
 
+import attr
 from twisted.internet.defer import DeferredSemaphore
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
@@ -124,7 +125,7 @@ def makeService(options: Mapping) -> "RtcAuthService":  # noqa: F821
     )
     raise_open_file_limit()
     try:
-        return build_service(config, reactor)
+        return build_daemon(config, reactor).service
     except ConfigError as e:
         fail_startup(str(e))
 
@@ -144,8 +145,58 @@ def raise_open_file_limit() -> None:
         log.info("Open-file limit raised from {soft} to {hard}", soft=soft, hard=hard)
 
 
-def build_service(config: Config, reactor, environ: Mapping[str, str] = os.environ):
-    """Wire the daemon from its Config (raises ConfigError for settings that fail to load)."""
+@attr.s(frozen=True, slots=True, auto_attribs=True, kw_only=True)
+class Agents:
+    """The outbound IAgents everything else is built on; tests hand in fakes."""
+
+    federation: Any  # server-server API: .well-known/SRV resolution, SSRF-filtered
+    plain: Any  # LiveKit and the client-server API of listed servers
+    guarded: Any  # the client-server API of servers admitted only by "*": SSRF-filtered
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True, kw_only=True)
+class Daemon:
+    """The wired object graph, so tests and benchmarks can reach any part of it."""
+
+    config: Config
+    reactor: Any
+    service: Any  # RtcAuthService: what twistd runs
+    app: Any  # RtcAuthApp: the routes
+    site: Any  # RtcAuthSite serving the app
+    metrics_site: Optional[Any]
+    authorizer: Any
+    manager: Any  # JobManager
+    delegation: Any  # DelegatedLeave (or the stand-in given to build_daemon)
+    store: Any  # IJobStore
+    metrics: Any
+    tokens: Any  # TokenMinter
+    rooms: Any  # RoomServiceClient (Twirp)
+    federation: Any  # FederationClient
+    cs_api: Any  # ClientAPIResolver
+    delayed_events: Any  # DelayedEventClient
+    federation_http: Any
+    plain_http: Any
+    redirecting_http: Any
+    guarded_http: Any
+    pool: Any  # HTTPConnectionPool shared by the real agents
+
+
+def build_daemon(
+    config: Config,
+    reactor,
+    *,
+    agents: Optional[Agents] = None,
+    store=None,
+    federation=None,
+    rooms=None,
+    delegation=None,
+    policy=None,
+) -> Daemon:
+    """Wire the daemon from its Config (raises ConfigError for settings that fail to load).
+
+    Every keyword replaces one part with a stand-in (tests) or plugs one in (``policy``:
+    an IRequestPolicy asked before every route handler); left out, the default is built.
+    """
     from rtcauthd.authorizer import Authorizer
     from rtcauthd.leave.delegation import DelegatedLeave
     from rtcauthd.leave.jobs import State
@@ -153,7 +204,8 @@ def build_service(config: Config, reactor, environ: Mapping[str, str] = os.envir
     from rtcauthd.metrics import Metrics
     from rtcauthd.livekit.webhooks import WebhookVerifier
     from rtcauthd.matrix.csapi import ClientAPIResolver, DelayedEventClient
-    from rtcauthd.inbound.app import RtcAuthApp, RtcAuthSite
+    from rtcauthd.inbound.app import RtcAuthApp
+    from rtcauthd.inbound.site import RtcAuthSite
     from rtcauthd.outbound.client import GoRedirectAgent, HTTPClient, connection_pool
     from rtcauthd.livekit.tokens import TokenMinter
     from rtcauthd.livekit.twirp import RoomServiceClient
@@ -198,42 +250,41 @@ def build_service(config: Config, reactor, environ: Mapping[str, str] = os.envir
         blocklist=list(config.ip_blocklist) if config.ip_blocklist is not None else list(DEFAULT_BLOCKLIST),
         allowlist=list(config.ip_allowlist),
     )
-    federation_http = HTTPClient(
-        clock=reactor,
-        agent=build_federation_agent(
-            reactor,
-            tls_policy=tls_policy,
-            ip_filter=ip_filter,
-            is_trusted=config.is_named_full_access,  # "*" never disables the SSRF filter
-            pool=pool,
-            # Half the bound, so a hanging well-known host leaves time for the SRV/8448 fallback.
-            well_known_timeout=config.outbound_timeout / 2,
-        ),
-        timeout=config.outbound_timeout,
-    )
-    plain_agent = build_plain_agent(reactor, tls_policy=tls_policy, pool=pool)
-    plain_http = HTTPClient(clock=reactor, agent=plain_agent, timeout=config.outbound_timeout)
+    if agents is None:
+        agents = Agents(
+            federation=build_federation_agent(
+                reactor,
+                tls_policy=tls_policy,
+                ip_filter=ip_filter,
+                is_trusted=config.is_named_full_access,  # "*" never disables the SSRF filter
+                pool=pool,
+                # Half the bound, so a hanging well-known host leaves time for the SRV/8448 fallback.
+                well_known_timeout=config.outbound_timeout / 2,
+            ),
+            plain=build_plain_agent(reactor, tls_policy=tls_policy, pool=pool),
+            guarded=build_guarded_web_agent(reactor, tls_policy=tls_policy, ip_filter=ip_filter),
+        )
+    federation_http = HTTPClient(clock=reactor, agent=agents.federation, timeout=config.outbound_timeout)
+    plain_http = HTTPClient(clock=reactor, agent=agents.plain, timeout=config.outbound_timeout)
     # The client-server API calls follow redirects as upstream's Go client does (max 10);
     # servers admitted only by "*" get the SSRF-filtered variant for every hop.
     redirecting_http = HTTPClient(
         clock=reactor,
-        agent=GoRedirectAgent(plain_agent, limit=10),
+        agent=GoRedirectAgent(agents.plain, limit=10),
         timeout=config.outbound_timeout,
     )
-    guarded_http = HTTPClient(
-        clock=reactor,
-        agent=build_guarded_web_agent(reactor, tls_policy=tls_policy, ip_filter=ip_filter),
-        timeout=config.outbound_timeout,
-    )
+    guarded_http = HTTPClient(clock=reactor, agent=agents.guarded, timeout=config.outbound_timeout)
     tokens = TokenMinter(api_key=config.api_key, api_secret=config.api_secret, clock=reactor)
-    rooms = RoomServiceClient(
-        livekit_url=config.livekit_url,
-        http=plain_http,
-        tokens=tokens,
-        timeout=config.outbound_timeout,
-        metrics=metrics,
-    )
-    store = build_store(config, reactor, tls_policy, metrics)
+    if rooms is None:
+        rooms = RoomServiceClient(
+            livekit_url=config.livekit_url,
+            http=plain_http,
+            tokens=tokens,
+            timeout=config.outbound_timeout,
+            metrics=metrics,
+        )
+    if store is None:
+        store = build_store(config, reactor, tls_policy, metrics)
     cs_api = ClientAPIResolver(
         clock=reactor,
         http=redirecting_http,
@@ -253,23 +304,26 @@ def build_service(config: Config, reactor, environ: Mapping[str, str] = os.envir
         sanity_interval=float(config.sanity_check_interval),
     )
     metrics.watch_jobs(lambda: (job.state.value for job in manager), (state.value for state in State))
-    delegation = DelegatedLeave(
-        manager=manager,
-        resolver=cs_api,
-        webhooks=WebhookVerifier(api_key=config.api_key, api_secret=config.api_secret, clock=reactor),
-        metrics=metrics,
-    )
+    if delegation is None:
+        delegation = DelegatedLeave(
+            manager=manager,
+            resolver=cs_api,
+            webhooks=WebhookVerifier(api_key=config.api_key, api_secret=config.api_secret, clock=reactor),
+            metrics=metrics,
+        )
+    if federation is None:
+        federation = FederationClient(http=federation_http)
     authorizer = Authorizer(
         config=config,
-        federation=FederationClient(http=federation_http),
+        federation=federation,
         tokens=tokens,
         rooms=rooms,
         delegation=delegation,
         clock=reactor,
         metrics=metrics,
     )
-    app = RtcAuthApp(authorizer=authorizer, webhooks=delegation)
-    site = RtcAuthSite(app.resource(), max_body=config.max_body_bytes, reactor=reactor)
+    app = RtcAuthApp(authorizer=authorizer, clock=reactor, webhooks=delegation, policy=policy)
+    site = RtcAuthSite(app.resource(), max_body=config.max_body_bytes, reactor=reactor, clock=reactor)
 
     async def before_listen() -> None:
         # Stored jobs resume before the first /healthz 200 (protocol.md §3.5).
@@ -281,16 +335,40 @@ def build_service(config: Config, reactor, environ: Mapping[str, str] = os.envir
         await pool.closeCachedConnections()
 
     extra_listeners = []
-    if config.metrics_listen:
-        extra_listeners.append((config.metrics_listen, metrics_site(metrics, reactor)))
+    stats_site = metrics_site(metrics, reactor) if config.metrics_listen else None
+    if stats_site is not None:
+        extra_listeners.append((config.metrics_listen, stats_site))
 
-    return RtcAuthService(
+    service = RtcAuthService(
         reactor=reactor,
         endpoints=config.listen,
         site=site,
         extra_listeners=extra_listeners,
         before_listen=before_listen,
         after_stop=after_stop,
+    )
+    return Daemon(
+        config=config,
+        reactor=reactor,
+        service=service,
+        app=app,
+        site=site,
+        metrics_site=stats_site,
+        authorizer=authorizer,
+        manager=manager,
+        delegation=delegation,
+        store=store,
+        metrics=metrics,
+        tokens=tokens,
+        rooms=rooms,
+        federation=federation,
+        cs_api=cs_api,
+        delayed_events=delayed_events,
+        federation_http=federation_http,
+        plain_http=plain_http,
+        redirecting_http=redirecting_http,
+        guarded_http=guarded_http,
+        pool=pool,
     )
 
 
