@@ -18,46 +18,12 @@ from twisted.python import usage
 
 from rtcauthd import __version__
 from rtcauthd import logging as rtc_logging
-from rtcauthd.config import Config, ConfigError, load_config
+from rtcauthd.config import Config, ConfigError, load_config, settings_help
 
 log = Logger()
 
 #: SFU participant lookups in flight at once; the rest queue (each still bounded in time).
 MAX_CONCURRENT_LOOKUPS = 128
-
-ENVIRONMENT_HELP = """
-Configuration comes from the environment, exactly as lk-jwt-service reads it
-(an env file given with --config is read first; the environment wins over it):
-
-  LIVEKIT_URL                     SFU URL handed to clients (ws:// or wss://); required
-  LIVEKIT_KEY, LIVEKIT_SECRET     LiveKit API key and secret
-  LIVEKIT_KEY_FROM_FILE           file holding the key (overrides LIVEKIT_KEY)
-  LIVEKIT_SECRET_FROM_FILE        file holding the secret (overrides LIVEKIT_SECRET)
-  LIVEKIT_KEY_FILE                LiveKit-style "key: secret" file (overrides the four above)
-  CREDENTIALS_DIRECTORY           systemd credentials: livekit_key, livekit_secret fill in
-                                  whatever the variables above left empty
-  LIVEKIT_FULL_ACCESS_HOMESERVERS required; server names whose users may create rooms and
-                                  delegate leaves (comma/space separated; "*" alone = all)
-  LIVEKIT_JWT_BIND                listen address, default ":8080" (all interfaces, IPv4+IPv6)
-  LIVEKIT_JWT_PORT                deprecated: port only; not together with LIVEKIT_JWT_BIND
-  LIVEKIT_LOG_LEVEL               debug, info (default), warn, error
-  LIVEKIT_CS_API_URL_OVERRIDES    server_name=https://client-api,... (skips .well-known)
-  LIVEKIT_REDIS_URL               redis://[:password@]host[:port][/db] for delegated-leave jobs
-  LIVEKIT_SANITY_CHECK_INTERVAL_SECONDS  SFU presence re-check interval, 0 = off (default)
-  LIVEKIT_INSECURE_SKIP_VERIFY_TLS  YES_I_KNOW_WHAT_I_AM_DOING disables certificate checks
-rtcauthd additions:
-  RTCAUTH_CA_FILE                 PEM CA bundle trusted for outbound TLS (private PKI)
-  RTCAUTH_FEDERATION_IP_RANGE_BLOCKLIST  CIDRs homeservers may not resolve to (replaces
-                                  the default: loopback, private, link-local, CGNAT, ...)
-  RTCAUTH_FEDERATION_IP_RANGE_ALLOWLIST  CIDRs exempt from the blocklist (wins over it)
-  RTCAUTH_OUTBOUND_TIMEOUT_SECONDS  bound on every outbound call (default 10)
-  RTCAUTH_MAX_BODY_BYTES          request body limit, answered 413 (default 65536)
-  RTCAUTH_LOG_FORMAT              auto (JSON under journald, else text), text or json
-  RTCAUTH_LISTEN                  space-separated endpoint strings (like --listen)
-  RTCAUTH_METRICS_LISTEN          Prometheus /metrics listener: a port (loopback) or an
-                                  endpoint string; off when unset
-"""
-
 
 class Options(usage.Options):
     synopsis = "[options]"
@@ -87,8 +53,8 @@ class Options(usage.Options):
         self["listen"].append(endpoint)
 
     def getUsage(self, width=None) -> str:
-        # The variable table is preformatted; usage's word wrapping would scramble it.
-        return super().getUsage(width) + ENVIRONMENT_HELP
+        # The settings table is preformatted; usage's word wrapping would scramble it.
+        return super().getUsage(width) + settings_help()
 
     def opt_version(self) -> None:
         print(f"rtcauthd {__version__}")
