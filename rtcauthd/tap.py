@@ -1,7 +1,7 @@
 """``twistd rtcauth``: command-line options and the one place that builds real agents.
 
 Everything else receives its reactor, agents and clients; here they are made from the
-Config and wired together.
+Config and wired together into a :class:`Daemon` (``build_daemon``).
 """
 
 from __future__ import annotations

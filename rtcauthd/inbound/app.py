@@ -2,7 +2,8 @@
 
 Every observable detail — which methods get 405 with an empty body, which paths carry the
 CORS headers, the exact 404 text, ``{"errcode","error"}`` + LF bodies — follows upstream,
-because clients and reverse-proxy setups were written against it.
+because clients and reverse-proxy setups were written against it. The Site (size limit,
+access log, in-flight count) is in :mod:`rtcauthd.inbound.site`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from rtcauthd.authorizer import Authorizer
 from rtcauthd.errors import MatrixError
 from rtcauthd.gojson import go_json_dumps
 from rtcauthd.inbound.models import LegacyTokenRequest, TokenRequest
-from rtcauthd.inbound.policy import AllowAll, IRequestPolicy, PolicyAnswer, Verdict
+from rtcauthd.inbound.policy import AllowAll, IRequestPolicy, Verdict
 
 log = Logger()
 
@@ -142,7 +143,7 @@ class RtcAuthApp:
         policy: Optional[IRequestPolicy] = None,
     ) -> None:
         self._authorizer = authorizer
-        self.clock = clock
+        self.clock = clock  # for the policy and handlers that need time (rate limits)
         self._webhooks = webhooks or WebhookSink()
         self._policy = policy if policy is not None else AllowAll()
 

@@ -464,6 +464,15 @@ class PolicyTests(AppTestCase):
         self.assertEqual(response.code, 200)
         self.assertEqual(self.homeservers.calls, ["example.com"])
 
+    def test_allow_all_is_the_default_and_lets_everything_through(self):
+        from zope.interface.verify import verifyObject
+
+        from rtcauthd.inbound.policy import AllowAll, IRequestPolicy
+
+        self.assertTrue(verifyObject(IRequestPolicy, AllowAll()))
+        self.assertIsInstance(build_test_daemon(self.config).app._policy, AllowAll)
+        self.assertIsNone(AllowAll().check(object(), "get_token"))
+
     def test_failing_policy_is_a_500(self):
         def broken(request, endpoint):
             raise RuntimeError("policy bug")
