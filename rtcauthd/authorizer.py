@@ -65,7 +65,7 @@ class Authorizer:
         tokens: TokenMinter,
         rooms: RoomCreator,
         clock: IReactorTime,
-        delegation: Optional[LeaveJobSink] = None,
+        leave_jobs: Optional[LeaveJobSink] = None,
         metrics: Optional[Metrics] = None,
     ) -> None:
         self._clock = clock
@@ -74,7 +74,7 @@ class Authorizer:
         self._federation = federation
         self._tokens = tokens
         self._rooms = rooms
-        self._delegation = delegation
+        self._leave_jobs = leave_jobs
 
     async def _verify(self, openid: OpenIDToken, endpoint: str) -> str:
         """P1: the user ID the homeserver vouches for, or 401 (cause logged, not answered)."""
@@ -182,11 +182,11 @@ class Authorizer:
         return Grant(url=self._config.livekit_url, jwt=jwt)
 
     async def _resolve_cs_api(self, server_name: str) -> str:
-        if self._delegation is None:
+        if self._leave_jobs is None:
             log.error("Delegated leave requested but no delegation service is configured")
             raise errors.bad_json(errors.E_CSAPI)
         try:
-            return await self._delegation.resolve_cs_api(server_name)
+            return await self._leave_jobs.resolve_cs_api(server_name)
         except MatrixError:
             raise
         except Exception as e:
@@ -198,8 +198,8 @@ class Authorizer:
             raise errors.bad_json(errors.E_CSAPI) from None
 
     async def _add_job(self, request, server_name: str, room: str, identity: str) -> None:
-        assert self._delegation is not None  # _resolve_cs_api ran first
-        await self._delegation.add_job(
+        assert self._leave_jobs is not None  # _resolve_cs_api ran first
+        await self._leave_jobs.add_job(
             JobParams(
                 delay_id=request.delay_id,
                 delay_timeout_ns=request.delay_timeout * NS_PER_MS,

@@ -284,7 +284,7 @@ def build_daemon(
         federation=federation,
         tokens=tokens,
         rooms=rooms,
-        delegation=delegation,
+        leave_jobs=delegation,
         clock=reactor,
         metrics=metrics,
     )

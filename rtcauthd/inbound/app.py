@@ -47,7 +47,11 @@ def error_body(error: MatrixError) -> bytes:
 
 
 class WebhookSink:
-    """Receives verified webhook events; the delegated-leave manager provides the real one."""
+    """Receives each raw LiveKit webhook (Authorization header and body, NOT yet verified).
+
+    The sink verifies the signature itself (:class:`rtcauthd.leave.delegation.DelegatedLeave`
+    does); this default one, used when delegated leave is off, ignores everything.
+    """
 
     def handle(self, authorization: Optional[str], body: bytes) -> None:
         log.debug("Webhook received but delegated leave is not enabled; ignored")
