@@ -17,6 +17,7 @@ from rtcauthd import errors
 from rtcauthd.config import Config
 from rtcauthd.errors import MatrixError
 from rtcauthd.inbound.models import LegacyTokenRequest, OpenIDToken, TokenRequest
+from rtcauthd.leave.record import NS_PER_MS, JobParams
 from rtcauthd.livekit import naming
 from rtcauthd.livekit.tokens import TokenMinter
 from rtcauthd.livekit.twirp import TwirpError
@@ -35,25 +36,14 @@ class RoomCreator(Protocol):
         ...
 
 
-class Delegation(Protocol):
-    """What the delegated-leave machinery offers the token endpoints."""
+class LeaveJobSink(Protocol):
+    """Where the token endpoints hand a delegated leave (the leave package implements it)."""
 
     def resolve_cs_api(self, server_name: str):  # -> Deferred[str]; fails when unresolvable
         ...
 
-    def add_job(self, job: "LeaveJobRequest"):  # -> Deferred[None]; raises MatrixError (503/400)
+    def add_job(self, job: JobParams):  # -> Deferred[None]; raises MatrixError (503/400)
         ...
-
-
-@attr.s(frozen=True, slots=True, auto_attribs=True)
-class LeaveJobRequest:
-    """A delayed leave to keep alive for (room, identity) — protocol.md §12.1 parameters."""
-
-    server_name: str
-    delay_id: str
-    delay_timeout_ms: int
-    room: str
-    identity: str
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -75,7 +65,7 @@ class Authorizer:
         tokens: TokenMinter,
         rooms: RoomCreator,
         clock: IReactorTime,
-        delegation: Optional[Delegation] = None,
+        leave_jobs: Optional[LeaveJobSink] = None,
         metrics: Optional[Metrics] = None,
     ) -> None:
         self._clock = clock
@@ -84,7 +74,7 @@ class Authorizer:
         self._federation = federation
         self._tokens = tokens
         self._rooms = rooms
-        self._delegation = delegation
+        self._leave_jobs = leave_jobs
 
     async def _verify(self, openid: OpenIDToken, endpoint: str) -> str:
         """P1: the user ID the homeserver vouches for, or 401 (cause logged, not answered)."""
@@ -192,11 +182,11 @@ class Authorizer:
         return Grant(url=self._config.livekit_url, jwt=jwt)
 
     async def _resolve_cs_api(self, server_name: str) -> str:
-        if self._delegation is None:
+        if self._leave_jobs is None:
             log.error("Delegated leave requested but no delegation service is configured")
             raise errors.bad_json(errors.E_CSAPI)
         try:
-            return await self._delegation.resolve_cs_api(server_name)
+            return await self._leave_jobs.resolve_cs_api(server_name)
         except MatrixError:
             raise
         except Exception as e:
@@ -208,12 +198,12 @@ class Authorizer:
             raise errors.bad_json(errors.E_CSAPI) from None
 
     async def _add_job(self, request, server_name: str, room: str, identity: str) -> None:
-        assert self._delegation is not None  # _resolve_cs_api ran first
-        await self._delegation.add_job(
-            LeaveJobRequest(
-                server_name=server_name,
+        assert self._leave_jobs is not None  # _resolve_cs_api ran first
+        await self._leave_jobs.add_job(
+            JobParams(
                 delay_id=request.delay_id,
-                delay_timeout_ms=request.delay_timeout,
+                delay_timeout_ns=request.delay_timeout * NS_PER_MS,
+                server_name=server_name,
                 room=room,
                 identity=identity,
             )

@@ -5,6 +5,10 @@
 with status 1. Parsing order, defaults and messages follow upstream (protocol.md §14) so that
 an operator can swap services without touching their environment file. Additions are prefixed
 ``RTCAUTH_`` and are all optional.
+
+Every variable is one row of :data:`SETTINGS` (name, default, reader, help), which also
+feeds ``twistd rtcauth --help`` and the check of debian/rtcauthd.env. Longer than most
+modules because the table and the readers it names belong together.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import ipaddress
 import math
 import os
 import re
+import textwrap
 from typing import Callable, Mapping, Optional
 
 import attr
@@ -37,35 +42,6 @@ DEV_DEFAULTS = {
     "LIVEKIT_SECRET": "secret",
     "LIVEKIT_FULL_ACCESS_HOMESERVERS": "localhost",
 }
-
-#: Every variable we understand; other LIVEKIT_*/RTCAUTH_* names get a warning (likely typos).
-KNOWN_VARIABLES = frozenset(
-    {
-        "LIVEKIT_URL",
-        "LIVEKIT_KEY",
-        "LIVEKIT_SECRET",
-        "LIVEKIT_KEY_FROM_FILE",
-        "LIVEKIT_SECRET_FROM_FILE",
-        "LIVEKIT_KEY_FILE",
-        "LIVEKIT_JWT_BIND",
-        "LIVEKIT_JWT_PORT",
-        "LIVEKIT_FULL_ACCESS_HOMESERVERS",
-        "LIVEKIT_LOG_LEVEL",
-        "LIVEKIT_CS_API_URL_OVERRIDES",
-        "LIVEKIT_INSECURE_SKIP_VERIFY_TLS",
-        "LIVEKIT_SANITY_CHECK_INTERVAL_SECONDS",
-        "LIVEKIT_REDIS_URL",
-        "RTCAUTH_CA_FILE",
-        "RTCAUTH_FEDERATION_IP_RANGE_BLOCKLIST",
-        "RTCAUTH_FEDERATION_IP_RANGE_ALLOWLIST",
-        "RTCAUTH_OUTBOUND_TIMEOUT_SECONDS",
-        "RTCAUTH_MAX_BODY_BYTES",
-        "RTCAUTH_LOG_FORMAT",
-        "RTCAUTH_LISTEN",
-        "RTCAUTH_METRICS_LISTEN",
-    }
-)
-
 
 class ConfigError(Exception):
     """A start-up configuration problem; ``str()`` is the single line to print."""
@@ -309,6 +285,250 @@ def _positive_number(variable: str, value: str, default: float, kind: type) -> f
     return number
 
 
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class Setting:
+    """One environment variable, written once: it feeds load_config, ``--help`` and the
+    env file's check (tests/unit/test_config.py reads debian/rtcauthd.env against it)."""
+
+    name: str
+    default: str  # as an operator would write it; "" = none
+    help: str
+    #: Reads this setting (and the ones it belongs with) into ``_Reading.fields``. None: read
+    #: with an earlier setting of its group (e.g. LIVEKIT_SECRET with LIVEKIT_URL).
+    parse: Optional[Callable[["_Reading", "Setting"], None]] = None
+    documented: bool = True  # False: not the operator's to set (systemd sets it)
+
+
+@attr.s(slots=True, auto_attribs=True)
+class _Reading:
+    """What the parsers share while one Config is read."""
+
+    env: Mapping[str, str]
+    read_file: Callable[[str], str]
+    listen: tuple[str, ...]
+    warnings: list[str]
+    fields: dict = attr.Factory(dict)
+
+    def raw(self, setting: Setting) -> str:
+        return self.env.get(setting.name, "")
+
+
+def _read_log_level(r: _Reading, s: Setting) -> None:
+    # upstream: a bad value is a warning, not an error
+    raw = r.raw(s)
+    r.fields["log_level"] = LOG_LEVELS.get(raw.strip().lower(), s.default)
+    if raw and raw.strip().lower() not in LOG_LEVELS:
+        r.warnings.append(f"Invalid log level in {s.name}, defaulting to {s.default}")
+
+
+def _read_log_format(r: _Reading, s: Setting) -> None:
+    log_format = r.raw(s).strip().lower() or s.default
+    if log_format not in LOG_FORMATS:
+        raise ConfigError(f"{s.name} must be one of {', '.join(LOG_FORMATS)}, got {go_quote(log_format)}")
+    r.fields["log_format"] = log_format
+
+
+def _read_insecure(r: _Reading, s: Setting) -> None:
+    # only the exact magic value counts
+    insecure = r.raw(s) == INSECURE_MAGIC
+    if r.raw(s) and not insecure:
+        r.warnings.append(f"{s.name} is set but not to {INSECURE_MAGIC}; TLS certificates are verified")
+    r.fields["insecure_skip_verify_tls"] = insecure
+
+
+def _read_livekit(r: _Reading, s: Setting) -> None:
+    key, secret, key_source, secret_source = _key_and_secret(r.env, r.read_file, r.warnings)
+    livekit_url = r.raw(s)
+    if not key or not secret or not livekit_url:
+        raise ConfigError("LIVEKIT_KEY* / LIVEKIT_SECRET* and LIVEKIT_URL must be set")
+    r.fields.update(
+        livekit_url=livekit_url,
+        api_key=key,
+        api_secret=secret,
+        key_source=key_source or "LIVEKIT_KEY",
+        secret_source=secret_source or "LIVEKIT_SECRET",
+    )
+
+
+def _read_full_access(r: _Reading, s: Setting) -> None:
+    raw = r.raw(s)
+    if raw == "":
+        raise ConfigError(
+            f"{s.name} environment variable must be set to the homeserver(s) "
+            "you intend to serve \u2014 see README for guidance"
+        )
+    full_access = tuple(raw.replace(",", " ").split())
+    if not full_access:
+        r.warnings.append(f"{s.name} lists no server: every user is restricted")
+    if "*" in full_access and len(full_access) > 1:
+        r.warnings.append(f"{s.name}: '*' is only a wildcard on its own; here it matches nothing")
+    r.fields["full_access_homeservers"] = full_access
+
+
+def _read_listeners(r: _Reading, s: Setting) -> None:
+    """LIVEKIT_JWT_BIND, LIVEKIT_JWT_PORT and RTCAUTH_LISTEN; ``--listen`` wins over all."""
+    bind, port = r.raw(s), r.env.get("LIVEKIT_JWT_PORT", "")
+    if bind and port:
+        raise ConfigError("LIVEKIT_JWT_BIND and LIVEKIT_JWT_PORT must not be set together")
+    bind_variable = s.name
+    if port:
+        r.warnings.append("LIVEKIT_JWT_PORT is deprecated, use LIVEKIT_JWT_BIND (e.g. :8080) instead")
+        bind, bind_variable = ":" + port, "LIVEKIT_JWT_PORT"
+    if r.listen:
+        endpoints = tuple(r.listen)
+    elif r.env.get("RTCAUTH_LISTEN", "").strip():
+        endpoints = tuple(e.strip() for e in r.env["RTCAUTH_LISTEN"].split(" ") if e.strip())
+    else:
+        endpoints = bind_to_endpoints(bind or s.default, bind_variable)
+    r.fields["listen"] = endpoints
+
+
+def _read_sanity_interval(r: _Reading, s: Setting) -> None:
+    raw = r.raw(s)
+    sanity = int(s.default)
+    if raw != "":
+        # Go's strconv.Atoi: optional sign, digits, int64 range.
+        if not re.fullmatch(r"[+-]?[0-9]+", raw) or not 0 <= int(raw) <= INT64_MAX:
+            raise ConfigError(f"{s.name} must be a non-negative integer, got {go_quote(raw)}")
+        sanity = int(raw)
+    r.fields["sanity_check_interval"] = sanity
+
+
+def _read_overrides(r: _Reading, s: Setting) -> None:
+    r.fields["cs_api_url_overrides"] = parse_cs_api_overrides(r.raw(s))
+
+
+def _read_ca_file(r: _Reading, s: Setting) -> None:
+    r.fields["ca_file"] = r.raw(s).strip() or None
+
+
+def _read_blocklist(r: _Reading, s: Setting) -> None:
+    raw = r.raw(s)
+    r.fields["ip_blocklist"] = None if raw.strip() == "" else parse_cidrs(s.name, raw)
+
+
+def _read_allowlist(r: _Reading, s: Setting) -> None:
+    r.fields["ip_allowlist"] = parse_cidrs(s.name, r.raw(s))
+
+
+def _read_timeout(r: _Reading, s: Setting) -> None:
+    r.fields["outbound_timeout"] = _positive_number(s.name, r.raw(s).strip(), float(s.default), float)
+
+
+def _read_max_body(r: _Reading, s: Setting) -> None:
+    r.fields["max_body_bytes"] = int(_positive_number(s.name, r.raw(s).strip(), int(s.default), int))
+
+
+def _read_metrics_listen(r: _Reading, s: Setting) -> None:
+    raw = r.raw(s)
+    r.fields["metrics_listen"] = metrics_endpoint(raw) if raw.strip() else None
+
+
+def _read_redis_url(r: _Reading, s: Setting) -> None:
+    r.fields["redis_url"] = r.raw(s)
+
+
+#: Every setting, in the order load_config reads them (so the first error reported, and the
+#: order of warnings, stay upstream's). ``--help`` lists them in this order too.
+SETTINGS: tuple[Setting, ...] = (
+    Setting("LIVEKIT_LOG_LEVEL", "info", "debug, info, warn (or warning), error", _read_log_level),
+    Setting(
+        "RTCAUTH_LOG_FORMAT", LOG_FORMATS[0], "auto (JSON under journald, else text), text or json", _read_log_format
+    ),
+    Setting(
+        "LIVEKIT_INSECURE_SKIP_VERIFY_TLS",
+        "",
+        f"{INSECURE_MAGIC} disables certificate checks; any other value is ignored",
+        _read_insecure,
+    ),
+    Setting("LIVEKIT_URL", "", "SFU URL handed to clients (ws:// or wss://); required", _read_livekit),
+    Setting("LIVEKIT_KEY", "", "LiveKit API key"),
+    Setting("LIVEKIT_SECRET", "", "LiveKit API secret"),
+    Setting("LIVEKIT_KEY_FROM_FILE", "", "file holding the key (overrides LIVEKIT_KEY)"),
+    Setting("LIVEKIT_SECRET_FROM_FILE", "", "file holding the secret (overrides LIVEKIT_SECRET)"),
+    Setting("LIVEKIT_KEY_FILE", "", 'LiveKit-style "key: secret" file (overrides the four above)'),
+    Setting(
+        "CREDENTIALS_DIRECTORY",
+        "",
+        f"systemd credentials: {CREDENTIAL_KEY}, {CREDENTIAL_SECRET} fill in whatever the variables "
+        "above left empty",
+        documented=False,
+    ),
+    Setting(
+        "LIVEKIT_FULL_ACCESS_HOMESERVERS",
+        "",
+        "required; server names whose users may create rooms and delegate leaves "
+        '(comma/space separated; "*" alone = all)',
+        _read_full_access,
+    ),
+    Setting("LIVEKIT_JWT_BIND", DEFAULT_BIND, "listen address host:port (all interfaces, IPv4+IPv6)", _read_listeners),
+    Setting("LIVEKIT_JWT_PORT", "", "deprecated: port only; not together with LIVEKIT_JWT_BIND"),
+    Setting("RTCAUTH_LISTEN", "", "space-separated endpoint strings (like --listen)"),
+    Setting(
+        "LIVEKIT_SANITY_CHECK_INTERVAL_SECONDS", "0", "SFU presence re-check interval, 0 = off", _read_sanity_interval
+    ),
+    Setting(
+        "LIVEKIT_CS_API_URL_OVERRIDES", "", "server_name=https://client-api,... (skips .well-known)", _read_overrides
+    ),
+    Setting("RTCAUTH_CA_FILE", "", "PEM CA bundle trusted for outbound TLS (private PKI)", _read_ca_file),
+    Setting(
+        "RTCAUTH_FEDERATION_IP_RANGE_BLOCKLIST",
+        "",
+        "CIDRs homeservers may not resolve to (replaces the default: loopback, private, "
+        "link-local, CGNAT, ...)",
+        _read_blocklist,
+    ),
+    Setting(
+        "RTCAUTH_FEDERATION_IP_RANGE_ALLOWLIST", "", "CIDRs exempt from the blocklist (wins over it)", _read_allowlist
+    ),
+    Setting(
+        "RTCAUTH_OUTBOUND_TIMEOUT_SECONDS", f"{DEFAULT_OUTBOUND_TIMEOUT:g}", "bound on every outbound call", _read_timeout
+    ),
+    Setting("RTCAUTH_MAX_BODY_BYTES", str(DEFAULT_MAX_BODY_BYTES), "request body limit, answered 413", _read_max_body),
+    Setting(
+        "RTCAUTH_METRICS_LISTEN",
+        "",
+        "Prometheus /metrics listener: a port (loopback) or an endpoint string; off when unset",
+        _read_metrics_listen,
+    ),
+    Setting(
+        "LIVEKIT_REDIS_URL", "", "redis://[:password@]host[:port][/db] for delegated-leave jobs", _read_redis_url
+    ),
+)
+
+#: Every variable we understand; other LIVEKIT_*/RTCAUTH_* names get a warning (likely typos).
+KNOWN_VARIABLES = frozenset(s.name for s in SETTINGS)
+
+
+def settings_help(width: int = 80) -> str:
+    """The settings table as ``--help`` shows it: upstream's variables, then our additions."""
+    lines = [
+        "",
+        "Configuration comes from the environment, exactly as lk-jwt-service reads it",
+        "(an env file given with --config is read first; the environment wins over it):",
+        "",
+    ]
+    column = 34
+    for title, ours in (("", False), ("rtcauthd additions:", True)):
+        if title:
+            lines.append(title)
+        for setting in SETTINGS:
+            if setting.name.startswith("RTCAUTH_") != ours:
+                continue
+            # A no-break space keeps "(default X)" on one line; textwrap only splits ASCII blanks.
+            text = setting.help + (f" (default\xa0{setting.default})" if setting.default else "")
+            name = f"  {setting.name}"
+            entry = textwrap.fill(
+                text,
+                width=width,
+                initial_indent=name.ljust(column) if len(name) + 2 <= column else name + "  ",
+                subsequent_indent=" " * column,
+                break_on_hyphens=False,
+            )
+            lines.append(entry.replace("\xa0", " "))
+    return "\n".join(lines) + "\n"
+
+
 def load_config(
     environ: Mapping[str, str],
     *,
@@ -335,124 +555,13 @@ def load_config(
             "ws://localhost:7880, full access for localhost. Never use this in production."
         )
 
-    # 1. log level (upstream: a bad value is a warning, not an error)
-    raw_level = env.get("LIVEKIT_LOG_LEVEL", "")
-    log_level = LOG_LEVELS.get(raw_level.strip().lower(), "info")
-    if raw_level and raw_level.strip().lower() not in LOG_LEVELS:
-        warnings.append("Invalid log level in LIVEKIT_LOG_LEVEL, defaulting to info")
-    log_format = env.get("RTCAUTH_LOG_FORMAT", "auto").strip().lower() or "auto"
-    if log_format not in LOG_FORMATS:
-        raise ConfigError(f"RTCAUTH_LOG_FORMAT must be one of auto, text, json, got {go_quote(log_format)}")
-
-    # 2. insecure TLS: only the exact magic value counts
-    insecure = env.get("LIVEKIT_INSECURE_SKIP_VERIFY_TLS", "") == INSECURE_MAGIC
-    if env.get("LIVEKIT_INSECURE_SKIP_VERIFY_TLS") and not insecure:
-        warnings.append(
-            "LIVEKIT_INSECURE_SKIP_VERIFY_TLS is set but not to "
-            f"{INSECURE_MAGIC}; TLS certificates are verified"
-        )
-
-    # 3./4. key, secret, URL
-    key, secret, key_source, secret_source = _key_and_secret(env, read_file, warnings)
-    livekit_url = env.get("LIVEKIT_URL", "")
-    if not key or not secret or not livekit_url:
-        raise ConfigError("LIVEKIT_KEY* / LIVEKIT_SECRET* and LIVEKIT_URL must be set")
-
-    # 5. full-access homeservers
-    full_access_raw = env.get("LIVEKIT_FULL_ACCESS_HOMESERVERS", "")
-    if full_access_raw == "":
-        raise ConfigError(
-            "LIVEKIT_FULL_ACCESS_HOMESERVERS environment variable must be set to the homeserver(s) "
-            "you intend to serve \u2014 see README for guidance"
-        )
-    full_access = tuple(full_access_raw.replace(",", " ").split())
-    if not full_access:
-        warnings.append("LIVEKIT_FULL_ACCESS_HOMESERVERS lists no server: every user is restricted")
-    if "*" in full_access and len(full_access) > 1:
-        warnings.append("LIVEKIT_FULL_ACCESS_HOMESERVERS: '*' is only a wildcard on its own; here it matches nothing")
-
-    # 6. listeners
-    bind, port = env.get("LIVEKIT_JWT_BIND", ""), env.get("LIVEKIT_JWT_PORT", "")
-    if bind and port:
-        raise ConfigError("LIVEKIT_JWT_BIND and LIVEKIT_JWT_PORT must not be set together")
-    bind_variable = "LIVEKIT_JWT_BIND"
-    if port:
-        warnings.append("LIVEKIT_JWT_PORT is deprecated, use LIVEKIT_JWT_BIND (e.g. :8080) instead")
-        bind, bind_variable = ":" + port, "LIVEKIT_JWT_PORT"
-    if listen:
-        endpoints = tuple(listen)
-    elif env.get("RTCAUTH_LISTEN", "").strip():
-        endpoints = tuple(e.strip() for e in env["RTCAUTH_LISTEN"].split(" ") if e.strip())
-    else:
-        endpoints = bind_to_endpoints(bind or DEFAULT_BIND, bind_variable)
-
-    # 7. sanity-check interval
-    sanity_raw = env.get("LIVEKIT_SANITY_CHECK_INTERVAL_SECONDS", "")
-    sanity = 0
-    if sanity_raw != "":
-        # Go's strconv.Atoi: optional sign, digits, int64 range.
-        if not re.fullmatch(r"[+-]?[0-9]+", sanity_raw) or not 0 <= int(sanity_raw) <= INT64_MAX:
-            raise ConfigError(
-                "LIVEKIT_SANITY_CHECK_INTERVAL_SECONDS must be a non-negative integer, "
-                f"got {go_quote(sanity_raw)}"
-            )
-        sanity = int(sanity_raw)
-
-    # 8. client-server API overrides
-    overrides = parse_cs_api_overrides(env.get("LIVEKIT_CS_API_URL_OVERRIDES", ""))
-
-    # rtcauthd additions
-    ca_file = env.get("RTCAUTH_CA_FILE", "").strip() or None
-    blocklist_raw = env.get("RTCAUTH_FEDERATION_IP_RANGE_BLOCKLIST")
-    blocklist = (
-        None
-        if blocklist_raw is None or blocklist_raw.strip() == ""
-        else parse_cidrs("RTCAUTH_FEDERATION_IP_RANGE_BLOCKLIST", blocklist_raw)
-    )
-    allowlist = parse_cidrs(
-        "RTCAUTH_FEDERATION_IP_RANGE_ALLOWLIST", env.get("RTCAUTH_FEDERATION_IP_RANGE_ALLOWLIST", "")
-    )
-    timeout = _positive_number(
-        "RTCAUTH_OUTBOUND_TIMEOUT_SECONDS",
-        env.get("RTCAUTH_OUTBOUND_TIMEOUT_SECONDS", "").strip(),
-        DEFAULT_OUTBOUND_TIMEOUT,
-        float,
-    )
-    max_body = int(
-        _positive_number(
-            "RTCAUTH_MAX_BODY_BYTES",
-            env.get("RTCAUTH_MAX_BODY_BYTES", "").strip(),
-            DEFAULT_MAX_BODY_BYTES,
-            int,
-        )
-    )
+    reading = _Reading(env=env, read_file=read_file, listen=tuple(listen), warnings=warnings)
+    for setting in SETTINGS:
+        if setting.parse is not None:
+            setting.parse(reading, setting)
 
     for name in sorted(environ):
         if name.startswith(("LIVEKIT_", "RTCAUTH_")) and name not in KNOWN_VARIABLES:
             warnings.append(f"unknown variable {name} is ignored")
 
-    return Config(
-        livekit_url=livekit_url,
-        api_key=key,
-        api_secret=secret,
-        key_source=key_source or "LIVEKIT_KEY",
-        secret_source=secret_source or "LIVEKIT_SECRET",
-        full_access_homeservers=full_access,
-        listen=endpoints,
-        sanity_check_interval=sanity,
-        log_level=log_level,
-        cs_api_url_overrides=overrides,
-        redis_url=env.get("LIVEKIT_REDIS_URL", ""),
-        insecure_skip_verify_tls=insecure,
-        ca_file=ca_file,
-        ip_blocklist=blocklist,
-        ip_allowlist=allowlist,
-        outbound_timeout=timeout,
-        max_body_bytes=max_body,
-        log_format=log_format,
-        metrics_listen=metrics_endpoint(env["RTCAUTH_METRICS_LISTEN"])
-        if env.get("RTCAUTH_METRICS_LISTEN", "").strip()
-        else None,
-        dev=dev,
-        warnings=tuple(warnings),
-    )
+    return Config(**reading.fields, dev=dev, warnings=tuple(warnings))

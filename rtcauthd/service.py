@@ -15,7 +15,6 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -164,10 +163,12 @@ class RtcAuthService(MultiService):
         log.info("rtcauthd stopped")
 
     async def _drain(self) -> None:
-        """Let in-flight requests finish, bounded by DRAIN_SECONDS."""
-        deadline = self._reactor.seconds() + DRAIN_SECONDS
-        while getattr(self._site, "in_flight", 0) > 0 and self._reactor.seconds() < deadline:
-            await deferLater(self._reactor, 0.05, lambda: None)
+        """Let in-flight requests finish, bounded by DRAIN_SECONDS (the site says when)."""
+        when_idle = getattr(self._site, "when_idle", None)
+        if when_idle is not None:
+            idle = when_idle()
+            idle.addTimeout(DRAIN_SECONDS, self._reactor, onTimeoutCancel=lambda result, timeout: None)
+            await idle
         left = getattr(self._site, "in_flight", 0)
         if left:
             log.warn("Stopping with {count} request(s) still in flight", count=left)

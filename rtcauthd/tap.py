@@ -1,15 +1,16 @@
 """``twistd rtcauth``: command-line options and the one place that builds real agents.
 
 Everything else receives its reactor, agents and clients; here they are made from the
-Config and wired together.
+Config and wired together into a :class:`Daemon` (``build_daemon``).
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from typing import Mapping
+from typing import Any, Mapping, Optional
 
+import attr
 from twisted.internet.defer import DeferredSemaphore
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
@@ -17,46 +18,12 @@ from twisted.python import usage
 
 from rtcauthd import __version__
 from rtcauthd import logging as rtc_logging
-from rtcauthd.config import Config, ConfigError, load_config
+from rtcauthd.config import Config, ConfigError, load_config, settings_help
 
 log = Logger()
 
 #: SFU participant lookups in flight at once; the rest queue (each still bounded in time).
 MAX_CONCURRENT_LOOKUPS = 128
-
-ENVIRONMENT_HELP = """
-Configuration comes from the environment, exactly as lk-jwt-service reads it
-(an env file given with --config is read first; the environment wins over it):
-
-  LIVEKIT_URL                     SFU URL handed to clients (ws:// or wss://); required
-  LIVEKIT_KEY, LIVEKIT_SECRET     LiveKit API key and secret
-  LIVEKIT_KEY_FROM_FILE           file holding the key (overrides LIVEKIT_KEY)
-  LIVEKIT_SECRET_FROM_FILE        file holding the secret (overrides LIVEKIT_SECRET)
-  LIVEKIT_KEY_FILE                LiveKit-style "key: secret" file (overrides the four above)
-  CREDENTIALS_DIRECTORY           systemd credentials: livekit_key, livekit_secret fill in
-                                  whatever the variables above left empty
-  LIVEKIT_FULL_ACCESS_HOMESERVERS required; server names whose users may create rooms and
-                                  delegate leaves (comma/space separated; "*" alone = all)
-  LIVEKIT_JWT_BIND                listen address, default ":8080" (all interfaces, IPv4+IPv6)
-  LIVEKIT_JWT_PORT                deprecated: port only; not together with LIVEKIT_JWT_BIND
-  LIVEKIT_LOG_LEVEL               debug, info (default), warn, error
-  LIVEKIT_CS_API_URL_OVERRIDES    server_name=https://client-api,... (skips .well-known)
-  LIVEKIT_REDIS_URL               redis://[:password@]host[:port][/db] for delegated-leave jobs
-  LIVEKIT_SANITY_CHECK_INTERVAL_SECONDS  SFU presence re-check interval, 0 = off (default)
-  LIVEKIT_INSECURE_SKIP_VERIFY_TLS  YES_I_KNOW_WHAT_I_AM_DOING disables certificate checks
-rtcauthd additions:
-  RTCAUTH_CA_FILE                 PEM CA bundle trusted for outbound TLS (private PKI)
-  RTCAUTH_FEDERATION_IP_RANGE_BLOCKLIST  CIDRs homeservers may not resolve to (replaces
-                                  the default: loopback, private, link-local, CGNAT, ...)
-  RTCAUTH_FEDERATION_IP_RANGE_ALLOWLIST  CIDRs exempt from the blocklist (wins over it)
-  RTCAUTH_OUTBOUND_TIMEOUT_SECONDS  bound on every outbound call (default 10)
-  RTCAUTH_MAX_BODY_BYTES          request body limit, answered 413 (default 65536)
-  RTCAUTH_LOG_FORMAT              auto (JSON under journald, else text), text or json
-  RTCAUTH_LISTEN                  space-separated endpoint strings (like --listen)
-  RTCAUTH_METRICS_LISTEN          Prometheus /metrics listener: a port (loopback) or an
-                                  endpoint string; off when unset
-"""
-
 
 class Options(usage.Options):
     synopsis = "[options]"
@@ -86,8 +53,8 @@ class Options(usage.Options):
         self["listen"].append(endpoint)
 
     def getUsage(self, width=None) -> str:
-        # The variable table is preformatted; usage's word wrapping would scramble it.
-        return super().getUsage(width) + ENVIRONMENT_HELP
+        # The settings table is preformatted; usage's word wrapping would scramble it.
+        return super().getUsage(width) + settings_help()
 
     def opt_version(self) -> None:
         print(f"rtcauthd {__version__}")
@@ -124,7 +91,7 @@ def makeService(options: Mapping) -> "RtcAuthService":  # noqa: F821
     )
     raise_open_file_limit()
     try:
-        return build_service(config, reactor)
+        return build_daemon(config, reactor).service
     except ConfigError as e:
         fail_startup(str(e))
 
@@ -144,8 +111,58 @@ def raise_open_file_limit() -> None:
         log.info("Open-file limit raised from {soft} to {hard}", soft=soft, hard=hard)
 
 
-def build_service(config: Config, reactor, environ: Mapping[str, str] = os.environ):
-    """Wire the daemon from its Config (raises ConfigError for settings that fail to load)."""
+@attr.s(frozen=True, slots=True, auto_attribs=True, kw_only=True)
+class Agents:
+    """The outbound IAgents everything else is built on; tests hand in fakes."""
+
+    federation: Any  # server-server API: .well-known/SRV resolution, SSRF-filtered
+    plain: Any  # LiveKit and the client-server API of listed servers
+    guarded: Any  # the client-server API of servers admitted only by "*": SSRF-filtered
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True, kw_only=True)
+class Daemon:
+    """The wired object graph, so tests and benchmarks can reach any part of it."""
+
+    config: Config
+    reactor: Any
+    service: Any  # RtcAuthService: what twistd runs
+    app: Any  # RtcAuthApp: the routes
+    site: Any  # RtcAuthSite serving the app
+    metrics_site: Optional[Any]
+    authorizer: Any
+    manager: Any  # JobManager
+    delegation: Any  # DelegatedLeave (or the stand-in given to build_daemon)
+    store: Any  # IJobStore
+    metrics: Any
+    tokens: Any  # TokenMinter
+    rooms: Any  # RoomServiceClient (Twirp)
+    federation: Any  # FederationClient
+    cs_api: Any  # ClientAPIResolver
+    delayed_events: Any  # DelayedEventClient
+    federation_http: Any
+    plain_http: Any
+    redirecting_http: Any
+    guarded_http: Any
+    pool: Any  # HTTPConnectionPool shared by the real agents
+
+
+def build_daemon(
+    config: Config,
+    reactor,
+    *,
+    agents: Optional[Agents] = None,
+    store=None,
+    federation=None,
+    rooms=None,
+    delegation=None,
+    policy=None,
+) -> Daemon:
+    """Wire the daemon from its Config (raises ConfigError for settings that fail to load).
+
+    Every keyword replaces one part with a stand-in (tests) or plugs one in (``policy``:
+    an IRequestPolicy asked before every route handler); left out, the default is built.
+    """
     from rtcauthd.authorizer import Authorizer
     from rtcauthd.leave.delegation import DelegatedLeave
     from rtcauthd.leave.jobs import State
@@ -153,7 +170,8 @@ def build_service(config: Config, reactor, environ: Mapping[str, str] = os.envir
     from rtcauthd.metrics import Metrics
     from rtcauthd.livekit.webhooks import WebhookVerifier
     from rtcauthd.matrix.csapi import ClientAPIResolver, DelayedEventClient
-    from rtcauthd.inbound.app import RtcAuthApp, RtcAuthSite
+    from rtcauthd.inbound.app import RtcAuthApp
+    from rtcauthd.inbound.site import RtcAuthSite
     from rtcauthd.outbound.client import GoRedirectAgent, HTTPClient, connection_pool
     from rtcauthd.livekit.tokens import TokenMinter
     from rtcauthd.livekit.twirp import RoomServiceClient
@@ -198,42 +216,41 @@ def build_service(config: Config, reactor, environ: Mapping[str, str] = os.envir
         blocklist=list(config.ip_blocklist) if config.ip_blocklist is not None else list(DEFAULT_BLOCKLIST),
         allowlist=list(config.ip_allowlist),
     )
-    federation_http = HTTPClient(
-        clock=reactor,
-        agent=build_federation_agent(
-            reactor,
-            tls_policy=tls_policy,
-            ip_filter=ip_filter,
-            is_trusted=config.is_named_full_access,  # "*" never disables the SSRF filter
-            pool=pool,
-            # Half the bound, so a hanging well-known host leaves time for the SRV/8448 fallback.
-            well_known_timeout=config.outbound_timeout / 2,
-        ),
-        timeout=config.outbound_timeout,
-    )
-    plain_agent = build_plain_agent(reactor, tls_policy=tls_policy, pool=pool)
-    plain_http = HTTPClient(clock=reactor, agent=plain_agent, timeout=config.outbound_timeout)
+    if agents is None:
+        agents = Agents(
+            federation=build_federation_agent(
+                reactor,
+                tls_policy=tls_policy,
+                ip_filter=ip_filter,
+                is_trusted=config.is_named_full_access,  # "*" never disables the SSRF filter
+                pool=pool,
+                # Half the bound, so a hanging well-known host leaves time for the SRV/8448 fallback.
+                well_known_timeout=config.outbound_timeout / 2,
+            ),
+            plain=build_plain_agent(reactor, tls_policy=tls_policy, pool=pool),
+            guarded=build_guarded_web_agent(reactor, tls_policy=tls_policy, ip_filter=ip_filter),
+        )
+    federation_http = HTTPClient(clock=reactor, agent=agents.federation, timeout=config.outbound_timeout)
+    plain_http = HTTPClient(clock=reactor, agent=agents.plain, timeout=config.outbound_timeout)
     # The client-server API calls follow redirects as upstream's Go client does (max 10);
     # servers admitted only by "*" get the SSRF-filtered variant for every hop.
     redirecting_http = HTTPClient(
         clock=reactor,
-        agent=GoRedirectAgent(plain_agent, limit=10),
+        agent=GoRedirectAgent(agents.plain, limit=10),
         timeout=config.outbound_timeout,
     )
-    guarded_http = HTTPClient(
-        clock=reactor,
-        agent=build_guarded_web_agent(reactor, tls_policy=tls_policy, ip_filter=ip_filter),
-        timeout=config.outbound_timeout,
-    )
+    guarded_http = HTTPClient(clock=reactor, agent=agents.guarded, timeout=config.outbound_timeout)
     tokens = TokenMinter(api_key=config.api_key, api_secret=config.api_secret, clock=reactor)
-    rooms = RoomServiceClient(
-        livekit_url=config.livekit_url,
-        http=plain_http,
-        tokens=tokens,
-        timeout=config.outbound_timeout,
-        metrics=metrics,
-    )
-    store = build_store(config, reactor, tls_policy, metrics)
+    if rooms is None:
+        rooms = RoomServiceClient(
+            livekit_url=config.livekit_url,
+            http=plain_http,
+            tokens=tokens,
+            timeout=config.outbound_timeout,
+            metrics=metrics,
+        )
+    if store is None:
+        store = build_store(config, reactor, tls_policy, metrics)
     cs_api = ClientAPIResolver(
         clock=reactor,
         http=redirecting_http,
@@ -253,23 +270,26 @@ def build_service(config: Config, reactor, environ: Mapping[str, str] = os.envir
         sanity_interval=float(config.sanity_check_interval),
     )
     metrics.watch_jobs(lambda: (job.state.value for job in manager), (state.value for state in State))
-    delegation = DelegatedLeave(
-        manager=manager,
-        resolver=cs_api,
-        webhooks=WebhookVerifier(api_key=config.api_key, api_secret=config.api_secret, clock=reactor),
-        metrics=metrics,
-    )
+    if delegation is None:
+        delegation = DelegatedLeave(
+            manager=manager,
+            resolver=cs_api,
+            webhooks=WebhookVerifier(api_key=config.api_key, api_secret=config.api_secret, clock=reactor),
+            metrics=metrics,
+        )
+    if federation is None:
+        federation = FederationClient(http=federation_http)
     authorizer = Authorizer(
         config=config,
-        federation=FederationClient(http=federation_http),
+        federation=federation,
         tokens=tokens,
         rooms=rooms,
-        delegation=delegation,
+        leave_jobs=delegation,
         clock=reactor,
         metrics=metrics,
     )
-    app = RtcAuthApp(authorizer=authorizer, webhooks=delegation)
-    site = RtcAuthSite(app.resource(), max_body=config.max_body_bytes, reactor=reactor)
+    app = RtcAuthApp(authorizer=authorizer, clock=reactor, webhooks=delegation, policy=policy)
+    site = RtcAuthSite(app.resource(), max_body=config.max_body_bytes, reactor=reactor, clock=reactor)
 
     async def before_listen() -> None:
         # Stored jobs resume before the first /healthz 200 (protocol.md §3.5).
@@ -281,16 +301,40 @@ def build_service(config: Config, reactor, environ: Mapping[str, str] = os.envir
         await pool.closeCachedConnections()
 
     extra_listeners = []
-    if config.metrics_listen:
-        extra_listeners.append((config.metrics_listen, metrics_site(metrics, reactor)))
+    stats_site = metrics_site(metrics, reactor) if config.metrics_listen else None
+    if stats_site is not None:
+        extra_listeners.append((config.metrics_listen, stats_site))
 
-    return RtcAuthService(
+    service = RtcAuthService(
         reactor=reactor,
         endpoints=config.listen,
         site=site,
         extra_listeners=extra_listeners,
         before_listen=before_listen,
         after_stop=after_stop,
+    )
+    return Daemon(
+        config=config,
+        reactor=reactor,
+        service=service,
+        app=app,
+        site=site,
+        metrics_site=stats_site,
+        authorizer=authorizer,
+        manager=manager,
+        delegation=delegation,
+        store=store,
+        metrics=metrics,
+        tokens=tokens,
+        rooms=rooms,
+        federation=federation,
+        cs_api=cs_api,
+        delayed_events=delayed_events,
+        federation_http=federation_http,
+        plain_http=plain_http,
+        redirecting_http=redirecting_http,
+        guarded_http=guarded_http,
+        pool=pool,
     )
 
 
@@ -314,7 +358,8 @@ def build_store(config: Config, reactor, tls_policy, metrics=None):
         from rtcauthd.store.memory import MemoryStore
 
         return MemoryStore()
-    from rtcauthd.store.redis import RedisStore, RedisURLError
+    from rtcauthd.store.redis import RedisStore
+    from rtcauthd.store.redis_url import RedisURLError
     from rtcauthd.tls import TLSPolicy
 
     try:

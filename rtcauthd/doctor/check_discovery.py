@@ -16,7 +16,8 @@ from rtcauthd.doctor.answers import DOCTOR_ORIGIN, errcode_of, json_of, status_t
 from rtcauthd.doctor.context import Context
 from rtcauthd.doctor.net import parse_url
 from rtcauthd.doctor.report import Result, Status
-from rtcauthd.outbound.client import HTTPResponse, OutboundError, RequestTimedOut
+from rtcauthd.outbound.client import HTTPResponse, OutboundError
+from rtcauthd.outbound.errors import FailureKind
 
 CLIENT_WELL_KNOWN_PATH = "/.well-known/matrix/client"
 TRANSPORTS_PATH = "/_matrix/client/unstable/org.matrix.msc4143/rtc/transports"
@@ -67,7 +68,7 @@ async def find_well_known(ctx: Context) -> ClientWellKnown:
     except OutboundError as e:
         info.fatal = info.unreachable = True
         info.problems.append((f"cannot fetch {url}: {e.reason}", ()))
-        if not isinstance(e, RequestTimedOut):  # a hung host: do not wait twice
+        if e.kind is not FailureKind.TIMEOUT:  # a hung host: do not wait twice
             await _look_elsewhere(ctx, info, headers)
         return info
     info.response = response

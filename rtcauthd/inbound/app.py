@@ -2,21 +2,20 @@
 
 Every observable detail — which methods get 405 with an empty body, which paths carry the
 CORS headers, the exact 404 text, ``{"errcode","error"}`` + LF bodies — follows upstream,
-because clients and reverse-proxy setups were written against it.
+because clients and reverse-proxy setups were written against it. The Site (size limit,
+access log, in-flight count) is in :mod:`rtcauthd.inbound.site`.
 """
 
 from __future__ import annotations
 
 import functools
-import time
 from typing import Awaitable, Callable, Optional
 
 from klein import Klein
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.web.server import Request, Site
-from twisted.web.iweb import INonQueuedRequestFactory, IRequest
-from zope.interface import implementer
+from twisted.web.iweb import IRequest
 
 from werkzeug.exceptions import NotFound
 
@@ -25,6 +24,7 @@ from rtcauthd.authorizer import Authorizer
 from rtcauthd.errors import MatrixError
 from rtcauthd.gojson import go_json_dumps
 from rtcauthd.inbound.models import LegacyTokenRequest, TokenRequest
+from rtcauthd.inbound.policy import AllowAll, IRequestPolicy, Verdict
 
 log = Logger()
 
@@ -47,7 +47,11 @@ def error_body(error: MatrixError) -> bytes:
 
 
 class WebhookSink:
-    """Receives verified webhook events; the delegated-leave manager provides the real one."""
+    """Receives each raw LiveKit webhook (Authorization header and body, NOT yet verified).
+
+    The sink verifies the signature itself (:class:`rtcauthd.leave.delegation.DelegatedLeave`
+    does); this default one, used when delegated leave is off, ignores everything.
+    """
 
     def handle(self, authorization: Optional[str], body: bytes) -> None:
         log.debug("Webhook received but delegated leave is not enabled; ignored")
@@ -88,6 +92,9 @@ def _cors_json_endpoint(func: Callable[..., Awaitable[bytes]]):
 
         async def run() -> bytes:
             try:
+                verdict = await maybeDeferred(self._policy.check, request, func.__name__)
+                if verdict is not None:
+                    return self._answer(request, verdict)
                 return await func(self, request, body)
             except MatrixError as e:
                 return self._error(request, e)
@@ -104,14 +111,45 @@ def _cors_json_endpoint(func: Callable[..., Awaitable[bytes]]):
     return wrapper
 
 
+def _policed(func: Callable[["RtcAuthApp", IRequest], bytes]):
+    """Ask the request policy before a plain (non-JSON) handler runs."""
+
+    @functools.wraps(func)
+    def wrapper(self: "RtcAuthApp", request: IRequest):
+        def decided(verdict: Verdict):
+            if verdict is not None:
+                return self._answer(request, verdict)
+            return func(self, request)
+
+        def failed(failure):
+            log.failure("Request policy failed for {path}", failure, path=request.path.decode("latin-1"))
+            return self._error(request, MatrixError(500, errors.M_UNKNOWN, errors.E_INTERNAL))
+
+        return maybeDeferred(self._policy.check, request, func.__name__).addCallbacks(decided, failed)
+
+    return wrapper
+
+
 class RtcAuthApp:
-    """Klein routes bound to one Authorizer (no global state)."""
+    """Klein routes bound to one Authorizer (no global state).
+
+    ``policy`` is asked before every handler (see :mod:`rtcauthd.inbound.policy`).
+    """
 
     app = Klein()
 
-    def __init__(self, *, authorizer: Authorizer, webhooks: Optional[WebhookSink] = None) -> None:
+    def __init__(
+        self,
+        *,
+        authorizer: Authorizer,
+        clock: IReactorTime,
+        webhooks: Optional[WebhookSink] = None,
+        policy: Optional[IRequestPolicy] = None,
+    ) -> None:
         self._authorizer = authorizer
+        self.clock = clock  # for the policy and handlers that need time (rate limits)
         self._webhooks = webhooks or WebhookSink()
+        self._policy = policy if policy is not None else AllowAll()
 
     def resource(self):
         return self.app.resource()
@@ -120,6 +158,15 @@ class RtcAuthApp:
     def _error(request: IRequest, error: MatrixError) -> bytes:
         request.setResponseCode(error.status)
         return error_body(error)
+
+    @classmethod
+    def _answer(cls, request: IRequest, verdict: Verdict) -> bytes:
+        if isinstance(verdict, MatrixError):
+            return cls._error(request, verdict)
+        for name, value in verdict.headers:
+            request.setHeader(name, value)
+        request.setResponseCode(verdict.status)
+        return verdict.body
 
     @app.route("/get_token", branch=False)
     @_cors_json_endpoint
@@ -141,6 +188,7 @@ class RtcAuthApp:
 
     @app.route("/sfu_webhook", branch=False)
     @_exact_path
+    @_policed
     def sfu_webhook(self, request: IRequest) -> bytes:
         """Always 200 with an empty body: failures are only logged (protocol.md §3.4)."""
         if not getattr(request, "body_too_large", False):
@@ -156,6 +204,7 @@ class RtcAuthApp:
 
     @app.route("/healthz", branch=False)
     @_exact_path
+    @_policed
     def healthz(self, request: IRequest) -> bytes:
         if request.method not in (b"GET", b"HEAD"):
             request.setResponseCode(405)
@@ -182,90 +231,3 @@ def _not_found(request: IRequest) -> bytes:
 # Paths are matched exactly: no merging of "//" into "/" and no redirects (protocol.md §2.1, §16).
 RtcAuthApp.app.url_map.merge_slashes = False
 RtcAuthApp.app.url_map.redirect_defaults = False
-
-
-class SizeLimitingRequest(Request):
-    """Stops buffering a request body past ``max_body`` bytes; the route answers 413."""
-
-    max_body = 64 * 1024
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.body_too_large = False
-        self._body_size = 0
-        self._started = time.monotonic()
-
-    def gotLength(self, length: Optional[int]) -> None:
-        if length is not None and length > self.max_body:
-            self.body_too_large = True
-            length = 0  # keep Twisted from preparing a large buffer
-        super().gotLength(length)
-
-    def handleContentChunk(self, data: bytes) -> None:
-        if self.body_too_large:
-            return
-        self._body_size += len(data)
-        if self._body_size > self.max_body:
-            self.body_too_large = True
-            self.content.seek(0)
-            self.content.truncate()
-            return
-        super().handleContentChunk(data)
-
-
-class RtcAuthSite(Site):
-    """A Site whose access log is a structured event (healthz only at debug)."""
-
-    def __init__(self, resource, *, max_body: int, reactor=None) -> None:
-        super().__init__(resource, reactor=reactor)
-        self.max_body = max_body
-        self.in_flight = 0  # requests not yet finished; the service drains them on stop
-        self.requestFactory = _RequestFactory(self)
-        self.displayTracebacks = False
-        self.noisy = False
-
-    def make_request(self, channel) -> SizeLimitingRequest:
-        request = SizeLimitingRequest(channel)
-        request.max_body = self.max_body
-        self.in_flight += 1
-        request.notifyFinish().addBoth(self._finished)
-        return request
-
-    def _finished(self, _result) -> None:
-        self.in_flight -= 1
-
-    def log(self, request: Request) -> None:
-        path = request.path.decode("latin-1", errors="replace")
-        started = getattr(request, "_started", None)
-        duration_ms = (time.monotonic() - started) * 1000 if started is not None else 0.0
-        origin = request.getHeader(b"Origin")
-        event = dict(
-            method=request.method.decode("latin-1", errors="replace"),
-            path=path,
-            status=request.code,
-            duration_ms=round(duration_ms, 1),
-            origin=origin.decode("latin-1", errors="replace") if origin else "-",
-            client=_client_address(request),
-        )
-        fmt = "{client} {method} {path} -> {status} in {duration_ms} ms (origin {origin})"
-        if path == "/healthz":
-            log.debug(fmt, **event)
-        else:
-            log.info(fmt, **event)
-
-
-@implementer(INonQueuedRequestFactory)
-class _RequestFactory:
-    """Builds our requests; declaring the interface keeps Twisted from passing ``queued``."""
-
-    def __init__(self, site: RtcAuthSite) -> None:
-        self._site = site
-
-    def __call__(self, channel) -> SizeLimitingRequest:
-        return self._site.make_request(channel)
-
-
-def _client_address(request: Request) -> str:
-    peer = request.getClientAddress()
-    host = getattr(peer, "host", None)
-    return host if host else str(peer)

@@ -26,7 +26,6 @@ from rtcauthd.gojson import (
 )
 
 #: delay_timeout in ms that still fits Go's int64 nanoseconds (protocol.md §12.1)
-MAX_DELAY_TIMEOUT_MS = INT64_MAX // 1_000_000
 
 
 class DecodeError(Exception):

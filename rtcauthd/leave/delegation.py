@@ -14,10 +14,9 @@ from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 
 from rtcauthd import errors
-from rtcauthd.authorizer import LeaveJobRequest
 from rtcauthd.errors import MatrixError
-from rtcauthd.inbound.models import MAX_DELAY_TIMEOUT_MS
-from rtcauthd.leave.jobs import JobParams, NS_PER_SECOND
+from rtcauthd.gojson import INT64_MAX
+from rtcauthd.leave.record import NS_PER_MS, JobParams
 from rtcauthd.leave.manager import JobManager, ShuttingDown
 from rtcauthd.livekit.webhooks import WebhookRejected, WebhookVerifier, signal_for
 from rtcauthd.matrix.csapi import ClientAPIResolver
@@ -25,11 +24,9 @@ from rtcauthd.metrics import Metrics
 
 log = Logger()
 
-NS_PER_MS = NS_PER_SECOND // 1000
-
 
 class DelegatedLeave:
-    """Implements the authorizer's ``Delegation`` and the app's ``WebhookSink``."""
+    """Implements the authorizer's ``LeaveJobSink`` and the app's ``WebhookSink``."""
 
     def __init__(
         self,
@@ -47,25 +44,18 @@ class DelegatedLeave:
     def resolve_cs_api(self, server_name: str) -> "Deferred[str]":
         return self._resolver.resolve(server_name)
 
-    def add_job(self, job: LeaveJobRequest) -> "Deferred[None]":
+    def add_job(self, job: JobParams) -> "Deferred[None]":
         """Register (replacing any job for the same key); fires once the job is stored."""
-        if job.delay_timeout_ms > MAX_DELAY_TIMEOUT_MS:
+        if job.delay_timeout_ns > INT64_MAX:
             # Upstream's int64 nanoseconds would overflow; it answers with the job error text.
             return fail(
                 errors.bad_json(
                     "invalid delay timeout for delayed event job: "
-                    f"{job.delay_timeout_ms}ms overflows a 64-bit duration"
+                    f"{job.delay_timeout_ns // NS_PER_MS}ms overflows a 64-bit duration"
                 )
             )
-        params = JobParams(
-            delay_id=job.delay_id,
-            delay_timeout_ns=job.delay_timeout_ms * NS_PER_MS,
-            server_name=job.server_name,
-            room=job.room,
-            identity=job.identity,
-        )
         try:
-            return self._manager.add(params)
+            return self._manager.add(job)
         except ShuttingDown:
             return fail(MatrixError(503, errors.M_UNKNOWN, errors.E_SHUTDOWN))
         except ValueError as e:

@@ -2,37 +2,22 @@
 
 Behaviour must match upstream's FSM exactly (protocol.md §12): which disconnects send the
 leave, which abort silently, when ``restart`` is called. So the transition table, the
-internal actions and the entry/exit actions are plain data below, and :meth:`_dispatch`
-is the only code that interprets them. Everything asynchronous (timers, retries, SFU
-lookups) re-enters the machine only by raising a :class:`Signal`; signals are handled one
-at a time, in arrival order.
-
-Transition table (§12.3; blank = ignored, ``*`` = internal action, no state change)::
-
-    Signal \\ State                       Waiting       Connected      Disconn.  Aborted   Replaced
-    ParticipantConnected                  Connected
-    ParticipantLookupSuccessful           Connected
-    ParticipantDisconnectedIntentionally  (ignored)     Disconnected
-    ParticipantConnectionAborted          Aborted       Disconnected
-    DelayedEventReset                                   * restart
-    DelayedEventTimedOut                                Aborted
-    DelayedEventNotFound                                Aborted
-    CsApiUrlNotFound                                    Aborted
-    WaitingStateTimedOut                  Disconnected
-    SFUParticipantGone                                  Disconnected
-    SFUNotAvailable
-    JobReplaced                           Replaced      Replaced       Replaced  Replaced
+internal actions and the entry/exit actions are plain data (:mod:`rtcauthd.leave.machine`,
+where the table is drawn), and :meth:`DelayedLeaveJob._dispatch` is the only code that
+changes ``state``. Timers, failed restarts and lookups re-enter the
+machine by raising a :class:`Signal`, handled one at a time in arrival order. Two paths act
+without a signal because they change no state: a successful ``restart`` re-arms the restart
+timer and reports ``restarted`` to the manager, and a finished ``send`` reports ``done``;
+:meth:`DelayedLeaveJob.cancel` stops everything from outside.
 """
 
 from __future__ import annotations
 
 import base64
-import enum
 import random as _random
 import secrets
 import struct
-from types import MappingProxyType
-from typing import Callable, Mapping, Optional, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
 import attr
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -40,110 +25,24 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from rtcauthd.leave.outcome import CsApiUnresolvable, Outcome, OutcomeKind
+from rtcauthd.matrix.delayed_events import CsApiUnresolvable, Outcome, OutcomeKind
+from rtcauthd.leave.machine import (
+    ENTRY_ACTIONS,
+    EXIT_ACTIONS,
+    INTERNAL_ACTIONS,
+    TRANSITIONS,
+    Signal,
+    State,
+)
+from rtcauthd.leave.record import NS_PER_SECOND, JobParams, go_duration
 from rtcauthd.livekit.presence import Presence
 from rtcauthd.leave.retry import RetryLoop
 
 log = Logger()
 
-NS_PER_SECOND = 1_000_000_000
 MAX_WAIT_NS = 3600 * NS_PER_SECOND  # MSC4354 sticky-event lifetime bounds every window
 MIN_SEND_WINDOW = 1.0
 MAX_SEND_WINDOW = 3600.0
-
-
-class State(enum.Enum):
-    WaitingForInitialConnect = "WaitingForInitialConnect"
-    Connected = "Connected"
-    Disconnected = "Disconnected"
-    Aborted = "Aborted"
-    Replaced = "Replaced"
-
-
-class Signal(enum.Enum):
-    """Events a job reacts to; values are upstream's names (webhook mapping uses them)."""
-
-    ParticipantConnected = "ParticipantConnected"
-    ParticipantLookupSuccessful = "ParticipantLookupSuccessful"
-    ParticipantDisconnectedIntentionally = "ParticipantDisconnectedIntentionally"
-    ParticipantConnectionAborted = "ParticipantConnectionAborted"
-    DelayedEventReset = "DelayedEventReset"
-    DelayedEventTimedOut = "DelayedEventTimedOut"
-    DelayedEventNotFound = "DelayedEventNotFound"
-    CsApiUrlNotFound = "CsApiUrlNotFound"
-    WaitingStateTimedOut = "WaitingStateTimedOut"
-    SFUNotAvailable = "SFUNotAvailable"  # defined upstream, never raised
-    JobReplaced = "JobReplaced"
-    SFUParticipantGone = "SFUParticipantGone"
-
-
-TERMINAL_STATES = frozenset({State.Disconnected, State.Aborted, State.Replaced})
-
-_W, _C, _D, _A, _R = (
-    State.WaitingForInitialConnect,
-    State.Connected,
-    State.Disconnected,
-    State.Aborted,
-    State.Replaced,
-)
-
-#: (state, signal) → target state. Anything missing here and in INTERNAL_ACTIONS is ignored.
-TRANSITIONS: Mapping[Tuple[State, Signal], State] = MappingProxyType(
-    {
-        (_W, Signal.ParticipantConnected): _C,
-        (_W, Signal.ParticipantLookupSuccessful): _C,
-        (_W, Signal.ParticipantConnectionAborted): _A,
-        (_W, Signal.WaitingStateTimedOut): _D,
-        (_W, Signal.JobReplaced): _R,
-        (_C, Signal.ParticipantDisconnectedIntentionally): _D,
-        (_C, Signal.ParticipantConnectionAborted): _D,
-        (_C, Signal.DelayedEventTimedOut): _A,
-        (_C, Signal.DelayedEventNotFound): _A,
-        (_C, Signal.CsApiUrlNotFound): _A,
-        (_C, Signal.SFUParticipantGone): _D,
-        (_C, Signal.JobReplaced): _R,
-        (_D, Signal.JobReplaced): _R,
-        (_A, Signal.JobReplaced): _R,
-    }
-)
-
-#: (state, signal) → method name run *instead of* a transition (no exit/entry actions).
-INTERNAL_ACTIONS: Mapping[Tuple[State, Signal], str] = MappingProxyType(
-    {
-        (_C, Signal.DelayedEventReset): "_start_restart",
-    }
-)
-
-#: state → method name run when the state is entered / left by a transition.
-ENTRY_ACTIONS: Mapping[State, str] = MappingProxyType(
-    {
-        _C: "_enter_connected",
-        _D: "_enter_disconnected",
-        _A: "_enter_aborted",
-        # Replaced: nothing; the manager cancels the job right after signalling it.
-    }
-)
-EXIT_ACTIONS: Mapping[State, str] = MappingProxyType(
-    {
-        _W: "_exit_waiting",
-        _C: "_exit_connected",
-    }
-)
-
-
-@attr.s(frozen=True, slots=True, auto_attribs=True)
-class JobParams:
-    """What the client delegated (§12.1); ``delay_timeout_ns`` is integer nanoseconds."""
-
-    delay_id: str
-    delay_timeout_ns: int
-    server_name: str
-    room: str
-    identity: str
-
-    @property
-    def key(self) -> Tuple[str, str]:
-        return (self.room, self.identity)
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -164,32 +63,6 @@ class JobEnvironment:
     done: Callable[["DelayedLeaveJob"], None]
     random: Callable[[], float] = _random.random
     sanity_interval: float = 0.0
-
-
-def go_duration(ns: int) -> str:
-    """``ns`` as Go's ``time.Duration.String`` writes it (e.g. ``0s``, ``-1.5ms``, ``1h0m0s``)."""
-    if ns == 0:
-        return "0s"
-    sign = "-" if ns < 0 else ""
-    u = abs(ns)
-    if u < NS_PER_SECOND:
-        for unit, scale in (("ns", 1), ("\u00b5s", 1_000), ("ms", 1_000_000)):
-            if u < scale * 1_000:
-                return sign + _go_fraction(u, scale) + unit
-    minutes, rest = divmod(u, 60 * NS_PER_SECOND)
-    text = _go_fraction(rest, NS_PER_SECOND) + "s"
-    if minutes:
-        hours, minutes = divmod(minutes, 60)
-        text = (f"{hours}h" if hours else "") + f"{minutes}m" + text
-    return sign + text
-
-
-def _go_fraction(value: int, scale: int) -> str:
-    whole, frac = divmod(value, scale)
-    if not frac:
-        return str(whole)
-    digits = str(frac).rjust(len(str(scale)) - 1, "0").rstrip("0")
-    return f"{whole}.{digits}"
 
 
 def new_job_id(now: float) -> str:

@@ -17,8 +17,10 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from rtcauthd.leave.jobs import DelayedLeaveJob, JobEnvironment, JobParams, Signal
-from rtcauthd.leave.outcome import Outcome
+from rtcauthd.leave.jobs import DelayedLeaveJob, JobEnvironment
+from rtcauthd.leave.machine import Signal
+from rtcauthd.leave.record import JobParams
+from rtcauthd.matrix.delayed_events import Outcome
 from rtcauthd.livekit.presence import Presence
 from rtcauthd.store.model import StoredJob
 
@@ -29,27 +31,6 @@ Key = Tuple[str, str]
 
 class ShuttingDown(Exception):
     """No new jobs are accepted once the manager is stopping (answer 503 ``M_UNKNOWN``)."""
-
-
-def params_from_stored(stored: StoredJob) -> JobParams:
-    return JobParams(
-        delay_id=stored.delay_id,
-        delay_timeout_ns=stored.delay_timeout_ns,
-        server_name=stored.server_name,
-        room=stored.room,
-        identity=stored.identity,
-    )
-
-
-def stored_from_params(params: JobParams, restarted_at: float) -> StoredJob:
-    return StoredJob(
-        delay_id=params.delay_id,
-        delay_timeout_ns=params.delay_timeout_ns,
-        server_name=params.server_name,
-        room=params.room,
-        identity=params.identity,
-        restarted_at=restarted_at,
-    )
 
 
 class JobManager:
@@ -121,7 +102,7 @@ class JobManager:
             identity=params.identity,
         )
         # The client has just scheduled (or restarted) the event: our best guess for RestartedAt.
-        stored = self._put(stored_from_params(params, self._clock.seconds()))
+        stored = self._put(StoredJob(params, self._clock.seconds()))
         job.start()
         return stored
 
@@ -157,7 +138,7 @@ class JobManager:
 
     def _job_restarted(self, job: DelayedLeaveJob, at: float) -> None:
         if self._is_current(job):
-            self._put(stored_from_params(job.params, at))
+            self._put(StoredJob(job.params, at))
 
     def _job_done(self, job: DelayedLeaveJob) -> None:
         if not self._is_current(job):
@@ -215,7 +196,7 @@ class JobManager:
                 if self._restore_one(stored, now_wall):
                     resumed += 1
             except Exception:
-                log.failure("Could not restore the stored job for {room}", room=stored.room)
+                log.failure("Could not restore the stored job for {room}", room=stored.params.room)
         log.info("Restored {count} delegated-leave job(s)", count=resumed)
         return resumed
 
@@ -225,16 +206,16 @@ class JobManager:
         if stored.key in self._jobs:
             # A job registered by this process is newer than any stored record.
             return False
-        if stored.delay_timeout_ns <= 0 or stored.expires_at <= now_wall:
+        params = stored.params
+        if params.delay_timeout_ns <= 0 or stored.expires_at <= now_wall:
             # The homeserver has fired (or will fire) the event itself.
             log.info(
                 "Purging expired stored job for {room}/{identity}",
-                room=stored.room,
-                identity=stored.identity,
+                room=params.room,
+                identity=params.identity,
             )
-            self._delete(stored.room, stored.identity)
+            self._delete(params.room, params.identity)
             return False
-        params = params_from_stored(stored)
         job = DelayedLeaveJob(params, self._env)
         self._jobs[params.key] = job
         log.info(

@@ -17,8 +17,8 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from rtcauthd.outbound.client import OutboundError
-from rtcauthd.leave.outcome import Outcome, OutcomeKind
+from rtcauthd.outbound.errors import OutboundError, describe
+from rtcauthd.matrix.delayed_events import Outcome, OutcomeKind
 
 log = Logger()
 
@@ -142,7 +142,7 @@ class RetryLoop:
             return
         if not failure.check(OutboundError):
             log.failure("Unexpected error from a retried call; treating it as transient", failure)
-        self._schedule(Outcome.retry(detail=_describe(failure)))
+        self._schedule(Outcome.retry(detail=describe(failure)))
 
     def _schedule(self, last: Outcome) -> None:
         elapsed = self._clock.seconds() - self._start
@@ -161,13 +161,6 @@ class RetryLoop:
         on_done, self._on_done = self._on_done, None
         if on_done is not None:
             on_done(result)
-
-
-def _describe(failure: Failure) -> str:
-    value = failure.value
-    if isinstance(value, OutboundError):
-        return str(value)
-    return f"{type(value).__name__}: {failure.getErrorMessage()}"
 
 
 def retry_with_backoff(

@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from rtcauthd.gojson import reject_constant
 from rtcauthd.outbound.client import HTTPClient, OutboundError
 from rtcauthd.metrics import Metrics
-from rtcauthd.leave.outcome import CsApiUnresolvable, Outcome, classify_delayed_event_response
+from rtcauthd.matrix.delayed_events import CsApiUnresolvable, Outcome, classify_delayed_event_response
 
 log = Logger()
 

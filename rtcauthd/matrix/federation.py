@@ -3,8 +3,10 @@
 protocol.md §9.1. The homeserver named in the request is asked, over federation,
 whom the OpenID access token belongs to; the answer is only believed for users of that
 very server (a homeserver can never vouch for another server's users). Every failure
-is an :class:`OpenIDError` whose ``step`` says where it failed; callers turn all of
-them into the same 401 and log the step and detail. The access token is part of the
+is an :class:`OutboundError` whose ``step`` says where it failed ("server name",
+"resolve", "connect", "tls", "timeout", "body too large", "status 401", "bad json",
+"sub mismatch", "request"); callers turn all of them into the same 401 and log the step
+and detail. The access token is part of the
 URL, so neither the URL nor the token ever appears in a message or log line.
 """
 
@@ -19,9 +21,7 @@ from twisted.python.failure import Failure
 
 from rtcauthd.gojson import reject_constant
 from rtcauthd.outbound.errors import FailureKind
-from rtcauthd.outbound.client import BodyTooLarge, HTTPClient, HTTPResponse, OutboundError, RequestTimedOut
-from rtcauthd.matrix.federation_agent import AddressRefusedError, ConnectFailed, TLSFailed
-from rtcauthd.matrix.resolver import ResolveError
+from rtcauthd.outbound.client import HTTPClient, HTTPResponse, OutboundError
 from rtcauthd.matrix.servername import InvalidServerName, parse_server_name
 
 log = Logger()
@@ -34,12 +34,16 @@ ERROR_SNIPPET_LENGTH = 200
 MIN_SCRUB_LENGTH = 6
 
 
-class OpenIDError(OutboundError):
-    """The userinfo lookup failed at ``step`` ("server name", "resolve", "connect",
-    "tls", "timeout", "status 401", "bad json", "sub mismatch", ...)."""
-
-    def __init__(self, step: str, detail: str) -> None:
-        super().__init__(FailureKind.OTHER, step, detail)
+#: The step a userinfo failure is logged (and counted) under, by the kind of outbound failure.
+_USERINFO_STEPS = {
+    FailureKind.INVALID: "server name",
+    FailureKind.RESOLVE: "resolve",
+    FailureKind.REFUSED: "connect",
+    FailureKind.CONNECT: "connect",
+    FailureKind.TLS: "tls",
+    FailureKind.TIMEOUT: "timeout",
+    FailureKind.TOO_LARGE: "body too large",
+}
 
 
 class FederationClient:
@@ -49,69 +53,66 @@ class FederationClient:
         self._http = http
 
     def userinfo(self, server_name: str, access_token: str) -> "Deferred[str]":
-        """The user ID the homeserver vouches for, or an OpenIDError."""
+        """The user ID the homeserver vouches for, or an OutboundError (see the module docstring)."""
         try:
             parse_server_name(server_name)
         except InvalidServerName as e:
-            return fail(OpenIDError("server name", e.reason))
+            return fail(OutboundError(FailureKind.INVALID, "server name", e.reason))
         if not isinstance(access_token, str):
-            return fail(OpenIDError("request", "access token is not a string"))
+            return fail(OutboundError(FailureKind.INVALID, "request", "access token is not a string"))
         # url.Values.Encode: space -> '+', all but A-Z a-z 0-9 - _ . ~ percent-encoded.
         query = urlencode({"access_token": access_token})
         url = f"matrix-federation://{server_name}{USERINFO_PATH}?{query}".encode("ascii")
         log.debug("OpenID userinfo lookup on {server_name}{path}", server_name=server_name, path=USERINFO_PATH)
         d = self._http.request(b"GET", url, max_body=USERINFO_MAX_BODY, step="userinfo")
 
+        def transport_failed(failure: Failure) -> Failure:
+            raise _userinfo_error(failure)
+
         def scrub(failure: Failure) -> Failure:
             error = failure.value
-            if not isinstance(error, OpenIDError):
-                error = _as_openid_error(failure)
+            if not isinstance(error, OutboundError):  # a bug in the answer check
+                error = _userinfo_error(failure)
             detail = error.detail
             for secret in (access_token, query.partition("=")[2]):
                 if len(secret) >= MIN_SCRUB_LENGTH:
                     detail = detail.replace(secret, "<redacted>")
-            raise OpenIDError(error.step, detail) from None
+            raise OutboundError(error.kind, error.step, detail, status=error.status, code=error.code) from None
 
+        d.addErrback(transport_failed)
         d.addCallback(_check_answer, server_name)
         d.addErrback(scrub)
         return d
 
 
-def _as_openid_error(failure: Failure) -> OpenIDError:
+def _userinfo_error(failure: Failure) -> OutboundError:
+    """The transport's failure, under the userinfo step its kind stands for."""
     error = failure.value
-    detail = error.detail if isinstance(error, OutboundError) else f"{type(error).__name__}: {error}"
-    if isinstance(error, RequestTimedOut):
-        return OpenIDError("timeout", detail)
-    if isinstance(error, BodyTooLarge):
-        return OpenIDError("body too large", detail)
-    if isinstance(error, ResolveError):
-        step = "server name" if error.step.endswith("server name") else "resolve"
-        return OpenIDError(step, detail)
-    if isinstance(error, (AddressRefusedError, ConnectFailed)):
-        return OpenIDError("connect", detail)
-    if isinstance(error, TLSFailed):
-        return OpenIDError("tls", detail)
-    if isinstance(error, OutboundError):
-        return OpenIDError("request", detail)
-    log.failure("Unexpected userinfo failure", failure)
-    return OpenIDError("internal", detail)
+    if not isinstance(error, OutboundError):
+        log.failure("Unexpected userinfo failure", failure)
+        return OutboundError(FailureKind.OTHER, "internal", f"{type(error).__name__}: {error}")
+    step = _USERINFO_STEPS.get(error.kind, "request")
+    return OutboundError(error.kind, step, error.detail, status=error.status, code=error.code)
 
 
 def _check_answer(response: HTTPResponse, server_name: str) -> str:
     if not 200 <= response.code < 300:
-        raise OpenIDError(f"status {response.code}", error_snippet(response.body))
+        raise OutboundError(
+            FailureKind.HTTP_STATUS, f"status {response.code}", error_snippet(response.body), status=response.code
+        )
     try:
         document = json.loads(response.body.decode("utf-8"), parse_constant=reject_constant)
     except (UnicodeDecodeError, ValueError) as e:
-        raise OpenIDError("bad json", f"userinfo body is not JSON: {e}") from None
+        raise OutboundError(FailureKind.BAD_BODY, "bad json", f"userinfo body is not JSON: {e}") from None
     if not isinstance(document, dict):
-        raise OpenIDError("bad json", "userinfo body is not a JSON object")
+        raise OutboundError(FailureKind.BAD_BODY, "bad json", "userinfo body is not a JSON object")
     sub = document.get("sub")
     if not isinstance(sub, str):
-        raise OpenIDError("bad json", "userinfo has no string 'sub'")
+        raise OutboundError(FailureKind.BAD_BODY, "bad json", "userinfo has no string 'sub'")
     _localpart, colon, domain = sub.partition(":")
     if not colon or domain != server_name:
-        raise OpenIDError(
+        raise OutboundError(
+            FailureKind.BAD_BODY,
             "sub mismatch", f"homeserver {server_name!r} answered for {sub!r}, not one of its users"
         )
     return sub

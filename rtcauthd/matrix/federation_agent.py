@@ -47,7 +47,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
-from rtcauthd.outbound.errors import FailureKind, reason
+from rtcauthd.outbound.errors import FailureKind, describe, reason
 from rtcauthd.outbound.client import (
     GoRedirectAgent,
     HTTPClient,
@@ -58,8 +58,7 @@ from rtcauthd.matrix.ipfilter import IPRangeFilter
 from rtcauthd.matrix.resolver import (
     WELL_KNOWN_MAX_BODY,
     WELL_KNOWN_TIMEOUT,
-    Delegation,
-    ResolveError,
+    ServerDelegation,
     ServerResolver,
 )
 from rtcauthd.matrix.servername import InvalidServerName, ServerName, parse_server_name
@@ -77,27 +76,6 @@ WELL_KNOWN_REDIRECT_LIMIT = 10
 # and trusted connections to the same delegated name are never shared.
 _INNER_FILTERED = b"matrix-federation-filtered"
 _INNER_TRUSTED = b"matrix-federation-trusted"
-
-
-class AddressRefusedError(OutboundError):
-    """Every address of the destination is blocked by the IP range filter."""
-
-    def __init__(self, step: str, detail: str, *, reason: Optional[str] = None) -> None:
-        super().__init__(FailureKind.REFUSED, step, detail, reason=reason)
-
-
-class ConnectFailed(OutboundError):
-    """No TCP connection could be established."""
-
-    def __init__(self, step: str, detail: str, *, reason: Optional[str] = None) -> None:
-        super().__init__(FailureKind.CONNECT, step, detail, reason=reason)
-
-
-class TLSFailed(OutboundError):
-    """The TLS handshake or the certificate check failed."""
-
-    def __init__(self, step: str, detail: str, *, reason: Optional[str] = None) -> None:
-        super().__init__(FailureKind.TLS, step, detail, reason=reason)
 
 
 # -- name resolution with the SSRF filter -----------------------------------------------
@@ -214,7 +192,7 @@ class _GuardedHostnameEndpoint:
 
         def failed(failure: Failure) -> Failure:
             if refusals and failure.check(DNSLookupError):
-                raise AddressRefusedError("connect", _refusal_text(refusals))
+                raise OutboundError(FailureKind.REFUSED, "connect", _refusal_text(refusals))
             return failure
 
         return endpoint.connect(protocolFactory).addErrback(failed)
@@ -228,7 +206,7 @@ def _refusal_text(refusals: list[tuple[str, str]]) -> str:
 
 
 def _classify(failure: Failure) -> Failure:
-    """Turn transport failures into OutboundError subclasses with a useful step."""
+    """Turn transport failures into an OutboundError of the right kind, with a useful step."""
     if failure.check(OutboundError, CancelledError):
         return failure
     error = _as_outbound(failure)
@@ -242,22 +220,15 @@ def _as_outbound(failure: Failure) -> Optional[OutboundError]:
         return failure.value
     why = reason(failure.value)
     if failure.check(DNSLookupError):
-        return ResolveError("resolve", failure.getErrorMessage(), reason=why)
+        return OutboundError(FailureKind.RESOLVE, "resolve", failure.getErrorMessage(), reason=why)
     if failure.check(ConnectError):
-        return ConnectFailed("connect", _describe(failure), reason=why)
+        return OutboundError(FailureKind.CONNECT, "connect", describe(failure), reason=why)
     if failure.check(SSL.Error, VerificationError):
-        return TLSFailed("tls", _describe(failure), reason=why)
+        return OutboundError(FailureKind.TLS, "tls", describe(failure), reason=why)
     for inner in getattr(failure.value, "reasons", None) or ():
         if isinstance(inner, Failure) and inner.check(SSL.Error, VerificationError):
-            return TLSFailed("tls", _describe(inner), reason=reason(inner.value))
+            return OutboundError(FailureKind.TLS, "tls", describe(inner), reason=reason(inner.value))
     return None
-
-
-def _describe(failure: Failure) -> str:
-    value = failure.value
-    name = type(value).__name__
-    message = str(value)
-    return f"{name}: {message}" if message and message != name else name
 
 
 # -- connecting to resolved targets -------------------------------------------------------
@@ -305,16 +276,17 @@ class _TargetsInTurn:
 
     def _combined(self) -> Failure:
         errors = [
-            (h, p, _as_outbound(f) or ConnectFailed("connect", _describe(f), reason=reason(f.value)))
+            (h, p, _as_outbound(f) or OutboundError(FailureKind.CONNECT, "connect", describe(f), reason=reason(f.value)))
             for h, p, f in self._errors
         ]
         if len(errors) == 1:
             return Failure(errors[0][2])
-        kinds = {type(e) for _, _, e in errors}
-        kind = kinds.pop() if len(kinds) == 1 else ConnectFailed
+        kinds = {e.kind for _, _, e in errors}
+        kind = kinds.pop() if len(kinds) == 1 else FailureKind.CONNECT
         detail = "; ".join(f"{hostport(h, p)}: {e.detail}" for h, p, e in errors)
         why = "; ".join(f"{hostport(h, p)}: {e.reason}" for h, p, e in errors)
-        return Failure(kind("connect" if kind is not ResolveError else "resolve", detail, reason=why))
+        step = "resolve" if kind is FailureKind.RESOLVE else "connect"
+        return Failure(OutboundError(kind, step, detail, reason=why))
 
 
 def hostport(host: str, port: int) -> str:
@@ -443,10 +415,10 @@ class FederationAgent:
         try:
             server_name, path = _split_federation_url(uri)
         except InvalidServerName as e:
-            return fail(ResolveError("server name", e.reason))
+            return fail(OutboundError(FailureKind.INVALID, "server name", e.reason))
         trusted = bool(self._is_trusted(server_name.original))
 
-        def send(delegation: Delegation) -> Deferred:
+        def send(delegation: ServerDelegation) -> Deferred:
             target = delegation.server_name
             netloc = f"{target.bracketed_host}:{target.port or 0}".encode("ascii")
             scheme = _INNER_TRUSTED if trusted else _INNER_FILTERED

@@ -37,7 +37,7 @@ from twisted.web.http_headers import Headers
 
 from rtcauthd.gojson import reject_constant
 from rtcauthd.outbound.errors import FailureKind
-from rtcauthd.outbound.client import BodyTooLarge, HTTPClient, HTTPResponse, OutboundError
+from rtcauthd.outbound.client import HTTPClient, HTTPResponse, OutboundError
 from rtcauthd.matrix.servername import InvalidServerName, ServerName, parse_server_name
 
 log = Logger()
@@ -68,15 +68,8 @@ WELL_KNOWN_CACHE_SIZE = 10_000
 Target = tuple[str, int]
 
 
-class ResolveError(OutboundError):
-    """Resolution failed (invalid delegation, SRV says no service, DNS failure)."""
-
-    def __init__(self, step: str, detail: str, *, reason: Optional[str] = None) -> None:
-        super().__init__(FailureKind.RESOLVE, step, detail, reason=reason)
-
-
 @attr.s(frozen=True, slots=True, auto_attribs=True)
-class Delegation:
+class ServerDelegation:
     """Outcome of the well-known step: what to resolve next and how to address it."""
 
     server_name: ServerName
@@ -105,8 +98,8 @@ class _Invalid(Exception):
     """The well-known answer is unusable: fall back to SRV, cache for the invalid period."""
 
 
-def _delegation_for(name: ServerName) -> Delegation:
-    return Delegation(server_name=name, host_header=name.original, tls_name=name.host)
+def _delegation_for(name: ServerName) -> ServerDelegation:
+    return ServerDelegation(server_name=name, host_header=name.original, tls_name=name.host)
 
 
 class ServerResolver:
@@ -146,7 +139,7 @@ class ServerResolver:
         """The whole algorithm: targets, Host header and certificate name."""
         d = self.delegate(server_name)
 
-        def got_delegation(delegation: Delegation) -> Deferred:
+        def got_delegation(delegation: ServerDelegation) -> Deferred:
             return self.targets(delegation.server_name).addCallback(
                 lambda targets: Resolution(
                     targets=tuple(targets),
@@ -157,17 +150,17 @@ class ServerResolver:
 
         return d.addCallback(got_delegation)
 
-    def delegate(self, server_name: Union[str, ServerName]) -> "Deferred[Delegation]":
+    def delegate(self, server_name: Union[str, ServerName]) -> "Deferred[ServerDelegation]":
         """Steps 1-3 of §9.3: IP literal or explicit port as is, else ``.well-known``."""
         if isinstance(server_name, str):
             try:
                 server_name = parse_server_name(server_name)
             except InvalidServerName as e:
-                return fail(ResolveError("server name", e.reason))
+                return fail(OutboundError(FailureKind.INVALID, "server name", e.reason))
         if server_name.is_ip or server_name.port is not None:
             return succeed(_delegation_for(server_name))
 
-        def got_delegate(delegate: Optional[ServerName]) -> Delegation:
+        def got_delegate(delegate: Optional[ServerName]) -> ServerDelegation:
             return _delegation_for(delegate if delegate is not None else server_name)
 
         return self._well_known(server_name.host).addCallback(got_delegate)
@@ -205,7 +198,7 @@ class ServerResolver:
         def unexpected(failure: Failure) -> None:
             log.failure("Well-known lookup for {hostname} crashed", failure, hostname=hostname)
             for waiter in self._inflight.pop(hostname, []):
-                waiter.errback(ResolveError("well-known", "internal error"))
+                waiter.errback(OutboundError(FailureKind.RESOLVE, "well-known", "internal error"))
 
         self._fetch_well_known(hostname, previous_down).addCallbacks(store, unexpected)
         return waiting
@@ -213,7 +206,7 @@ class ServerResolver:
     @staticmethod
     def _entry_result(entry: _WellKnownEntry) -> Deferred:
         if entry.error is not None:
-            return fail(ResolveError("well-known", entry.error))
+            return fail(OutboundError(FailureKind.RESOLVE, "well-known", entry.error))
         return succeed(entry.delegate)
 
     def _fetch_well_known(self, hostname: str, previous_down: int) -> "Deferred[_WellKnownEntry]":
@@ -254,7 +247,7 @@ class ServerResolver:
             return _WellKnownEntry(now + period, delegate, None)
 
         def failed(failure: Failure) -> _WellKnownEntry:
-            if failure.check(BodyTooLarge):
+            if failure.check(OutboundError) and failure.value.kind is FailureKind.TOO_LARGE:
                 log.debug("Well-known of {hostname} is too large", hostname=hostname)
                 return _WellKnownEntry(
                     self._clock.seconds() + WELL_KNOWN_INVALID_CACHE_PERIOD, None, None
@@ -323,7 +316,7 @@ class ServerResolver:
                 continue
             targets = _srv_order(records, self._random)
             if not targets:
-                raise ResolveError("resolve", f"SRV {query} says the service is not offered")
+                raise OutboundError(FailureKind.RESOLVE, "resolve", f"SRV {query} says the service is not offered")
             log.debug("SRV {query} -> {targets}", query=query, targets=targets)
             return targets
         return [(hostname, DEFAULT_FEDERATION_PORT)]
@@ -420,8 +413,7 @@ def _period_from_headers(headers: Headers, now: float) -> Optional[float]:
 
 __all__ = [
     "DEFAULT_FEDERATION_PORT",
-    "Delegation",
+    "ServerDelegation",
     "Resolution",
-    "ResolveError",
     "ServerResolver",
 ]

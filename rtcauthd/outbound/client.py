@@ -25,7 +25,7 @@ from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 from urllib.parse import urljoin
 
-from rtcauthd.outbound.errors import FailureKind, OutboundError, reason
+from rtcauthd.outbound.errors import FailureKind, OutboundError, describe, reason
 from rtcauthd.twisted_private import make_pool_quiet
 
 DEFAULT_TIMEOUT = 10.0
@@ -96,20 +96,6 @@ class GoRedirectAgent:
         return self._agent.request(method, uri, headers, body).addCallback(got)
 
 
-class RequestTimedOut(OutboundError):
-    """No complete answer within the time bound."""
-
-    def __init__(self, step: str, detail: str) -> None:
-        super().__init__(FailureKind.TIMEOUT, step, detail)
-
-
-class BodyTooLarge(OutboundError):
-    """The answer was larger than we are willing to read."""
-
-    def __init__(self, step: str, detail: str) -> None:
-        super().__init__(FailureKind.TOO_LARGE, step, detail)
-
-
 @attr.s(frozen=True, slots=True, auto_attribs=True)
 class HTTPResponse:
     """A fully read response."""
@@ -143,7 +129,7 @@ class _CappedBodyReader(Protocol):
             finished, self._finished = self._finished, None
             self.abort()
             finished.errback(
-                BodyTooLarge("read body", f"response body exceeds {self._limit} bytes")
+                OutboundError(FailureKind.TOO_LARGE, "read body", f"response body exceeds {self._limit} bytes")
             )
             return
         self._chunks.append(data)
@@ -165,7 +151,7 @@ class _CappedBodyReader(Protocol):
 
 
 def read_body(response: IResponse, limit: int) -> Deferred:
-    """Read ``response``'s whole body, failing with BodyTooLarge past ``limit`` bytes."""
+    """Read ``response``'s whole body, failing (kind TOO_LARGE) past ``limit`` bytes."""
     if isinstance(response.length, int) and response.length > limit:
         # Refuse up front; deliver to a reader that is already finished, then abort.
         reader = _CappedBodyReader(Deferred(), limit)
@@ -173,7 +159,7 @@ def read_body(response: IResponse, limit: int) -> Deferred:
         response.deliverBody(reader)
         reader.abort()
         return fail(
-            BodyTooLarge("read body", f"Content-Length {response.length} exceeds {limit} bytes")
+            OutboundError(FailureKind.TOO_LARGE, "read body", f"Content-Length {response.length} exceeds {limit} bytes")
         )
     reader_holder: list[_CappedBodyReader] = []
 
@@ -232,8 +218,8 @@ class HTTPClient:
     ) -> "Deferred[HTTPResponse]":
         """Send one request; the whole exchange (connect to last body byte) is time-bounded.
 
-        Fails with :class:`RequestTimedOut`, :class:`BodyTooLarge` or
-        :class:`OutboundError` (``step`` says which call this was, for the log).
+        Fails with :class:`OutboundError` (kind TIMEOUT, TOO_LARGE, or what the agent
+        classified; ``step`` says which call this was, for the log).
         """
         limit = self._max_body if max_body is None else max_body
         bound = self._timeout if timeout is None else timeout
@@ -274,26 +260,15 @@ class HTTPClient:
 
         def translate(failure: Failure) -> Failure:
             if timed_out or failure.check(DeferTimeout):
-                raise RequestTimedOut(step, f"no complete answer within {bound:g} s")
+                raise OutboundError(FailureKind.TIMEOUT, step, f"no complete answer within {bound:g} s")
             if failure.check(OutboundError):
                 failure.value.step = f"{step}: {failure.value.step}"
                 return failure
-            raise OutboundError(FailureKind.OTHER, step, _describe(failure), reason=reason(failure.value))
+            raise OutboundError(FailureKind.OTHER, step, describe(failure), reason=reason(failure.value))
 
         d.addBoth(stop_timer)
         d.addErrback(translate)
         return d
-
-
-def _describe(failure: Failure) -> str:
-    """A one-line reason for a transport failure, without tracebacks."""
-    value = failure.value
-    reasons = getattr(value, "reasons", None)  # ResponseNeverReceived & co. wrap failures
-    if reasons:
-        return "; ".join(_describe(r) for r in reasons)
-    name = type(value).__name__
-    message = failure.getErrorMessage()
-    return f"{name}: {message}" if message and message != name else name
 
 
 @implementer(IBodyProducer)

@@ -69,6 +69,23 @@ class OutboundError(Exception):
         return f"OutboundError({self.kind.name}, {self.step!r}, {self.detail!r}, status={self.status!r})"
 
 
+def describe(failure) -> str:
+    """One line for a raw failure (a Failure or an exception): ``Type: message``, no traceback.
+
+    Wrappers that carry several failures (``ResponseNeverReceived`` and friends have
+    ``reasons``) are described reason by reason; an OutboundError by its own text.
+    """
+    value = getattr(failure, "value", failure)
+    reasons = getattr(value, "reasons", None)
+    if reasons:
+        return "; ".join(describe(reason) for reason in reasons)
+    if isinstance(value, OutboundError):
+        return str(value)
+    name = type(value).__name__
+    message = str(value)
+    return f"{name}: {message}" if message and message != name else name
+
+
 def _inner(error: BaseException) -> list[BaseException]:
     """The exceptions a wrapper such as ResponseNeverReceived carries in ``.reasons``."""
     reasons = getattr(error, "reasons", None) or ()

@@ -39,6 +39,11 @@ class IJobStore(Interface):
         read after the backend came back, leaving out any (room, identity) that this
         process has written or deleted in the meantime (its own state is newer).
 
+        ``on_late`` belongs to this call, not to a store-wide listener, because the late
+        records are what *this* load missed: the store can only tell which keys are newer
+        in this process by tracking writes from the moment the load began. A backend that
+        is never late (memory) takes the argument and never calls it.
+
         @return: Deferred[list[StoredJob]]; never fails.
         """
 

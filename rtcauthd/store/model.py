@@ -17,6 +17,7 @@ from typing import Any
 
 import attr
 
+from rtcauthd.leave.record import JobParams
 from rtcauthd.gojson import (
     INT64_MAX,
     INT64_MIN,
@@ -52,24 +53,21 @@ class StoredJobError(ValueError):
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
 class StoredJob:
-    """One ``lk-jwt:jobs`` record: the job parameters and when the delay was last reset."""
+    """One ``lk-jwt:jobs`` record: the job's :class:`JobParams` plus what only Redis needs,
+    when the delay was last reset (float unix seconds)."""
 
-    delay_id: str
-    delay_timeout_ns: int
-    server_name: str
-    room: str
-    identity: str
-    restarted_at: float  # unix seconds
+    params: JobParams
+    restarted_at: float
 
     @property
     def key(self) -> tuple[str, str]:
         """The job key (LiveKit room alias, LiveKit identity); one job per key."""
-        return (self.room, self.identity)
+        return self.params.key
 
     @property
     def expires_at(self) -> float:
         """When the homeserver fires the delayed event unless it is restarted again."""
-        return self.restarted_at + self.delay_timeout_ns / _NS_PER_S
+        return self.restarted_at + self.params.delay_timeout_ns / _NS_PER_S
 
 
 # --------------------------------------------------------------------------- encoding
@@ -84,14 +82,15 @@ def encode_field(room: str, identity: str) -> str:
 
 def encode_value(job: StoredJob) -> str:
     """The hash value: Go ``json.Marshal`` of upstream's struct, in struct order."""
+    params = job.params
     return go_json_dumps(
         {
             "Params": {
-                "DelayId": job.delay_id,
-                "DelayTimeout": int(job.delay_timeout_ns),
-                "ServerName": job.server_name,
-                "LiveKitRoom": job.room,
-                "LiveKitIdentity": job.identity,
+                "DelayId": params.delay_id,
+                "DelayTimeout": int(params.delay_timeout_ns),
+                "ServerName": params.server_name,
+                "LiveKitRoom": params.room,
+                "LiveKitIdentity": params.identity,
             },
             "RestartedAt": format_rfc3339(job.restarted_at),
         }
@@ -244,10 +243,10 @@ def decode_value(text: "str | bytes") -> StoredJob:
         "server_name": "",
         "room": "",
         "identity": "",
-        "restarted_at": GO_ZERO_TIME,
     }
+    restarted_at = GO_ZERO_TIME
     if top is None:
-        return StoredJob(**fields)
+        return StoredJob(JobParams(**fields), restarted_at)
     if not isinstance(top, JSONObject):
         raise StoredJobError("expected an object")
     for key, item in top:
@@ -258,6 +257,6 @@ def decode_value(text: "str | bytes") -> StoredJob:
             # a repeated Params member decodes into the struct already there (Go merges)
             _decode_params(item, fields)
         elif folded == "restartedat":
-            fields["restarted_at"] = _time(item)
-    return StoredJob(**fields)
+            restarted_at = _time(item)
+    return StoredJob(JobParams(**fields), restarted_at)
 

@@ -3,7 +3,8 @@
 A redis-server binary is required: without it these tests FAIL (install it with
 ``apt-get install -y redis-server``). The server is started per test on a free port
 with persistence off except where a test saves explicitly, and checked through a tiny
-independent RESP client, so the stored bytes are asserted exactly.
+independent RESP client (both in :mod:`tests.support.redis_server`), so the stored bytes
+are asserted exactly.
 """
 
 from __future__ import annotations
@@ -11,15 +12,11 @@ from __future__ import annotations
 import calendar
 import gc
 import os
-import shutil
-import socket
-import subprocess
-import tempfile
-from typing import Any, Callable, Optional
+from typing import Any
 
 import txredisapi
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import inlineCallbacks
 from twisted.internet.ssl import Certificate
 from twisted.internet.task import deferLater
 from twisted.logger import globalLogPublisher
@@ -28,15 +25,13 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import BrowserLikePolicyForHTTPS
 
 import rtcauthd.store.redis as redis_module
+from rtcauthd.leave.record import JobParams
+from rtcauthd.outbound.errors import FailureKind, OutboundError
 from rtcauthd.store.model import StoredJob, encode_field, encode_value
-from rtcauthd.store.redis import (
-    JOBS_KEY,
-    RedisPingError,
-    RedisStore,
-    RedisURLError,
-    parse_redis_url,
-)
+from rtcauthd.store.redis import JOBS_KEY, PING_STEP, RedisStore
+from rtcauthd.store.redis_url import RedisURLError, parse_redis_url
 from tests.support.certs import TestCA
+from tests.support.redis_server import RedisServer, free_port, raw, raw_hgetall, wait_until
 
 T_2026 = calendar.timegm((2026, 7, 23, 10, 15, 30, 0, 0, 0))
 ROOM = "krj2dgxw2K6EOm9he4GfQJ6JsSVWfJ8a7BkyjZcSmxs"
@@ -64,157 +59,7 @@ UNPARSABLE = {
 
 
 def job(room: str = ROOM, identity: str = IDENTITY, delay_id: str = "syd_integration_1", at: float = T_2026 + 0.123456) -> StoredJob:
-    return StoredJob(delay_id, 8_000_000_000, "example.com", room, identity, at)
-
-
-# --------------------------------------------------------------------------- raw RESP client
-
-
-class RespError(Exception):
-    pass
-
-
-def _encode_command(args: tuple) -> bytes:
-    out = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        data = arg if isinstance(arg, bytes) else str(arg).encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(out)
-
-
-def _read_reply(f: Any) -> Any:
-    line = f.readline()
-    if not line:
-        raise ConnectionError("connection closed")
-    kind, rest = line[:1], line[1:-2]
-    if kind == b"+":
-        return rest.decode()
-    if kind == b"-":
-        return RespError(rest.decode())
-    if kind == b":":
-        return int(rest)
-    if kind == b"$":
-        n = int(rest)
-        return None if n < 0 else f.read(n + 2)[:-2]
-    if kind == b"*":
-        n = int(rest)
-        return None if n < 0 else [_read_reply(f) for _ in range(n)]
-    raise ValueError(f"bad RESP line {line!r}")
-
-
-def raw(port: int, *args: Any, password: Optional[str] = None, db: int = 0) -> Any:
-    """One command on a fresh blocking connection (loopback only); RespError if refused."""
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-        commands = []
-        if password is not None:
-            commands.append(("AUTH", password))
-        if db:
-            commands.append(("SELECT", db))
-        commands.append(args)
-        s.sendall(b"".join(_encode_command(c) for c in commands))
-        with s.makefile("rb") as f:
-            replies = [_read_reply(f) for _ in commands]
-    for reply in replies:
-        if isinstance(reply, RespError):
-            raise reply
-    return replies[-1]
-
-
-def raw_hgetall(port: int, **kw: Any) -> dict[bytes, bytes]:
-    flat = raw(port, "HGETALL", JOBS_KEY, **kw)
-    return dict(zip(flat[::2], flat[1::2]))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-# --------------------------------------------------------------------------- server
-
-
-class RedisServer:
-    """A redis-server child process on 127.0.0.1."""
-
-    def __init__(self, test: TestCase, *extra: str, port: Optional[int] = None, tls: bool = False) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            test.fail(
-                "redis-server is not installed; these tests need it "
-                "(install with: apt-get install -y redis-server)"
-            )
-        self.binary = binary
-        self.test = test
-        self.port = port or free_port()
-        self.dir = tempfile.mkdtemp(prefix="rtcauthd-redis-")
-        test.addCleanup(shutil.rmtree, self.dir, True)
-        self.extra = list(extra)
-        self.tls = tls
-        self.password: Optional[str] = None
-        if "--requirepass" in extra:
-            self.password = extra[extra.index("--requirepass") + 1]
-        self.proc: Optional[subprocess.Popen] = None
-
-    def args(self) -> list[str]:
-        port_args = ["--port", str(self.port)]
-        if self.tls:
-            port_args = ["--port", "0", "--tls-port", str(self.port)]
-        return [
-            self.binary, *port_args, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-            "--dir", self.dir, "--dbfilename", "dump.rdb", "--daemonize", "no", *self.extra,
-        ]
-
-    @inlineCallbacks
-    def start(self):
-        log = open(os.path.join(self.dir, "redis.log"), "ab")
-        self.proc = subprocess.Popen(self.args(), stdout=log, stderr=subprocess.STDOUT, cwd=self.dir)
-        log.close()
-        self.test.addCleanup(self.kill)
-        yield wait_until(self.ready, what=f"redis-server on port {self.port}")
-
-    def ready(self) -> bool:
-        if self.proc is not None and self.proc.poll() is not None:
-            with open(os.path.join(self.dir, "redis.log"), "rb") as f:
-                raise AssertionError("redis-server exited:\n" + f.read().decode(errors="replace"))
-        if self.tls:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    return True
-            except OSError:
-                return False
-        try:
-            return raw(self.port, "PING", password=self.password) == "PONG"
-        except (OSError, RespError):
-            return False
-
-    def shutdown(self, save: bool = False) -> None:
-        """Stop the server (optionally saving dump.rdb so that a restart keeps the data)."""
-        try:
-            raw(self.port, "SHUTDOWN", "SAVE" if save else "NOSAVE", password=self.password)
-        except (OSError, ConnectionError):
-            pass  # the server closes the connection instead of answering
-        assert self.proc is not None
-        self.proc.wait(timeout=10)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
-
-def wait_until(check: Callable[[], bool], *, what: str, timeout: float = 15.0) -> Deferred:
-    """Poll ``check`` on the real reactor until it is true (fails the test after ``timeout``)."""
-
-    @inlineCallbacks
-    def poll():
-        deadline = reactor.seconds() + timeout
-        while not check():
-            if reactor.seconds() > deadline:
-                raise AssertionError(f"timed out waiting for {what}")
-            yield deferLater(reactor, 0.02, lambda: None)
-
-    return poll()
+    return StoredJob(JobParams(delay_id, 8_000_000_000, "example.com", room, identity), at)
 
 
 class RedisTestBase(TestCase):
@@ -312,11 +157,11 @@ class RoundTripTests(RedisTestBase):
         store = self.store(f"redis://127.0.0.1:{server.port}/0")
 
         loaded = yield store.load_all()
-        by_id = {j.delay_id: j for j in loaded}
+        by_id = {j.params.delay_id: j for j in loaded}
         self.assertEqual(sorted(by_id), ["syd_a", "syd_b", "syd_c"])
         self.assertAlmostEqual(by_id["syd_a"].restarted_at, T_2026 + 0.123456789, places=6)
-        self.assertEqual(by_id["syd_b"], StoredJob("syd_b", 30_000_000_000, "matrix.org", "room-b", "ident-b", T_2026 + 0.5))
-        self.assertEqual(by_id["syd_c"], StoredJob("syd_c", 1_000_000, "c.example", "room-c", "ident-c", float(T_2026)))
+        self.assertEqual(by_id["syd_b"], StoredJob(JobParams("syd_b", 30_000_000_000, "matrix.org", "room-b", "ident-b"), T_2026 + 0.5))
+        self.assertEqual(by_id["syd_c"], StoredJob(JobParams("syd_c", 1_000_000, "c.example", "room-c", "ident-c"), float(T_2026)))
 
         # unparsable entries are skipped with a warning and left in Redis
         stored = raw_hgetall(server.port)
@@ -335,7 +180,7 @@ class RoundTripTests(RedisTestBase):
         yield first.close()
         second = self.store(url)
         loaded = yield second.load_all()
-        self.assertEqual(sorted(loaded, key=lambda j: j.room), [job(), job(room="other")])
+        self.assertEqual(sorted(loaded, key=lambda j: j.params.room), [job(), job(room="other")])
 
 
 class URLTests(RedisTestBase):
@@ -422,7 +267,8 @@ class URLTests(RedisTestBase):
         self.assertEqual(loaded, [])
         yield store.put(job())
         self.assertFalse(store.available)
-        yield self.assertFailure(store.ping(), RedisPingError)
+        error = yield self.assertFailure(store.ping(), OutboundError)
+        self.assertEqual(error.step, PING_STEP)
 
 
 class OutageTests(RedisTestBase):
@@ -445,7 +291,8 @@ class OutageTests(RedisTestBase):
         self.assertFalse(store.available)
         self.assertEqual(store.pending_count, 4)
         ping = store.ping()
-        yield self.assertFailure(ping, RedisPingError)
+        error = yield self.assertFailure(ping, OutboundError)
+        self.assertEqual((error.kind, error.step), (FailureKind.TIMEOUT, PING_STEP))
 
         yield server.start()
         yield wait_until(lambda: store.available and store.pending_count == 0, what="pending writes to land")
@@ -478,14 +325,14 @@ class OutageTests(RedisTestBase):
         self.assertFalse(store.available)
 
         # the daemon goes on: a job is replaced and another one finished meanwhile
-        yield store.put(StoredJob("syd_a2", 8_000_000_000, "example.com", "room-a", "ident-a", T_2026 + 100))
+        yield store.put(StoredJob(JobParams("syd_a2", 8_000_000_000, "example.com", "room-a", "ident-a"), T_2026 + 100))
         yield store.delete("room-b", "ident-b")
 
         port = reactor.listenTCP(proxy_port, ProxyFactory("127.0.0.1", server.port), interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         yield wait_until(lambda: late and store.pending_count == 0, what="late restore")
 
-        self.assertEqual([[j.delay_id for j in batch] for batch in late], [["syd_c"]])
+        self.assertEqual([[j.params.delay_id for j in batch] for batch in late], [["syd_c"]])
         stored = raw_hgetall(server.port)
         self.assertEqual(sorted(stored), [b'["room-a","ident-a"]', b'["room-c","ident-c"]'])
         self.assertIn(b'"DelayId":"syd_a2"', stored[b'["room-a","ident-a"]'])

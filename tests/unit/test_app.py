@@ -10,22 +10,14 @@ import json
 
 import jwt as pyjwt
 from twisted.internet.defer import fail, succeed
-from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
-import treq
-from treq.client import HTTPClient
-from treq.testing import RequestTraversalAgent
 from twisted.internet.testing import MemoryReactorClock
+from twisted.trial.unittest import SynchronousTestCase
 
 from rtcauthd import errors
-from rtcauthd.authorizer import Authorizer
 from rtcauthd.config import load_config
-from rtcauthd.inbound.app import RtcAuthApp, RtcAuthSite
-from rtcauthd.outbound.client import BytesProducer
 from rtcauthd.livekit import naming
-from rtcauthd.livekit.tokens import TokenMinter
 from rtcauthd.livekit.twirp import TwirpError
-from rtcauthd.metrics import Metrics
+from tests.support.daemon import SiteClient, build_test_daemon
 
 SECRET = "unit-test-secret"
 CORS = {
@@ -76,6 +68,7 @@ class FakeDelegation:
         self.resolvable = resolvable
         self.jobs = []
         self.resolved = []
+        self.webhooks = []
 
     def resolve_cs_api(self, server_name):
         self.resolved.append(server_name)
@@ -86,6 +79,10 @@ class FakeDelegation:
     def add_job(self, job):
         self.jobs.append(job)
         return succeed(None)
+
+    def handle(self, authorization, body):
+        """The webhook side (the real DelegatedLeave is both); these tests only count calls."""
+        self.webhooks.append((authorization, body))
 
 
 def token_body(**changes):
@@ -110,7 +107,7 @@ def token_body(**changes):
 
 class AppTestCase(SynchronousTestCase):
     def setUp(self):
-        self.clock = Clock()
+        self.clock = MemoryReactorClock()
         self.clock.advance(1785000000)
         self.config = load_config(
             {
@@ -129,40 +126,30 @@ class AppTestCase(SynchronousTestCase):
         )
         self.rooms = FakeRooms()
         self.delegation = FakeDelegation()
-        self.tokens = TokenMinter(api_key="devkey", api_secret=SECRET, clock=self.clock)
-        self.metrics = Metrics()
-        authorizer = Authorizer(
-            config=self.config,
+        self.daemon = build_test_daemon(
+            self.config,
+            self.clock,
             federation=self.homeservers,
-            tokens=self.tokens,
             rooms=self.rooms,
             delegation=self.delegation,
-            clock=self.clock,
-            metrics=self.metrics,
+            **self.daemon_parts(),
         )
-        self.site = RtcAuthSite(
-            RtcAuthApp(authorizer=authorizer).resource(), max_body=4096, reactor=MemoryReactorClock()
-        )
-        # Serve through our Site (its request factory enforces the body limit).
-        self.agent = RequestTraversalAgent(self.site.resource)
-        self.agent._serverFactory = self.site
-        self.treq = HTTPClient(self.agent, data_to_body_producer=BytesProducer)
+        self.tokens = self.daemon.tokens
+        self.metrics = self.daemon.metrics
+        self.site = self.daemon.site
+        self.client = SiteClient(self.site)
+        self.agent, self.treq = self.client.agent, self.client.treq
+
+    def daemon_parts(self):
+        """More build_daemon keywords for a test class (e.g. a request policy)."""
+        return {}
 
     def request(self, method, path, data=b"", headers=None):
-        if not isinstance(data, bytes):
-            data = json.dumps(data).encode()
-        d = self.treq.request(method, "http://rtc.test" + path, data=data, headers=headers)
-        self.agent.flush()
-        response = self.successResultOf(d)
-        body = self.successResultOf(response.content())
-        return response, body
+        return self.successResultOf(self.client.request(method, "http://rtc.test" + path, data, headers))
 
     def raw_request(self, method: bytes, path: bytes):
         """Bypasses treq, which upper-cases methods."""
-        d = self.agent.request(method, b"http://rtc.test" + path)
-        self.agent.flush()
-        response = self.successResultOf(d)
-        return response, self.successResultOf(treq.content(response))
+        return self.successResultOf(self.client.raw_request(method, b"http://rtc.test" + path))
 
     def assertMatrixError(self, response, body, status, errcode, message):
         self.assertEqual(response.code, status)
@@ -288,7 +275,8 @@ class GetTokenTests(AppTestCase):
         response, _ = self.request("POST", "/get_token", token_body(delay_id="syd_1", delay_timeout=8000))
         self.assertEqual(response.code, 200)
         [job] = self.delegation.jobs
-        self.assertEqual((job.server_name, job.delay_id, job.delay_timeout_ms), ("example.com", "syd_1", 8000))
+        # the client's milliseconds become the record's nanoseconds
+        self.assertEqual((job.server_name, job.delay_id, job.delay_timeout_ns), ("example.com", "syd_1", 8_000_000_000))
         self.assertEqual(job.room, naming.room_alias("!room:example.com", "m.call#ROOM"))
 
     def test_unresolvable_cs_api_400_before_room_creation(self):
@@ -396,3 +384,149 @@ class DelegateTests(AppTestCase):
         response, body = self.request("POST", "/delegate_delayed_leave", token_body())
         self.assertMatrixError(response, body, 400, "M_BAD_JSON", errors.E_DELAY)
         self.assertEqual(self.homeservers.calls, [])
+
+
+class RecordingPolicy:
+    """Refuses the endpoints in ``refuse`` (with their answer); records every check."""
+
+    def __init__(self, refuse=None):
+        self.refuse = refuse or {}
+        self.checked = []
+
+    def check(self, request, endpoint):
+        self.checked.append((request.method, endpoint))
+        return self.refuse.get(endpoint)
+
+
+class PolicyTests(AppTestCase):
+    def daemon_parts(self):
+        self.policy = RecordingPolicy()
+        return {"policy": self.policy}
+
+    def test_refusal_is_answered_with_cors_and_the_handler_never_runs(self):
+        from rtcauthd.errors import MatrixError
+
+        limited = MatrixError(429, "M_LIMIT_EXCEEDED", "Too many requests")
+        for endpoint in ("get_token", "sfu_get", "delegate_delayed_leave"):
+            self.policy.refuse[endpoint] = limited
+        for path in ("/get_token", "/sfu/get", "/delegate_delayed_leave"):
+            response, body = self.request("POST", path, token_body(delay_id="syd_1", delay_timeout=8000))
+            self.assertMatrixError(response, body, 429, "M_LIMIT_EXCEEDED", "Too many requests")
+            self.assertCORS(response)
+        self.assertEqual(
+            [endpoint for _method, endpoint in self.policy.checked],
+            ["get_token", "sfu_get", "delegate_delayed_leave"],
+        )
+        self.assertEqual((self.homeservers.calls, self.rooms.created, self.delegation.jobs), ([], [], []))
+
+    def test_raw_answer_with_headers(self):
+        from rtcauthd.inbound.policy import PolicyAnswer
+
+        self.policy.refuse["healthz"] = PolicyAnswer(503, b"later\n", ((b"Retry-After", b"2"),))
+        self.policy.refuse["sfu_webhook"] = PolicyAnswer(429)
+        response, body = self.request("GET", "/healthz")
+        self.assertEqual((response.code, body), (503, b"later\n"))
+        self.assertEqual(response.headers.getRawHeaders(b"Retry-After"), [b"2"])
+        response, body = self.request("POST", "/sfu_webhook", b"{}")
+        self.assertEqual((response.code, body), (429, b""))
+        self.assertEqual(self.delegation.webhooks, [])
+
+    def test_every_handler_asks_once_and_allowed_requests_are_unchanged(self):
+        response, body = self.request("POST", "/get_token", token_body())
+        self.assertEqual(response.code, 200)
+        self.assertCORS(response)
+        self.assertEqual(self.rooms.created, [naming.room_alias("!room:example.com", "m.call#ROOM")])
+        self.assertEqual(self.request("GET", "/healthz")[0].code, 200)
+        self.assertEqual(self.request("POST", "/sfu_webhook", b"{}")[0].code, 200)
+        self.assertEqual(len(self.delegation.webhooks), 1)
+        self.assertEqual(
+            self.policy.checked, [(b"POST", "get_token"), (b"GET", "healthz"), (b"POST", "sfu_webhook")]
+        )
+
+    def test_method_and_size_checks_come_before_the_policy(self):
+        self.assertEqual(self.request("OPTIONS", "/get_token")[0].code, 200)
+        self.assertEqual(self.request("GET", "/get_token")[0].code, 405)
+        response, body = self.request("POST", "/get_token", b"x" * 5000)
+        self.assertMatrixError(response, body, 413, "M_TOO_LARGE", errors.E_TOO_LARGE)
+        self.assertEqual(self.request("POST", "//get_token", b"{}")[0].code, 404)
+        self.assertEqual(self.policy.checked, [])
+
+    def test_asynchronous_decision(self):
+        from twisted.internet.defer import Deferred
+
+        decision = Deferred()
+        self.policy.check = lambda request, endpoint: decision
+        d = self.client.request("POST", "http://rtc.test/get_token", token_body())
+        self.assertNoResult(d)
+        self.assertEqual(self.homeservers.calls, [])
+        decision.callback(None)
+        self.client.flush()
+        response, body = self.successResultOf(d)
+        self.assertEqual(response.code, 200)
+        self.assertEqual(self.homeservers.calls, ["example.com"])
+
+    def test_allow_all_is_the_default_and_lets_everything_through(self):
+        from zope.interface.verify import verifyObject
+
+        from rtcauthd.inbound.policy import AllowAll, IRequestPolicy
+
+        self.assertTrue(verifyObject(IRequestPolicy, AllowAll()))
+        self.assertIsInstance(build_test_daemon(self.config).app._policy, AllowAll)
+        self.assertIsNone(AllowAll().check(object(), "get_token"))
+
+    def test_failing_policy_is_a_500(self):
+        def broken(request, endpoint):
+            raise RuntimeError("policy bug")
+
+        self.policy.check = broken
+        response, body = self.request("POST", "/get_token", token_body())
+        self.assertMatrixError(response, body, 500, "M_UNKNOWN", errors.E_INTERNAL)
+        self.assertCORS(response)
+        response, body = self.request("GET", "/healthz")
+        self.assertMatrixError(response, body, 500, "M_UNKNOWN", errors.E_INTERNAL)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
+        self.assertEqual(self.homeservers.calls, [])
+
+
+class SiteTests(AppTestCase):
+    def daemon_parts(self):
+        self.policy = RecordingPolicy()
+        return {"policy": self.policy}
+
+    def test_access_log_duration_comes_from_the_clock(self):
+        from twisted.internet.defer import Deferred
+        from twisted.logger import Logger
+
+        from rtcauthd.inbound import site as site_module
+
+        events = []
+        self.patch(site_module, "log", Logger(observer=events.append))
+        decision = Deferred()
+        self.policy.check = lambda request, endpoint: decision
+        d = self.client.request("POST", "http://rtc.test/get_token", token_body())
+        self.clock.advance(0.25)
+        decision.callback(None)
+        self.client.flush()
+        self.assertEqual(self.successResultOf(d)[0].code, 200)
+        [event] = [e for e in events if e.get("path") == "/get_token"]
+        self.assertEqual((event["status"], event["duration_ms"]), (200, 250.0))
+
+    def test_when_idle_fires_when_the_last_request_ends(self):
+        from twisted.internet.defer import Deferred
+
+        self.successResultOf(self.site.when_idle())  # nothing in flight: at once
+        stored = Deferred()
+        self.delegation.add_job = lambda job: (self.delegation.jobs.append(job), stored)[1]
+        first = self.client.request("POST", "http://rtc.test/get_token", token_body(delay_id="a", delay_timeout=8000))
+        second = self.client.request("GET", "http://rtc.test/healthz")
+        self.successResultOf(second)
+        self.assertEqual(self.site.in_flight, 1)
+        idle, forgotten = self.site.when_idle(), self.site.when_idle()
+        forgotten.cancel()
+        self.failureResultOf(forgotten)
+        self.assertNoResult(idle)
+        stored.callback(None)
+        self.client.flush()
+        self.successResultOf(first)
+        self.assertEqual(self.site.in_flight, 0)
+        self.successResultOf(idle)  # without advancing the clock: no polling

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import errno
+import os
+import re
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from rtcauthd.config import (
+    KNOWN_VARIABLES,
+    SETTINGS,
     ConfigError,
     bind_to_endpoints,
     load_config,
     parse_cs_api_overrides,
     parse_env_file,
+    settings_help,
 )
 
 BASE = {
@@ -302,3 +307,55 @@ class BindTests(SynchronousTestCase):
             with self.assertRaises(ConfigError) as cm:
                 bind_to_endpoints(bad)
             self.assertIn("LIVEKIT_JWT_BIND", str(cm.exception))
+
+
+ENV_FILE = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "debian", "rtcauthd.env")
+
+
+class SettingsTableTests(SynchronousTestCase):
+    """The table is the one list of settings: the env file and --help follow it."""
+
+    def env_file_examples(self):
+        """``NAME=value`` of every (commented-out) example line in debian/rtcauthd.env."""
+        with open(ENV_FILE, encoding="utf-8") as f:
+            lines = [line.rstrip("\n") for line in f]
+        examples = {}
+        for line in lines:
+            match = re.fullmatch(r"#?([A-Z][A-Z0-9_]*)=(.*)", line)
+            if match:
+                examples[match.group(1)] = match.group(2)
+        return examples
+
+    def test_env_file_documents_every_setting_and_nothing_else(self):
+        examples = self.env_file_examples()
+        documented = [s.name for s in SETTINGS if s.documented]
+        self.assertEqual(sorted(n for n in documented if n not in examples), [], "missing from debian/rtcauthd.env")
+        self.assertEqual(sorted(n for n in examples if n not in KNOWN_VARIABLES), [], "not a setting")
+
+    def test_env_file_examples_show_the_table_default(self):
+        examples = self.env_file_examples()
+        for setting in SETTINGS:
+            if setting.documented and setting.default:
+                self.assertEqual(examples[setting.name], setting.default, setting.name)
+
+    def test_defaults_in_the_table_are_the_config_defaults(self):
+        c = load_config(BASE)
+        self.assertEqual(c.log_level, "info")
+        self.assertEqual(c.log_format, "auto")
+        by_name = {s.name: s for s in SETTINGS}
+        self.assertEqual(c.listen, bind_to_endpoints(by_name["LIVEKIT_JWT_BIND"].default))
+        self.assertEqual(c.sanity_check_interval, int(by_name["LIVEKIT_SANITY_CHECK_INTERVAL_SECONDS"].default))
+        self.assertEqual(c.outbound_timeout, float(by_name["RTCAUTH_OUTBOUND_TIMEOUT_SECONDS"].default))
+        self.assertEqual(c.max_body_bytes, int(by_name["RTCAUTH_MAX_BODY_BYTES"].default))
+
+    def test_names_are_unique_and_every_group_has_a_reader(self):
+        names = [s.name for s in SETTINGS]
+        self.assertEqual(len(names), len(set(names)))
+        self.assertIsNotNone(SETTINGS[0].parse)  # a reader-less row belongs to the one before
+
+    def test_help_lists_every_setting_with_its_default(self):
+        text = settings_help()
+        for setting in SETTINGS:
+            self.assertIn(f"  {setting.name}  ", text.replace("\n", "  ") + "  ")
+        self.assertIn("(default 65536)", text)
+        self.assertTrue(all(len(line) <= 80 for line in text.splitlines()))

@@ -10,8 +10,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 
 from rtcauthd.outbound.client import HTTPClient
-from rtcauthd.leave.jobs import JobParams
-from rtcauthd.leave.outcome import CsApiUnresolvable, OutcomeKind
+from rtcauthd.leave.record import JobParams
+from rtcauthd.matrix.delayed_events import CsApiUnresolvable, OutcomeKind
 from rtcauthd.matrix.csapi import ClientAPIResolver, DelayedEventClient, delayed_event_url
 
 

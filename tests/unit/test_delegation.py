@@ -11,7 +11,7 @@ from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from rtcauthd.authorizer import LeaveJobRequest
+from rtcauthd.leave.record import NS_PER_MS, JobParams
 from rtcauthd.errors import MatrixError
 from rtcauthd.leave.delegation import DelegatedLeave
 from rtcauthd.leave.manager import ShuttingDown
@@ -68,9 +68,9 @@ class DelegatedLeaveTests(SynchronousTestCase):
         )
 
     def job(self, ms=10000):
-        return LeaveJobRequest(server_name="example.com", delay_id="syd_1", delay_timeout_ms=ms, room="R", identity="I")
+        return JobParams(delay_id="syd_1", delay_timeout_ns=ms * NS_PER_MS, server_name="example.com", room="R", identity="I")
 
-    def test_add_converts_milliseconds_to_nanoseconds(self):
+    def test_add_hands_the_record_to_the_manager(self):
         self.successResultOf(self.delegation.add_job(self.job(8000)))
         [params] = self.manager.added
         self.assertEqual((params.delay_timeout_ns, params.room, params.identity), (8_000_000_000, "R", "I"))

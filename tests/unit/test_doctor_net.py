@@ -19,7 +19,7 @@ from rtcauthd.doctor.net import (
     parse_url,
     with_https_port,
 )
-from rtcauthd.outbound.client import OutboundError, RequestTimedOut
+from rtcauthd.outbound.client import OutboundError
 from rtcauthd.outbound.errors import FailureKind
 
 
@@ -80,7 +80,7 @@ class AgentTests(SynchronousTestCase):
         self.assertEqual((failure.value.kind, failure.value.reason), (FailureKind.CONNECT, "connection refused"))
 
     def test_outbound_errors_pass_unchanged(self):
-        original = RequestTimedOut("GET", "no complete answer within 1 s")
+        original = OutboundError(FailureKind.TIMEOUT, "GET", "no complete answer within 1 s")
         failure = self.failureResultOf(ExplainingAgent(RecordingAgent(fail(original))).request(b"GET", b"https://h/"))
         self.assertIs(failure.value, original)
 

@@ -17,9 +17,9 @@ from zope.interface import implementer
 
 from rtcauthd.outbound.client import HTTPClient
 from rtcauthd.matrix import federation as federation_module
-from rtcauthd.matrix.federation import USERINFO_MAX_BODY, FederationClient, OpenIDError
-from rtcauthd.matrix.federation_agent import AddressRefusedError, ConnectFailed, TLSFailed
-from rtcauthd.matrix.resolver import ResolveError
+from rtcauthd.matrix.federation import USERINFO_MAX_BODY, FederationClient
+from rtcauthd.outbound.errors import FailureKind, OutboundError
+from tests.support.outbound import assert_fails_with, failed_with
 
 TOKEN = "s3cr3t-OpenID-token"
 
@@ -94,8 +94,8 @@ class FederationClientTests(SynchronousTestCase):
     def userinfo(self, server_name: str, token: str = TOKEN) -> str:
         return self.successResultOf(self.client.userinfo(server_name, token))
 
-    def error(self, server_name: str, token: str = TOKEN) -> OpenIDError:
-        error = self.failureResultOf(self.client.userinfo(server_name, token), OpenIDError).value
+    def error(self, server_name: str, token: str = TOKEN) -> OutboundError:
+        error = self.failureResultOf(self.client.userinfo(server_name, token), OutboundError).value
         self.assertNotIn(token, str(error))
         self.assertNotIn(token, repr(error.args))
         return error
@@ -115,7 +115,7 @@ class FederationClientTests(SynchronousTestCase):
         self.assertEqual(self.userinfo("127.0.0.1:8448"), "@x:127.0.0.1:8448")
 
     def test_ipv6_literal_url(self) -> None:
-        self.agent.error = ConnectFailed("connect", "no route")
+        self.agent.error = OutboundError(FailureKind.CONNECT, "connect", "no route")
         self.error("[2001:db8::1]:8448")
         self.assertEqual(
             self.agent.urls[0].split(b"/_matrix")[0], b"matrix-federation://[2001:db8::1]:8448"
@@ -214,21 +214,21 @@ class FederationClientTests(SynchronousTestCase):
         self.clock.advance(9.9)
         self.assertNoResult(d)
         self.clock.advance(0.1)
-        error = self.failureResultOf(d, OpenIDError).value
+        error = self.failureResultOf(d, OutboundError).value
         self.assertEqual(error.step, "timeout")
         self.assertEqual(error.detail, "no complete answer within 10 s")
 
     def test_transport_failures_keep_their_step(self) -> None:
         cases = [
-            (ResolveError("resolve", "SRV says no"), "resolve", "SRV says no"),
-            (ResolveError("server name", "bad"), "server name", "bad"),
+            (OutboundError(FailureKind.RESOLVE, "resolve", "SRV says no"), "resolve", "SRV says no"),
+            (OutboundError(FailureKind.INVALID, "server name", "bad"), "server name", "bad"),
             (
-                AddressRefusedError("connect", "refusing to connect to 10.0.0.5 (blocked by 10.0.0.0/8)"),
+                OutboundError(FailureKind.REFUSED, "connect", "refusing to connect to 10.0.0.5 (blocked by 10.0.0.0/8)"),
                 "connect",
                 "refusing to connect to 10.0.0.5 (blocked by 10.0.0.0/8)",
             ),
-            (ConnectFailed("connect", "ConnectionRefusedError"), "connect", "ConnectionRefusedError"),
-            (TLSFailed("tls", "certificate verify failed"), "tls", "certificate verify failed"),
+            (OutboundError(FailureKind.CONNECT, "connect", "ConnectionRefusedError"), "connect", "ConnectionRefusedError"),
+            (OutboundError(FailureKind.TLS, "tls", "certificate verify failed"), "tls", "certificate verify failed"),
             (RuntimeError("boom"), "request", "RuntimeError: boom"),
         ]
         for exception, step, detail in cases:
@@ -238,7 +238,7 @@ class FederationClientTests(SynchronousTestCase):
                 self.assertEqual((error.step, error.detail), (step, detail))
 
     def test_token_scrubbed_from_details(self) -> None:
-        self.agent.error = ConnectFailed("connect", f"weird error mentioning {TOKEN} and s3cr3t-OpenID-token")
+        self.agent.error = OutboundError(FailureKind.CONNECT, "connect", f"weird error mentioning {TOKEN} and s3cr3t-OpenID-token")
         error = self.error("example.com")
         self.assertEqual(error.detail, "weird error mentioning <redacted> and <redacted>")
 
@@ -251,6 +251,6 @@ class FederationClientTests(SynchronousTestCase):
             self.assertNotIn(TOKEN, repr(event))
 
     def test_access_token_must_be_text(self) -> None:
-        error = self.failureResultOf(self.client.userinfo("example.com", None), OpenIDError).value
+        error = self.failureResultOf(self.client.userinfo("example.com", None), OutboundError).value
         self.assertEqual(error.step, "request")
         self.assertEqual(self.agent.urls, [])

@@ -22,15 +22,15 @@ from zope.interface import implementer
 
 from rtcauthd.outbound.client import HTTPClient, OutboundError
 from rtcauthd.matrix import federation_agent as agent_module
-from rtcauthd.matrix.federation import FederationClient, OpenIDError
+from rtcauthd.matrix.federation import FederationClient
 from rtcauthd.matrix.federation_agent import (
-    AddressRefusedError,
-    ConnectFailed,
     FederationAgent,
     build_federation_agent,
 )
 from rtcauthd.matrix.ipfilter import IPRangeFilter
-from rtcauthd.matrix.resolver import ResolveError, ServerResolver
+from rtcauthd.matrix.resolver import ServerResolver
+from rtcauthd.outbound.errors import FailureKind, OutboundError
+from tests.support.outbound import assert_fails_with, failed_with
 from rtcauthd.tls import TLSPolicy
 from tests.support.certs import TestCA, self_signed
 from tests.unit.test_resolver import FakeSRV, FakeWebAgent, WellKnownSite
@@ -137,8 +137,8 @@ class MemoryAgentTests(SynchronousTestCase):
         self.requests.append(d)
         return d
 
-    def refused(self, server_name: str, agent: Optional[FederationAgent] = None) -> AddressRefusedError:
-        error = self.failureResultOf(self.request(server_name, agent), AddressRefusedError).value
+    def refused(self, server_name: str, agent: Optional[FederationAgent] = None) -> OutboundError:
+        error = failed_with(self, self.request(server_name, agent), FailureKind.REFUSED)
         self.assertEqual(error.step, "connect")
         return error
 
@@ -187,7 +187,7 @@ class MemoryAgentTests(SynchronousTestCase):
         d = self.request("mixed.test:8448")
         self.assertEqual(self.connected_to(), [(PUBLIC_V4, 8448)])
         refuse_all_connections(self.reactor)
-        self.assertEqual(self.failureResultOf(d, ConnectFailed).value.step, "connect")
+        self.assertEqual(failed_with(self, d, FailureKind.CONNECT).step, "connect")
 
     def test_allowlist_exception(self) -> None:
         self.ip_filter = IPRangeFilter(allowlist=["10.0.0.0/24"])
@@ -229,7 +229,7 @@ class MemoryAgentTests(SynchronousTestCase):
         first = self.request("rebind.test:8448", agent)
         self.assertEqual(self.connected_to(), [(PUBLIC_V4, 8448)])
         refuse_all_connections(self.reactor)
-        self.failureResultOf(first, ConnectFailed)
+        failed_with(self, first, FailureKind.CONNECT)
         error = self.refused("rebind.test:8448", agent)
         self.assertEqual(error.detail, "refusing to connect to 10.0.0.5 (blocked by 10.0.0.0/8)")
         self.assertEqual(self.connected_to(), [(PUBLIC_V4, 8448)])
@@ -268,7 +268,7 @@ class MemoryAgentTests(SynchronousTestCase):
         refuse_all_connections(self.reactor)  # well-known down -> 8448
         self.assertEqual(self.connected_to(), [("10.9.9.9", 443), ("10.9.9.9", 8448)])
         refuse_all_connections(self.reactor)
-        self.failureResultOf(d, ConnectFailed)
+        failed_with(self, d, FailureKind.CONNECT)
 
     def test_building_the_agent_has_no_side_effects(self) -> None:
         """The system DNS resolver (file read + re-read timer) is created lazily."""
@@ -304,7 +304,7 @@ class MemoryAgentTests(SynchronousTestCase):
                 self.assertEqual(self.connected_to(), [target])
                 self.assertEqual(self.tls.names, [tls_name])
                 refuse_all_connections(self.reactor)
-                self.failureResultOf(d, ConnectFailed)
+                failed_with(self, d, FailureKind.CONNECT)
 
     def test_srv_targets_are_tried_in_turn(self) -> None:
         self.srv.records["_matrix-fed._tcp.example.com"] = [
@@ -318,7 +318,7 @@ class MemoryAgentTests(SynchronousTestCase):
         refuse_all_connections(self.reactor)
         self.assertEqual(self.connected_to(), [(PUBLIC_V4, 1001), (PUBLIC_V4_B, 1002)])
         refuse_all_connections(self.reactor)
-        error = self.failureResultOf(d, ConnectFailed).value
+        error = failed_with(self, d, FailureKind.CONNECT)
         self.assertEqual(
             error.detail,
             "one.example:1001: ConnectionRefusedError: Connection was refused by other side: refused.; "
@@ -326,7 +326,7 @@ class MemoryAgentTests(SynchronousTestCase):
         )
 
     def test_unresolvable_name(self) -> None:
-        error = self.failureResultOf(self.request("nxdomain.test:8448"), ResolveError).value
+        error = failed_with(self, self.request("nxdomain.test:8448"), FailureKind.RESOLVE)
         self.assertEqual(error.step, "resolve")
         self.assertIn("nxdomain.test", error.detail)
 
@@ -339,7 +339,7 @@ class MemoryAgentTests(SynchronousTestCase):
         agent = self.agent()
         for url in (b"https://example.com/x", b"matrix-federation://evil.com@x/y", b"matrix-federation:///x"):
             with self.subTest(url=url):
-                error = self.failureResultOf(agent.request(b"GET", url), ResolveError).value
+                error = failed_with(self, agent.request(b"GET", url), FailureKind.INVALID)
                 self.assertEqual(error.step, "server name")
 
     # -- timeouts through FederationClient ----------------------------------------
@@ -359,7 +359,7 @@ class MemoryAgentTests(SynchronousTestCase):
         self.reactor.advance(9.9)
         self.assertNoResult(d)
         self.reactor.advance(0.1)
-        error = self.failureResultOf(d, OpenIDError).value
+        error = self.failureResultOf(d, OutboundError).value
         self.assertEqual(error.step, "timeout")
         self.assertTrue(transport.disconnecting)
 
@@ -369,10 +369,10 @@ class MemoryAgentTests(SynchronousTestCase):
         self.reactor.advance(0.3)  # happy eyeballs: second attempt after 300 ms
         self.assertEqual(self.connected_to(), [(PUBLIC_V4, 8448), (PUBLIC_V4_B, 8448)])
         self.reactor.advance(1.7)
-        self.assertEqual(self.failureResultOf(d, OpenIDError).value.step, "timeout")
+        self.assertEqual(self.failureResultOf(d, OutboundError).value.step, "timeout")
 
     def test_refusal_through_client(self) -> None:
-        error = self.failureResultOf(self.client().userinfo("10.0.0.5:8448", "token"), OpenIDError).value
+        error = self.failureResultOf(self.client().userinfo("10.0.0.5:8448", "token"), OutboundError).value
         self.assertEqual(
             (error.step, error.detail), ("connect", "refusing to connect to 10.0.0.5 (blocked by 10.0.0.0/8)")
         )
@@ -522,7 +522,7 @@ class RealSocketTests(TestCase):
     @defer.inlineCallbacks
     def test_ipv6_literal_refused_unless_trusted_or_allowed(self):
         homeserver, site, port = self.serve(self.ca.issue(["::1"]), "", interface="::1")
-        error = yield self.assertFailure(self.client().userinfo(f"[::1]:{port}", "token"), OpenIDError)
+        error = yield self.assertFailure(self.client().userinfo(f"[::1]:{port}", "token"), OutboundError)
         self.assertEqual(error.detail, "refusing to connect to ::1 (blocked by ::1/128)")
         self.assertEqual(site.connections, 0)
 
@@ -543,7 +543,7 @@ class RealSocketTests(TestCase):
         self.srv.records["_matrix-fed._tcp.example.test"] = [(0, 0, port, "srv-target.example.test.")]
         self.names.answers["srv-target.example.test"] = ["127.0.0.1"]
         error = yield self.assertFailure(
-            self.client(trusted={"example.test"}).userinfo("example.test", "token"), OpenIDError
+            self.client(trusted={"example.test"}).userinfo("example.test", "token"), OutboundError
         )
         self.assertEqual(error.step, "tls")
 
@@ -552,7 +552,7 @@ class RealSocketTests(TestCase):
         homeserver, site, port = self.serve(self_signed(["127.0.0.1"]), "")
         server_name = f"127.0.0.1:{port}"
         error = yield self.assertFailure(
-            self.client(trusted={server_name}).userinfo(server_name, "token"), OpenIDError
+            self.client(trusted={server_name}).userinfo(server_name, "token"), OutboundError
         )
         self.assertEqual(error.step, "tls")
         self.assertIn("certificate verify failed", error.detail)
@@ -577,7 +577,7 @@ class RealSocketTests(TestCase):
         client = self.client(trusted={"trusted.test"})
         user_id = yield client.userinfo("trusted.test", "token")
         self.assertEqual(user_id, "@x:trusted.test")
-        error = yield self.assertFailure(client.userinfo("evil.test", "token"), OpenIDError)
+        error = yield self.assertFailure(client.userinfo("evil.test", "token"), OutboundError)
         self.assertEqual(error.detail, "refusing to connect to 127.0.0.1 (blocked by 127.0.0.0/8)")
         self.assertEqual(site.connections, 1)
         self.assertEqual(len(homeserver.hosts), 1)
@@ -674,5 +674,5 @@ class WellKnownAgentTests(TestCase):
     @defer.inlineCallbacks
     def test_each_redirect_hop_is_filtered(self):
         self.resource.evil_location = f"https://internal.test:{self.port}/real".encode()
-        error = yield self.assertFailure(self.get("/evil"), AddressRefusedError)
+        error = yield assert_fails_with(self, self.get("/evil"), FailureKind.REFUSED)
         self.assertEqual(error.detail, "refusing to connect to 127.0.0.1 (blocked by 127.0.0.0/8)")

@@ -12,7 +12,9 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from rtcauthd.outbound.client import BodyTooLarge, HTTPClient, OutboundError, RequestTimedOut
+from rtcauthd.outbound.client import HTTPClient, OutboundError
+from rtcauthd.outbound.errors import FailureKind
+from tests.support.outbound import assert_fails_with, failed_with
 
 
 class Echo(Resource):
@@ -61,7 +63,7 @@ class HTTPClientTests(SynchronousTestCase):
         self.clock.advance(2.9)
         self.assertNoResult(d)
         self.clock.advance(0.1)
-        error = self.failureResultOf(d, RequestTimedOut).value
+        error = failed_with(self, d, FailureKind.TIMEOUT)
         self.assertEqual(error.step, "userinfo")
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
@@ -71,8 +73,8 @@ class HTTPClientTests(SynchronousTestCase):
 
     def test_body_cap_with_and_without_length(self):
         self.server.putChild  # noqa: B018 - Echo is a leaf; paths select behaviour
-        self.failureResultOf(self.request(b"POST", "http://127.0.0.1/", body=b"z" * 200), BodyTooLarge)
-        self.failureResultOf(self.request(b"GET", "http://127.0.0.1/stream"), BodyTooLarge)
+        failed_with(self, self.request(b"POST", "http://127.0.0.1/", body=b"z" * 200), FailureKind.TOO_LARGE)
+        failed_with(self, self.request(b"GET", "http://127.0.0.1/stream"), FailureKind.TOO_LARGE)
         ok = self.successResultOf(self.request(b"GET", "http://127.0.0.1/stream", max_body=1000))
         self.assertEqual(len(ok.body), 200)
 

@@ -14,21 +14,12 @@ from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
+from rtcauthd.leave.record import JobParams
 from rtcauthd.outbound.errors import FailureKind
 from rtcauthd.outbound.client import OutboundError
-from rtcauthd.leave.jobs import (
-    ENTRY_ACTIONS,
-    EXIT_ACTIONS,
-    INTERNAL_ACTIONS,
-    TRANSITIONS,
-    DelayedLeaveJob,
-    JobEnvironment,
-    JobParams,
-    Signal,
-    State,
-    new_job_id,
-)
-from rtcauthd.leave.outcome import CsApiUnresolvable, Outcome
+from rtcauthd.leave.jobs import DelayedLeaveJob, JobEnvironment, new_job_id
+from rtcauthd.leave.machine import ENTRY_ACTIONS, EXIT_ACTIONS, INTERNAL_ACTIONS, TRANSITIONS, Signal, State
+from rtcauthd.matrix.delayed_events import CsApiUnresolvable, Outcome
 from rtcauthd.livekit.presence import Presence
 
 S = 1_000_000_000  # ns per second

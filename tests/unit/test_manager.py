@@ -8,9 +8,10 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from rtcauthd.leave.jobs import JobParams, Signal, State
+from rtcauthd.leave.machine import Signal, State
+from rtcauthd.leave.record import JobParams
 from rtcauthd.leave.manager import JobManager, ShuttingDown
-from rtcauthd.leave.outcome import Outcome
+from rtcauthd.matrix.delayed_events import Outcome
 from rtcauthd.livekit.presence import Presence
 from rtcauthd.store.memory import MemoryStore
 from rtcauthd.store.model import StoredJob
@@ -105,14 +106,7 @@ def params(
 
 def stored(delay_id: str = "d1", room: str = "room", identity: str = "alice", timeout_s: float = 10,
            restarted_at: float = T0) -> StoredJob:
-    return StoredJob(
-        delay_id=delay_id,
-        delay_timeout_ns=int(timeout_s * S),
-        server_name="example.com",
-        room=room,
-        identity=identity,
-        restarted_at=restarted_at,
-    )
+    return StoredJob(JobParams(delay_id, int(timeout_s * S), "example.com", room, identity), restarted_at)
 
 
 class ManagerTestCase(SynchronousTestCase):
@@ -199,7 +193,7 @@ class ReplacementTests(ManagerTestCase):
         self.assertIsNot(old, new)
         self.assertIs(old.state, State.Replaced)
         self.assertTrue(old.cancelled)
-        self.assertEqual([p.delay_id for p in self.puts()], ["d1", "d1", "d2"])
+        self.assertEqual([p.params.delay_id for p in self.puts()], ["d1", "d1", "d2"])
         self.assertEqual(self.deletes(), [])  # replacement deletes nothing
         self.at(100)
         self.assertEqual(self.hs.of("restart", "d1"), [0.0])  # old never restarted again
@@ -225,7 +219,7 @@ class ReplacementTests(ManagerTestCase):
         self.manager.add(params("d2"))
         self.hs.pending[0].callback(OK)  # the old send completes
         self.assertEqual(self.deletes(), [])
-        self.assertEqual(self.store.records[("room", "alice")].delay_id, "d2")
+        self.assertEqual(self.store.records[("room", "alice")].params.delay_id, "d2")
         self.assertEqual(self.manager.get("room", "alice").params.delay_id, "d2")
 
     def test_done_report_from_a_replaced_job_is_ignored(self) -> None:
@@ -241,7 +235,7 @@ class ReplacementTests(ManagerTestCase):
         old = self.manager.get("room", "alice")
         self.manager.add(params("d2"))
         self.manager._job_restarted(old, T0 + 5)
-        self.assertEqual([p.delay_id for p in self.puts()], ["d1", "d2"])
+        self.assertEqual([p.params.delay_id for p in self.puts()], ["d1", "d2"])
 
 
 class LifecycleTests(ManagerTestCase):
@@ -405,7 +399,7 @@ class MemoryStoreIntegrationTests(ManagerTestCase):
         self.manager.route("room", "alice", "ParticipantConnected")
         self.at(3)
         self.manager.route("room", "bob", "ParticipantConnectionAborted")  # not connected: abort
-        records = {r.identity: r for r in self.successResultOf(self.store.load_all())}
+        records = {r.params.identity: r for r in self.successResultOf(self.store.load_all())}
         self.assertEqual(set(records), {"alice"})
         self.assertEqual(records["alice"].restarted_at, T0)
         self.assertEqual(self.hs.of("send", "d2"), [])

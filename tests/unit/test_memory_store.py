@@ -6,13 +6,14 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
+from rtcauthd.leave.record import JobParams
 from rtcauthd.store.interface import IJobStore
 from rtcauthd.store.memory import MemoryStore
 from rtcauthd.store.model import StoredJob
 
 
 def job(room: str = "room", identity: str = "id", delay_id: str = "d1") -> StoredJob:
-    return StoredJob(delay_id, 8_000_000_000, "example.com", room, identity, 1785000000.0)
+    return StoredJob(JobParams(delay_id, 8_000_000_000, "example.com", room, identity), 1785000000.0)
 
 
 class MemoryStoreTests(SynchronousTestCase):
@@ -50,7 +51,7 @@ class MemoryStoreTests(SynchronousTestCase):
         store.put(job(delay_id="new"))
         store.put(job(identity="other"))
         loaded = self.successResultOf(store.load_all())
-        self.assertEqual(sorted(j.delay_id + "/" + j.identity for j in loaded), ["d1/other", "new/id"])
+        self.assertEqual(sorted(j.params.delay_id + "/" + j.params.identity for j in loaded), ["d1/other", "new/id"])
 
     def test_delete_removes_only_that_key(self) -> None:
         store = MemoryStore()

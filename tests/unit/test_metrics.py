@@ -10,7 +10,8 @@ from twisted.trial.unittest import SynchronousTestCase
 import treq
 
 from rtcauthd.config import load_config, metrics_endpoint
-from rtcauthd.leave.jobs import JobParams, State
+from rtcauthd.leave.machine import State
+from rtcauthd.leave.record import JobParams
 from rtcauthd.leave.manager import JobManager
 from rtcauthd.metrics import Metrics, reason_label
 from rtcauthd.store.memory import MemoryStore

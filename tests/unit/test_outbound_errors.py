@@ -11,8 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web._newclient import ResponseNeverReceived
 
 from rtcauthd.matrix.federation_agent import _as_outbound, _TargetsInTurn
-from rtcauthd.outbound.client import OutboundError, RequestTimedOut
-from rtcauthd.outbound.errors import FailureKind, kind_of, reason
+from rtcauthd.outbound.errors import FailureKind, OutboundError, kind_of, reason
 
 
 class ReasonTests(SynchronousTestCase):
@@ -26,7 +25,7 @@ class ReasonTests(SynchronousTestCase):
             (SSL.Error([("SSL routines", "", "certificate verify failed")]),
              "TLS: certificate verify failed (not signed by a trusted CA, or expired)"),
             (SSL.Error([("SSL routines", "", "wrong version number")]), "TLS handshake failed (wrong version number)"),
-            (RequestTimedOut("GET", "no complete answer within 5 s"), "no complete answer within 5 s"),
+            (OutboundError(FailureKind.TIMEOUT, "GET", "no complete answer within 5 s"), "no complete answer within 5 s"),
             (net_error.ConnectionLost(), "the connection was closed without an answer"),
         ]
         for exception, text in cases:
@@ -65,7 +64,7 @@ class KindTests(SynchronousTestCase):
             (RuntimeError("x"), FailureKind.OTHER),
             (ResponseNeverReceived([Failure(SSL.Error([]))]), FailureKind.TLS),
             (ResponseNeverReceived([Failure(CancelledError())]), FailureKind.OTHER),
-            (RequestTimedOut("GET", "late"), FailureKind.TIMEOUT),
+            (OutboundError(FailureKind.TIMEOUT, "GET", "late"), FailureKind.TIMEOUT),
         ]
         for exception, kind in cases:
             self.assertEqual(kind_of(exception), kind, exception)

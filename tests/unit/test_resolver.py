@@ -26,10 +26,11 @@ from rtcauthd.matrix.resolver import (
     WELL_KNOWN_INVALID_CACHE_PERIOD,
     WELL_KNOWN_MAX_BODY,
     Resolution,
-    ResolveError,
     ServerResolver,
 )
 from rtcauthd.matrix.servername import parse_server_name
+from rtcauthd.outbound.errors import FailureKind, OutboundError
+from tests.support.outbound import assert_fails_with, failed_with
 
 HOUR = 3600.0
 
@@ -144,8 +145,8 @@ class ResolverTestBase(SynchronousTestCase):
     def resolve(self, name: str) -> Resolution:
         return self.successResultOf(self.resolver.resolve(name))
 
-    def resolve_error(self, name: str) -> ResolveError:
-        return self.failureResultOf(self.resolver.resolve(name), ResolveError).value
+    def resolve_error(self, name: str, kind: FailureKind = FailureKind.RESOLVE) -> OutboundError:
+        return failed_with(self, self.resolver.resolve(name), kind)
 
 
 class TableRowTests(ResolverTestBase):
@@ -490,7 +491,7 @@ class WellKnownCacheTests(ResolverTestBase):
 
 class InputTests(ResolverTestBase):
     def test_invalid_server_name(self) -> None:
-        error = self.resolve_error("evil.example/x")
+        error = self.resolve_error("evil.example/x", FailureKind.INVALID)
         self.assertEqual(error.step, "server name")
         self.assertEqual(self.web.fetched, [])
 

@@ -10,7 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from rtcauthd.outbound.errors import FailureKind
 from rtcauthd.outbound.client import OutboundError
-from rtcauthd.leave.outcome import CsApiUnresolvable, Outcome, OutcomeKind
+from rtcauthd.matrix.delayed_events import CsApiUnresolvable, Outcome, OutcomeKind
 from rtcauthd.leave.retry import jittered, next_interval, retry_with_backoff
 
 TRANSIENT = Outcome.retry(status=503, detail="HTTP 503")

@@ -11,8 +11,10 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
 from rtcauthd.config import ConfigError, load_config
+from rtcauthd.inbound.site import RtcAuthSite
 from rtcauthd.service import RtcAuthService, ipv4_fallback, sd_notify
-from rtcauthd.tap import Options, build_service
+from rtcauthd.tap import Options, build_daemon
+from tests.support.daemon import build_test_daemon
 
 ENV = {
     "LIVEKIT_URL": "ws://127.0.0.1:7880",
@@ -42,9 +44,20 @@ class Reactor(MemoryReactorClock):
 class BuildTests(SynchronousTestCase):
     def start(self, env=ENV, reactor=None, **kwargs):
         reactor = reactor or Reactor()
-        service = build_service(load_config(env, **kwargs), reactor)
+        service = build_test_daemon(load_config(env, **kwargs), reactor).service
         service.startService()
         return reactor, service
+
+    def test_the_daemon_holds_its_wired_graph(self):
+        from rtcauthd.store.memory import MemoryStore
+
+        store = MemoryStore()
+        daemon = build_test_daemon(ENV, Reactor(), store=store)
+        self.assertIs(daemon.store, store)
+        self.assertIs(daemon.service._site, daemon.site)
+        self.assertEqual(daemon.site.max_body, daemon.config.max_body_bytes)
+        self.assertIs(daemon.app.clock, daemon.reactor)
+        self.assertIsNone(daemon.metrics_site)
 
     def test_default_bind_is_one_dual_stack_listener(self):
         reactor, service = self.start()
@@ -89,18 +102,25 @@ class BuildTests(SynchronousTestCase):
             trigger(*args, **kwargs)
         self.assertIsNone(reactor._exitSignal)
 
-    def test_stop_closes_listeners_then_waits_for_in_flight_requests(self):
-        class Site:
-            in_flight = 1
+    def in_flight_site(self, reactor):
+        """A site with one request in flight; ``finish()`` ends it."""
+        from twisted.web.resource import Resource
+        from twisted.web.test.requesthelper import DummyChannel
 
+        site = RtcAuthSite(Resource(), max_body=1024, reactor=reactor)
+        request = site.make_request(DummyChannel())
+        return site, request.finish
+
+    def test_stop_closes_listeners_then_waits_for_in_flight_requests(self):
         reactor = Reactor()
+        site, finish = self.in_flight_site(reactor)
         stopped = []
 
         async def after_stop():
             stopped.append(True)
 
         service = RtcAuthService(
-            reactor=reactor, endpoints=["tcp:9000"], site=Site(), after_stop=after_stop
+            reactor=reactor, endpoints=["tcp:9000"], site=site, after_stop=after_stop
         )
         service.startService()
         [port] = service.ports
@@ -111,23 +131,30 @@ class BuildTests(SynchronousTestCase):
         reactor.pump([0.05] * 20)
         self.assertNoResult(d)  # a request is still being answered
         self.assertEqual(stopped, [])
-        Site.in_flight = 0
-        reactor.advance(0.1)
+        finish()  # the last request ends: the drain is over at once, no poll, no time passing
         self.successResultOf(d)
         self.assertEqual(stopped, [True])
 
-    def test_stop_gives_up_waiting_after_the_drain_bound(self):
-        class Site:
-            in_flight = 1
-
+    def test_stop_with_nothing_in_flight_does_not_wait(self):
         reactor = Reactor()
-        service = RtcAuthService(reactor=reactor, endpoints=[], site=Site())
+        site, finish = self.in_flight_site(reactor)
+        finish()
+        service = RtcAuthService(reactor=reactor, endpoints=[], site=site)
+        service.startService()
+        self.successResultOf(service.stopService())
+        self.assertEqual(reactor.getDelayedCalls(), [])
+
+    def test_stop_gives_up_waiting_after_the_drain_bound(self):
+        reactor = Reactor()
+        site, _finish = self.in_flight_site(reactor)
+        service = RtcAuthService(reactor=reactor, endpoints=[], site=site)
         service.startService()
         d = service.stopService()
         reactor.pump([0.05] * 150)  # 7.5 s
         self.assertNoResult(d)
         reactor.pump([0.05] * 12)  # past 8 s
         self.successResultOf(d)
+        self.assertEqual(site.in_flight, 1)  # given up on, not forgotten
 
     def test_stop_during_restore_never_opens_listeners(self):
         gate = Deferred()
@@ -145,7 +172,7 @@ class BuildTests(SynchronousTestCase):
 
     def test_bad_metrics_endpoint_is_a_config_error(self):
         with self.assertRaises(ConfigError) as cm:
-            build_service(load_config(dict(ENV, RTCAUTH_METRICS_LISTEN="tcp:notaport")), Reactor())
+            build_daemon(load_config(dict(ENV, RTCAUTH_METRICS_LISTEN="tcp:notaport")), Reactor())
         self.assertIn("RTCAUTH_METRICS_LISTEN", str(cm.exception))
 
     def test_listeners_open_only_after_restore(self):
@@ -163,13 +190,13 @@ class BuildTests(SynchronousTestCase):
 
     def test_bad_endpoint_string_is_a_config_error(self):
         with self.assertRaises(ConfigError) as cm:
-            build_service(load_config(ENV, listen=("bogus:1",)), Reactor())
+            build_daemon(load_config(ENV, listen=("bogus:1",)), Reactor())
         self.assertIn("bogus:1", str(cm.exception))
 
     def test_bad_ca_file_is_a_config_error(self):
         env = dict(ENV, RTCAUTH_CA_FILE="/nonexistent/ca.pem")
         with self.assertRaises(ConfigError) as cm:
-            build_service(load_config(env), Reactor())
+            build_daemon(load_config(env), Reactor())
         self.assertIn("RTCAUTH_CA_FILE", str(cm.exception))
 
 

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
+from rtcauthd.leave.record import JobParams
 from rtcauthd.store.model import (
     GO_ZERO_TIME,
     StoredJob,
@@ -44,7 +45,8 @@ def job(**overrides) -> StoredJob:
         restarted_at=T_2026 + 0.123456,
     )
     fields.update(overrides)
-    return StoredJob(**fields)
+    restarted_at = fields.pop("restarted_at")
+    return StoredJob(JobParams(**fields), restarted_at)
 
 
 def value_with(restarted_at: str) -> str:
@@ -108,9 +110,9 @@ class EncodeTests(SynchronousTestCase):
 class DecodeGoValuesTests(SynchronousTestCase):
     def test_spec_vector(self) -> None:
         decoded = decode_value(SPEC_VALUE)
-        self.assertEqual(decoded.delay_id, "syd_integration_1")
-        self.assertEqual(decoded.delay_timeout_ns, 8_000_000_000)
-        self.assertEqual(decoded.server_name, "example.com")
+        self.assertEqual(decoded.params.delay_id, "syd_integration_1")
+        self.assertEqual(decoded.params.delay_timeout_ns, 8_000_000_000)
+        self.assertEqual(decoded.params.server_name, "example.com")
         self.assertEqual(decoded.key, (ROOM, IDENTITY))
         self.assertAlmostEqual(decoded.restarted_at, T_2026 + 0.123456789, places=6)
 
@@ -142,14 +144,14 @@ class DecodeGoValuesTests(SynchronousTestCase):
             '{"params":{"delayid":"d","DELAYTIMEOUT":5,"serverName":"s","livekitroom":"r",'
             '"LIVEKITIDENTITY":"i"},"restartedat":"2026-07-23T10:15:30Z"}'
         )
-        self.assertEqual(decode_value(text), StoredJob("d", 5, "s", "r", "i", float(T_2026)))
+        self.assertEqual(decode_value(text), StoredJob(JobParams("d", 5, "s", "r", "i"), float(T_2026)))
 
     def test_go_special_case_folds(self) -> None:
         # U+212A KELVIN SIGN folds to k, U+017F LONG S to s, as in Go's decoder
         text = '{"Params":{"LiveKitRoom":"r","\u017fervername":"s"}}'
         decoded = decode_value(text)
-        self.assertEqual((decoded.room, decoded.server_name), ("r", "s"))
-        self.assertEqual(decode_value('{"Params":{"Live\u212aitRoom":"r"}}').room, "r")
+        self.assertEqual((decoded.params.room, decoded.params.server_name), ("r", "s"))
+        self.assertEqual(decode_value('{"Params":{"Live\u212aitRoom":"r"}}').params.room, "r")
 
     def test_unknown_members_ignored(self) -> None:
         text = SPEC_VALUE[:-1] + ',"JobId":"X","Extra":{"a":[1,2.5,null]}}'
@@ -158,34 +160,34 @@ class DecodeGoValuesTests(SynchronousTestCase):
         self.assertEqual(decode_value(text), decode_value(SPEC_VALUE))
 
     def test_missing_members_are_zero_values(self) -> None:
-        self.assertEqual(decode_value("{}"), StoredJob("", 0, "", "", "", GO_ZERO_TIME))
+        self.assertEqual(decode_value("{}"), StoredJob(JobParams("", 0, "", "", ""), GO_ZERO_TIME))
         decoded = decode_value('{"Params":{"LiveKitRoom":"r","LiveKitIdentity":"i"}}')
-        self.assertEqual(decoded, StoredJob("", 0, "", "r", "i", GO_ZERO_TIME))
+        self.assertEqual(decoded, StoredJob(JobParams("", 0, "", "r", "i"), GO_ZERO_TIME))
         # zero time + 0 ns: the restore logic sees it as long expired
         self.assertLess(decoded.expires_at, 0)
 
     def test_null_keeps_zero_value(self) -> None:
-        self.assertEqual(decode_value("null"), StoredJob("", 0, "", "", "", GO_ZERO_TIME))
+        self.assertEqual(decode_value("null"), StoredJob(JobParams("", 0, "", "", ""), GO_ZERO_TIME))
         decoded = decode_value('{"Params":{"DelayId":null,"DelayTimeout":null},"RestartedAt":null}')
-        self.assertEqual(decoded, StoredJob("", 0, "", "", "", GO_ZERO_TIME))
+        self.assertEqual(decoded, StoredJob(JobParams("", 0, "", "", ""), GO_ZERO_TIME))
 
     def test_duplicates_last_wins_and_params_merge(self) -> None:
         text = '{"Params":{"DelayId":"a","delayid":"b"},"Params":{"ServerName":"s"}}'
         decoded = decode_value(text)
-        self.assertEqual((decoded.delay_id, decoded.server_name), ("b", "s"))
+        self.assertEqual((decoded.params.delay_id, decoded.params.server_name), ("b", "s"))
 
     def test_negative_and_extreme_int64(self) -> None:
-        self.assertEqual(decode_value('{"Params":{"DelayTimeout":-1}}').delay_timeout_ns, -1)
+        self.assertEqual(decode_value('{"Params":{"DelayTimeout":-1}}').params.delay_timeout_ns, -1)
         self.assertEqual(
-            decode_value('{"Params":{"DelayTimeout":9223372036854775807}}').delay_timeout_ns, 2**63 - 1
+            decode_value('{"Params":{"DelayTimeout":9223372036854775807}}').params.delay_timeout_ns, 2**63 - 1
         )
 
     def test_invalid_utf8_becomes_replacement_per_byte(self) -> None:
         raw = b'{"Params":{"DelayId":"a\xff\xfeb"}}'
-        self.assertEqual(decode_value(raw).delay_id, "a\ufffd\ufffdb")
+        self.assertEqual(decode_value(raw).params.delay_id, "a\ufffd\ufffdb")
 
     def test_escaped_lone_surrogate_becomes_replacement(self) -> None:
-        self.assertEqual(decode_value('{"Params":{"DelayId":"x\\ud800y"}}').delay_id, "x\ufffdy")
+        self.assertEqual(decode_value('{"Params":{"DelayId":"x\\ud800y"}}').params.delay_id, "x\ufffdy")
 
 
 class UnparsableTests(SynchronousTestCase):
@@ -252,10 +254,10 @@ class RoundTripTests(SynchronousTestCase):
     )
     def test_decode_inverts_encode(self, text: str, delay: int, micros: int) -> None:
         clean = text.encode("utf-8", "replace").decode("utf-8")  # no surrogates: not storable
-        original = StoredJob(clean, delay, clean, clean + "r", "i" + clean, micros / 10**6)
+        original = StoredJob(JobParams(clean, delay, clean, clean + "r", "i" + clean), micros / 10**6)
         decoded = decode_value(encode_value(original))
         self.assertEqual(decoded.key, original.key)
-        self.assertEqual((decoded.delay_id, decoded.delay_timeout_ns), (clean, delay))
+        self.assertEqual((decoded.params.delay_id, decoded.params.delay_timeout_ns), (clean, delay))
         self.assertEqual(round(decoded.restarted_at * 10**6), round(original.restarted_at * 10**6))
 
     @settings(max_examples=200, deadline=None)

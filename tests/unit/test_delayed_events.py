@@ -8,7 +8,7 @@ from email.utils import parsedate_to_datetime
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
-from rtcauthd.leave.outcome import (
+from rtcauthd.matrix.delayed_events import (
     Outcome,
     OutcomeKind,
     classify_delayed_event_response,

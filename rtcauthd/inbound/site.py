@@ -1,0 +1,129 @@
+"""The twisted.web side of the inbound surface: request-size limit, access log, drain signal.
+
+Kept apart from the routes so the routes stay a plain Klein object and the Site is the
+one place that knows about connections, in-flight requests and their timing.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.web.iweb import INonQueuedRequestFactory
+from twisted.web.server import Request, Site
+from zope.interface import implementer
+
+log = Logger()
+
+
+class SizeLimitingRequest(Request):
+    """Stops buffering a request body past ``max_body`` bytes; the route answers 413."""
+
+    max_body = 64 * 1024
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.body_too_large = False
+        self._body_size = 0
+        self.started: Optional[float] = None  # clock seconds; set by the site
+
+    def gotLength(self, length: Optional[int]) -> None:
+        if length is not None and length > self.max_body:
+            self.body_too_large = True
+            length = 0  # keep Twisted from preparing a large buffer
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.body_too_large:
+            return
+        self._body_size += len(data)
+        if self._body_size > self.max_body:
+            self.body_too_large = True
+            self.content.seek(0)
+            self.content.truncate()
+            return
+        super().handleContentChunk(data)
+
+
+class RtcAuthSite(Site):
+    """A Site whose access log is a structured event (healthz only at debug).
+
+    It counts requests in flight so that a stopping service can wait for the last one
+    (:meth:`when_idle`) instead of polling.
+    """
+
+    def __init__(self, resource, *, max_body: int, reactor=None, clock: Optional[IReactorTime] = None) -> None:
+        super().__init__(resource, reactor=reactor)
+        self.max_body = max_body
+        self.in_flight = 0
+        self._clock = clock if clock is not None else self.reactor
+        self._idle_waiters: list[Deferred] = []
+        self.requestFactory = _RequestFactory(self)
+        self.displayTracebacks = False
+        self.noisy = False
+
+    def make_request(self, channel) -> SizeLimitingRequest:
+        request = SizeLimitingRequest(channel)
+        request.max_body = self.max_body
+        request.started = self._clock.seconds()
+        self.in_flight += 1
+        request.notifyFinish().addBoth(self._finished)
+        return request
+
+    def when_idle(self) -> Deferred:
+        """Fires once no request is in flight: now if none is, else when the last one ends.
+
+        Cancelling the Deferred (e.g. a drain timeout) only forgets this waiter.
+        """
+        if self.in_flight == 0:
+            d: Deferred = Deferred()
+            d.callback(None)
+            return d
+        d = Deferred(lambda cancelled: self._idle_waiters.remove(cancelled))
+        self._idle_waiters.append(d)
+        return d
+
+    def _finished(self, _result) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for d in waiters:
+                d.callback(None)
+
+    def log(self, request: Request) -> None:
+        path = request.path.decode("latin-1", errors="replace")
+        started = getattr(request, "started", None)
+        duration_ms = (self._clock.seconds() - started) * 1000 if started is not None else 0.0
+        origin = request.getHeader(b"Origin")
+        event = dict(
+            method=request.method.decode("latin-1", errors="replace"),
+            path=path,
+            status=request.code,
+            duration_ms=round(duration_ms, 1),
+            origin=origin.decode("latin-1", errors="replace") if origin else "-",
+            client=_client_address(request),
+        )
+        fmt = "{client} {method} {path} -> {status} in {duration_ms} ms (origin {origin})"
+        if path == "/healthz":
+            log.debug(fmt, **event)
+        else:
+            log.info(fmt, **event)
+
+
+@implementer(INonQueuedRequestFactory)
+class _RequestFactory:
+    """Builds our requests; declaring the interface keeps Twisted from passing ``queued``."""
+
+    def __init__(self, site: RtcAuthSite) -> None:
+        self._site = site
+
+    def __call__(self, channel) -> SizeLimitingRequest:
+        return self._site.make_request(channel)
+
+
+def _client_address(request: Request) -> str:
+    peer = request.getClientAddress()
+    host = getattr(peer, "host", None)
+    return host if host else str(peer)

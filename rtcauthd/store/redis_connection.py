@@ -1,0 +1,95 @@
+"""Opening a txredisapi connection for a :class:`RedisTarget`, and naming its failures.
+
+Failures are classified here, next to the connection that produces them, so the store
+only asks "is this an outage?" (:func:`is_transient`) and "what kind of failure?"
+(:func:`failure_kind`) instead of looking at txredisapi's exception types itself.
+
+txredisapi connects through the global reactor, which is why this module (unlike the
+rest of rtcauthd) does not take its connection machinery from the caller.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import txredisapi
+from twisted.internet import defer, error
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IPolicyForHTTPS
+
+from rtcauthd.outbound.errors import FailureKind, OutboundError
+from rtcauthd.store.redis_url import RedisTarget
+
+__all__ = ["connect", "describe", "failure_kind", "is_transient", "outbound_error"]
+
+log = Logger()
+
+
+def _tls_creator(target: RedisTarget, tls_policy: Optional[Any]) -> Any:
+    if target.skip_verify:
+        from twisted.internet.ssl import CertificateOptions
+
+        log.warn(
+            "TLS certificate verification for Redis at {address} is DISABLED (skip_verify in LIVEKIT_REDIS_URL)",
+            address=target.address,
+        )
+        return CertificateOptions(verify=False)
+    if tls_policy is None:
+        from twisted.web.client import BrowserLikePolicyForHTTPS
+
+        tls_policy = BrowserLikePolicyForHTTPS()
+    if IPolicyForHTTPS.providedBy(tls_policy):
+        try:
+            host = target.host.encode("ascii")
+        except UnicodeEncodeError:
+            host = target.host.encode("idna")
+        return tls_policy.creatorForNetloc(host, target.port)
+    return tls_policy  # already a connection creator / context factory
+
+
+def connect(target: RedisTarget, *, tls_policy: Optional[Any], reply_timeout: float, connect_timeout: float) -> Any:
+    """A lazy, self-reconnecting txredisapi connection (bytes in, bytes out)."""
+    common: dict[str, Any] = {
+        "dbid": target.db if target.db > 0 else None,  # no SELECT for db 0 (or go-redis' "negative")
+        "reconnect": True,
+        "charset": None,
+        "password": target.password or None,
+        "connectTimeout": connect_timeout,
+        "replyTimeout": reply_timeout,
+        "convertNumbers": False,
+    }
+    if target.username and target.password:
+        common["username"] = target.username
+    if target.transport == "unix":
+        return txredisapi.lazyUnixConnection(target.path, **common)
+    ssl_factory = _tls_creator(target, tls_policy) if target.transport == "tls" else False
+    return txredisapi.lazyConnection(target.host, target.port, ssl_context_factory=ssl_factory, **common)
+
+
+def describe(failure: Failure) -> str:
+    """A one-line text for the log (never a traceback)."""
+    if failure.check(defer.TimeoutError, defer.CancelledError):
+        return "no answer in time"
+    return failure.getErrorMessage() or failure.type.__name__
+
+
+def failure_kind(failure: Failure) -> FailureKind:
+    """TIMEOUT for no answer in time, CONNECT for a refused or lost connection, else OTHER."""
+    if failure.check(defer.TimeoutError, defer.CancelledError, txredisapi.TimeoutError, error.TimeoutError):
+        return FailureKind.TIMEOUT
+    if failure.check(txredisapi.ConnectionError, error.ConnectError, error.ConnectionClosed):
+        return FailureKind.CONNECT
+    return FailureKind.OTHER
+
+
+def outbound_error(failure: Failure, step: str) -> OutboundError:
+    return OutboundError(failure_kind(failure), step, describe(failure))
+
+
+def is_transient(failure: Failure) -> bool:
+    """Outage-like failures: the write is kept and retried once Redis is back."""
+    if failure.check(txredisapi.ResponseError):
+        # A server that answers is up; only a restarting one is worth waiting for.
+        return str(failure.value).startswith(("LOADING", "MASTERDOWN", "TRYAGAIN"))
+    return True
