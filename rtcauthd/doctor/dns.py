@@ -37,7 +37,7 @@ RESOLV_CONF = "/etc/resolv.conf"
 
 _KINDS = {"A": dns.A, "AAAA": dns.AAAA}
 _LOOKUPS = {"A": "lookupAddress", "AAAA": "lookupIPV6Address"}
-from rtcauthd.matrix.federation_agent import HostResolution
+from rtcauthd.matrix.guarded_connect import HostResolution
 
 
 class DNSServerSyntaxError(ValueError):

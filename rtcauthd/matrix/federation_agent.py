@@ -12,7 +12,7 @@ How the pieces fit:
   factory connects by SRV / 8448 target. Connections are pooled per delegated name.
 - Every TCP connection goes through ``HostnameEndpoint`` (happy eyeballs over all
   A/AAAA answers) with a reactor wrapper whose ``nameResolver`` drops each resolved
-  address that :class:`IPRangeFilter` refuses. The check is therefore made on the
+  address that :class:`IPRangeFilter` refuses (:mod:`rtcauthd.matrix.guarded_connect`). The check is therefore made on the
   address actually connected to (no DNS-rebinding window), and IP literals go
   through the same filter. Names listed as full-access (``is_trusted``) are exempt.
 - URLs never pass through hyperlink (it breaks IPv6 literals, §9.4): we split the
@@ -23,22 +23,10 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-from OpenSSL import SSL
-from service_identity import VerificationError
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.defer import CancelledError, Deferred, fail
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.error import ConnectError, DNSLookupError
-from twisted.internet.interfaces import (
-    IHostnameResolver,
-    IHostResolution,
-    IReactorPluggableNameResolver,
-    IReactorTCP,
-    IReactorTime,
-    IResolutionReceiver,
-    IStreamClientEndpoint,
-)
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.endpoints import wrapClientTLS
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import URI, Agent, HTTPConnectionPool
@@ -54,6 +42,7 @@ from rtcauthd.outbound.client import (
     OutboundError,
     connection_pool,
 )
+from rtcauthd.matrix.guarded_connect import GuardedHostnameEndpoint, as_outbound, classify_failure
 from rtcauthd.matrix.ipfilter import IPRangeFilter
 from rtcauthd.matrix.resolver import (
     WELL_KNOWN_MAX_BODY,
@@ -76,159 +65,6 @@ WELL_KNOWN_REDIRECT_LIMIT = 10
 # and trusted connections to the same delegated name are never shared.
 _INNER_FILTERED = b"matrix-federation-filtered"
 _INNER_TRUSTED = b"matrix-federation-trusted"
-
-
-# -- name resolution with the SSRF filter -----------------------------------------------
-
-
-@implementer(IHostResolution)
-class HostResolution:
-    """The IHostResolution a custom IHostnameResolver hands its receiver (nothing to cancel)."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def cancel(self) -> None:
-        pass
-
-
-@implementer(IResolutionReceiver)
-class _FilteringReceiver:
-    """Passes on only the addresses the filter allows; remembers the refused ones."""
-
-    def __init__(self, receiver, ip_filter: IPRangeFilter, refusals: list, host: str) -> None:
-        self._receiver = receiver
-        self._filter = ip_filter
-        self._refusals = refusals
-        self._host = host
-
-    def resolutionBegan(self, resolutionInProgress) -> None:
-        self._receiver.resolutionBegan(resolutionInProgress)
-
-    def addressResolved(self, address) -> None:
-        rule = self._filter.check(address.host)
-        if rule is None:
-            self._receiver.addressResolved(address)
-            return
-        self._refusals.append((address.host, rule))
-        log.warn(
-            "Refusing to connect to {address} for {host}: blocked by {rule}",
-            address=address.host,
-            host=self._host,
-            rule=rule,
-        )
-
-    def resolutionComplete(self) -> None:
-        self._receiver.resolutionComplete()
-
-
-@implementer(IHostnameResolver)
-class _GuardedNameResolver:
-    """Resolves IP literals locally and DNS names through ``base``, then filters."""
-
-    def __init__(self, base, ip_filter: Optional[IPRangeFilter], refusals: list) -> None:
-        self._base = base
-        self._filter = ip_filter
-        self._refusals = refusals
-
-    def resolveHostName(
-        self, resolutionReceiver, hostName, portNumber=0, addressTypes=None, transportSemantics="TCP"
-    ):
-        receiver = resolutionReceiver
-        if self._filter is not None:
-            receiver = _FilteringReceiver(receiver, self._filter, self._refusals, hostName)
-        if isIPAddress(hostName) or isIPv6Address(hostName):
-            # No thread hop or DNS for literals; the filter still sees them.
-            receiver.resolutionBegan(HostResolution(hostName))
-            kind = IPv6Address if ":" in hostName else IPv4Address
-            receiver.addressResolved(kind("TCP", hostName, portNumber))
-            receiver.resolutionComplete()
-            return resolutionReceiver
-        self._base.resolveHostName(receiver, hostName, portNumber, addressTypes, transportSemantics)
-        return resolutionReceiver
-
-
-@implementer(IReactorTCP, IReactorTime, IReactorPluggableNameResolver)
-class _ReactorWithResolver:
-    """The real reactor with a different ``nameResolver`` (for HostnameEndpoint)."""
-
-    def __init__(self, reactor, name_resolver) -> None:
-        self._reactor = reactor
-        self.nameResolver = name_resolver
-
-    def installNameResolver(self, resolver):
-        raise NotImplementedError("per-connection wrapper; install on the real reactor")
-
-    def __getattr__(self, name):
-        return getattr(self._reactor, name)
-
-
-@implementer(IStreamClientEndpoint)
-class _GuardedHostnameEndpoint:
-    """HostnameEndpoint (happy eyeballs) whose resolved addresses pass the IP filter."""
-
-    def __init__(
-        self,
-        reactor,
-        host: str,
-        port: int,
-        *,
-        ip_filter: Optional[IPRangeFilter],
-        connect_timeout: float,
-        name_resolver=None,
-    ) -> None:
-        self._reactor = reactor
-        self._host = host
-        self._port = port
-        self._filter = ip_filter
-        self._timeout = connect_timeout
-        self._name_resolver = name_resolver
-
-    def connect(self, protocolFactory) -> Deferred:
-        refusals: list[tuple[str, str]] = []
-        base = self._name_resolver if self._name_resolver is not None else self._reactor.nameResolver
-        reactor = _ReactorWithResolver(self._reactor, _GuardedNameResolver(base, self._filter, refusals))
-        endpoint = HostnameEndpoint(reactor, self._host, self._port, timeout=self._timeout)
-
-        def failed(failure: Failure) -> Failure:
-            if refusals and failure.check(DNSLookupError):
-                raise OutboundError(FailureKind.REFUSED, "connect", _refusal_text(refusals))
-            return failure
-
-        return endpoint.connect(protocolFactory).addErrback(failed)
-
-
-def _refusal_text(refusals: list[tuple[str, str]]) -> str:
-    return "; ".join(f"refusing to connect to {address} (blocked by {rule})" for address, rule in refusals)
-
-
-# -- error classification ----------------------------------------------------------------
-
-
-def _classify(failure: Failure) -> Failure:
-    """Turn transport failures into an OutboundError of the right kind, with a useful step."""
-    if failure.check(OutboundError, CancelledError):
-        return failure
-    error = _as_outbound(failure)
-    if error is None:
-        return failure
-    raise error
-
-
-def _as_outbound(failure: Failure) -> Optional[OutboundError]:
-    if failure.check(OutboundError):
-        return failure.value
-    why = reason(failure.value)
-    if failure.check(DNSLookupError):
-        return OutboundError(FailureKind.RESOLVE, "resolve", failure.getErrorMessage(), reason=why)
-    if failure.check(ConnectError):
-        return OutboundError(FailureKind.CONNECT, "connect", describe(failure), reason=why)
-    if failure.check(SSL.Error, VerificationError):
-        return OutboundError(FailureKind.TLS, "tls", describe(failure), reason=why)
-    for inner in getattr(failure.value, "reasons", None) or ():
-        if isinstance(inner, Failure) and inner.check(SSL.Error, VerificationError):
-            return OutboundError(FailureKind.TLS, "tls", describe(inner), reason=reason(inner.value))
-    return None
 
 
 # -- connecting to resolved targets -------------------------------------------------------
@@ -276,7 +112,7 @@ class _TargetsInTurn:
 
     def _combined(self) -> Failure:
         errors = [
-            (h, p, _as_outbound(f) or OutboundError(FailureKind.CONNECT, "connect", describe(f), reason=reason(f.value)))
+            (h, p, as_outbound(f) or OutboundError(FailureKind.CONNECT, "connect", describe(f), reason=reason(f.value)))
             for h, p, f in self._errors
         ]
         if len(errors) == 1:
@@ -315,7 +151,7 @@ class _FederationEndpoint:
                     port,
                     wrapClientTLS(
                         creator,
-                        _GuardedHostnameEndpoint(
+                        GuardedHostnameEndpoint(
                             agent._reactor,
                             host,
                             port,
@@ -429,7 +265,7 @@ class FederationAgent:
 
         d = self._resolver.delegate(server_name)
         d.addCallback(send)
-        d.addErrback(_classify)
+        d.addErrback(classify_failure)
         return d
 
 
@@ -449,7 +285,7 @@ class _GuardedWebEndpointFactory:
         if uri.scheme not in (b"http", b"https"):
             raise SchemeNotSupported(f"Unsupported scheme: {uri.scheme!r}")
         host = uri.host.decode("ascii")
-        endpoint = _GuardedHostnameEndpoint(
+        endpoint = GuardedHostnameEndpoint(
             self._reactor,
             host,
             uri.port,
@@ -470,7 +306,7 @@ class _ClassifyingAgent:
         self._agent = agent
 
     def request(self, method, uri, headers=None, bodyProducer=None):
-        return self._agent.request(method, uri, headers, bodyProducer).addErrback(_classify)
+        return self._agent.request(method, uri, headers, bodyProducer).addErrback(classify_failure)
 
 
 def build_well_known_agent(

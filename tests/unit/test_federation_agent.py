@@ -22,6 +22,7 @@ from zope.interface import implementer
 
 from rtcauthd.outbound.client import HTTPClient, OutboundError
 from rtcauthd.matrix import federation_agent as agent_module
+from rtcauthd.matrix.guarded_connect import HostResolution
 from rtcauthd.matrix.federation import FederationClient
 from rtcauthd.matrix.federation_agent import (
     FederationAgent,
@@ -50,7 +51,7 @@ class FakeNameResolver:
 
     def resolveHostName(self, receiver, hostName, portNumber=0, addressTypes=None, transportSemantics="TCP"):
         self.queries.append((hostName, portNumber))
-        receiver.resolutionBegan(agent_module.HostResolution(hostName))
+        receiver.resolutionBegan(HostResolution(hostName))
         value = self.answers.get(hostName, [])
         if value and isinstance(value[0], list):  # successive answers
             value = value.pop(0) if len(value) > 1 else value[0]

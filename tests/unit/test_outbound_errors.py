@@ -10,7 +10,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web._newclient import ResponseNeverReceived
 
-from rtcauthd.matrix.federation_agent import _as_outbound, _TargetsInTurn
+from rtcauthd.matrix.federation_agent import _TargetsInTurn
+from rtcauthd.matrix.guarded_connect import as_outbound
 from rtcauthd.outbound.errors import FailureKind, OutboundError, kind_of, reason
 
 
@@ -83,10 +84,10 @@ class FederationReasonTests(SynchronousTestCase):
 
     def test_one_failure(self):
         refused = net_error.ConnectionRefusedError("Connection was refused by other side: 111: Connection refused.")
-        error = _as_outbound(Failure(refused))
+        error = as_outbound(Failure(refused))
         self.assertTrue(error.detail.startswith("ConnectionRefusedError: "), error.detail)
         self.assertEqual(error.reason, "connection refused")
-        lookup = _as_outbound(Failure(net_error.DNSLookupError("no results for hostname lookup: x")))
+        lookup = as_outbound(Failure(net_error.DNSLookupError("no results for hostname lookup: x")))
         self.assertEqual(lookup.detail, "DNS lookup failed: no results for hostname lookup: x.")
         self.assertEqual(lookup.reason, "the host name does not resolve to an address")
 
