@@ -151,7 +151,7 @@ def parse_twirp_error(body: bytes) -> Optional[tuple[str, str]]:
     occurrence type-checked, later ones win, ``null`` leaves a member unchanged), typed
     string / string / map of strings, with a non-empty ``code``. Bytes after the value
     are ignored. Returns None otherwise; whether ``code`` is a valid Twirp code is the
-    caller's business.
+    caller's business. By hand: no Python Twirp library decodes errors by the Go rules.
     """
     try:
         value = decode_first_value(body)
@@ -183,7 +183,7 @@ def parse_twirp_error(body: bytes) -> Optional[tuple[str, str]]:
 
 
 def code_from_status(status: int) -> str:
-    """The Twirp code the Go client synthesises for a non-Twirp error answer."""
+    """The Twirp code the Go client synthesises for a non-Twirp error answer (its table)."""
     if 300 <= status < 400:
         return "internal"
     return {

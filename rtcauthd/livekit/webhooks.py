@@ -103,7 +103,7 @@ def signal_for(event: WebhookEvent) -> Optional[str]:
 
 # --------------------------------------------------------------------------- JWT
 
-# Go's RawURLEncoding: URL alphabet, no padding, no whitespace.
+# Go's RawURLEncoding: URL alphabet, no padding, no whitespace (PyJWT also takes ``=``).
 _B64URL = re.compile(r"[A-Za-z0-9_-]*", re.ASCII)
 
 
@@ -115,6 +115,7 @@ _JSON = json.JSONDecoder(parse_constant=reject_constant)
 
 
 def _json_object(data: bytes) -> dict[str, Any]:
+    # Go's JSON rules (UTF-8, no NaN); PyJWT's json.loads takes UTF-16 and NaN.
     try:
         value = _JSON.decode(data.decode("utf-8"))
     except (ValueError, RecursionError, _Invalid):
@@ -145,7 +146,7 @@ def _optional_string(claims: dict[str, Any], name: str) -> str:
 
 
 def _check_registered_claims(claims: dict[str, Any]) -> None:
-    # What go-jose's Claims struct would refuse to unmarshal.
+    # What go-jose's Claims struct would refuse to unmarshal; PyJWT does not type-check these.
     for name in ("iss", "sub", "jti"):
         _optional_string(claims, name)
     aud = claims.get("aud")
@@ -157,6 +158,7 @@ def _check_registered_claims(claims: dict[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------- protojson
+# By hand because json_format.Parse is laxer than protojson (module docstring).
 
 
 class _Fraction(Decimal):
