@@ -507,3 +507,7 @@ class SecretAndHeaderRulesTests(SynchronousTestCase):
     def test_unencoded_payload_header_is_refused(self) -> None:
         # PyJWT refuses RFC 7797's b64=false form here; go-jose refuses any crit header.
         self.assertMalformedHeader('{"alg":"HS256","b64":false,"crit":["b64"]}')
+
+    def test_non_string_kid_is_refused(self) -> None:
+        # PyJWT refuses it before anything else; go-jose fails to parse such a header too.
+        self.assertMalformedHeader('{"alg":"HS256","kid":5}')
