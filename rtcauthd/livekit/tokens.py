@@ -1,34 +1,23 @@
 """LiveKit access tokens: participant tokens and RoomService admin tokens (protocol.md §6).
 
-Signed by hand (HMAC-SHA256 over Go-JSON segments) rather than through PyJWT so that
-header and claim order are exactly what upstream's Go library emits; the bytes are
-pinned by a worked example. Order is cosmetic for verifiers, but byte-identical output
-makes comparison with upstream trivial. Time comes only from the injected clock.
+PyJWT signs; the claims are serialised first as Go's encoding/json would (struct field
+order, Go's escaping), so that the token bytes equal upstream's and a worked example
+pins them. Time comes only from the injected clock.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 
 from rtcauthd.gojson import go_json_dumps
+from rtcauthd.livekit.jws import ALGORITHM, JWS, secret_bytes
 
 __all__ = ["TokenMinter", "PARTICIPANT_TTL", "ADMIN_TTL"]
 
 PARTICIPANT_TTL = 3600  # upstream sets one hour on join tokens
 ADMIN_TTL = 6 * 3600  # the LiveKit SDK's default validity, used for RoomService calls
-
-# {"alg":"HS256","typ":"JWT"}, the only header golang-jwt writes for HS256.
-_HEADER_B64 = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9"
-
-
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).decode("ascii").rstrip("=")
-
 
 class TokenMinter:
     """Mints HS256 LiveKit JWTs with upstream's exact claims, grants and lifetimes."""
@@ -38,7 +27,7 @@ class TokenMinter:
             # Upstream fails to sign with an empty key or secret; refuse early instead.
             raise ValueError("LiveKit API key and secret must both be non-empty")
         self._api_key = api_key
-        self._secret = api_secret.encode("utf-8", "surrogateescape")  # exact bytes, like Go
+        self._secret = secret_bytes(api_secret)
         self._clock = clock
 
     @property
@@ -87,7 +76,5 @@ class TokenMinter:
         )
 
     def _sign(self, claims: dict[str, Any]) -> str:
-        payload = _b64url(go_json_dumps(claims).encode("utf-8"))
-        signing_input = f"{_HEADER_B64}.{payload}"
-        signature = hmac.new(self._secret, signing_input.encode("ascii"), hashlib.sha256).digest()
-        return f"{signing_input}.{_b64url(signature)}"
+        # PyJWS writes {"alg":"HS256","typ":"JWT"}, the header golang-jwt writes.
+        return JWS.encode(go_json_dumps(claims).encode("utf-8"), self._secret, algorithm=ALGORITHM)

@@ -3,19 +3,23 @@
 Anyone can POST to ``/sfu_webhook``; only a body signed by the SFU with our API key may
 move a delayed-leave job, because a forged ``participant_left`` would make the service
 send somebody's leave event. The checks run in upstream's order (§8.2) so that the same
-request is refused for the same reason. The JWT is checked by hand rather than with
-PyJWT because PyJWT reads the wall clock itself and decodes base64 leniently; here time
-comes from the injected clock and the token format is Go's (go-jose), strictly.
+request is refused for the same reason. PyJWT splits the token and checks the signature;
+around it stay what go-jose does and PyJWT does not: unpadded base64url only (PyJWT takes
+``=``), strict JSON, go-jose's claim types, and the time claims against the injected
+clock with go-jose's leeway (PyJWT reads the wall clock). PyJWT also refuses base64 with
+stray trailing bits, which Go tolerates and no SFU writes.
 
 The body is read as protobuf JSON (protojson), which is looser than plain JSON decoding
 in some ways (lowerCamel or snake_case names, enums by name or number, int64 as
-strings) and stricter in others (duplicate fields are an error).
+strings) and stricter in others (duplicate fields are an error). Field and enum names
+come from LiveKit's generated classes, but the reading is by hand: protobuf's
+``json_format.Parse`` accepts what protojson refuses (a non-object for a message field,
+both spellings of one field, enum numbers like ``1.5``, ``true`` or ``2**32``).
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import hmac
 import json
@@ -25,9 +29,14 @@ from decimal import Decimal
 from typing import Any, Optional
 
 import attr
+import jwt
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from jwt.utils import base64url_decode
+from livekit.protocol import models as lk_models, webhook as lk_webhook
 from twisted.internet.interfaces import IReactorTime
 
 from rtcauthd.gojson import INT64_MAX, INT64_MIN, JSONObject, reject_constant
+from rtcauthd.livekit.jws import ALGORITHM, JWS, secret_bytes
 from rtcauthd.livekit.presence import SIGNAL_CONNECTED, SIGNAL_CONNECTION_ABORTED, SIGNAL_DISCONNECTED_INTENTIONALLY
 
 __all__ = [
@@ -45,26 +54,8 @@ __all__ = [
 LEEWAY_SECONDS = 60
 
 #: livekit.DisconnectReason CLIENT_INITIATED
-CLIENT_INITIATED = 1
-_DISCONNECT_REASONS = {
-    "UNKNOWN_REASON": 0,
-    "CLIENT_INITIATED": 1,
-    "DUPLICATE_IDENTITY": 2,
-    "SERVER_SHUTDOWN": 3,
-    "PARTICIPANT_REMOVED": 4,
-    "ROOM_DELETED": 5,
-    "STATE_MISMATCH": 6,
-    "JOIN_FAILURE": 7,
-    "MIGRATION": 8,
-    "SIGNAL_CLOSE": 9,
-    "ROOM_CLOSED": 10,
-    "USER_UNAVAILABLE": 11,
-    "USER_REJECTED": 12,
-    "SIP_TRUNK_FAILURE": 13,
-    "CONNECTION_TIMEOUT": 14,
-    "MEDIA_FAILURE": 15,
-    "AGENT_ERROR": 16,
-}
+CLIENT_INITIATED: int = lk_models.CLIENT_INITIATED
+_DISCONNECT_REASONS = {v.name: v.number for v in lk_models.DisconnectReason.DESCRIPTOR.values}
 
 # Rejection reasons (for the log; the HTTP answer is always 200).
 R_NO_AUTH = "missing Authorization header"
@@ -112,6 +103,7 @@ def signal_for(event: WebhookEvent) -> Optional[str]:
 
 # --------------------------------------------------------------------------- JWT
 
+# Go's RawURLEncoding: URL alphabet, no padding, no whitespace (PyJWT also takes ``=``).
 _B64URL = re.compile(r"[A-Za-z0-9_-]*", re.ASCII)
 
 
@@ -119,20 +111,11 @@ class _Invalid(Exception):
     pass
 
 
-def _b64url(segment: str) -> bytes:
-    # Go's RawURLEncoding: URL alphabet, no padding, no whitespace.
-    if not _B64URL.fullmatch(segment) or len(segment) % 4 == 1:
-        raise _Invalid()
-    try:
-        return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
-    except (binascii.Error, ValueError):
-        raise _Invalid() from None
-
-
 _JSON = json.JSONDecoder(parse_constant=reject_constant)
 
 
 def _json_object(data: bytes) -> dict[str, Any]:
+    # Go's JSON rules (UTF-8, no NaN); PyJWT's json.loads takes UTF-16 and NaN.
     try:
         value = _JSON.decode(data.decode("utf-8"))
     except (ValueError, RecursionError, _Invalid):
@@ -163,7 +146,7 @@ def _optional_string(claims: dict[str, Any], name: str) -> str:
 
 
 def _check_registered_claims(claims: dict[str, Any]) -> None:
-    # What go-jose's Claims struct would refuse to unmarshal.
+    # What go-jose's Claims struct would refuse to unmarshal; PyJWT does not type-check these.
     for name in ("iss", "sub", "jti"):
         _optional_string(claims, name)
     aud = claims.get("aud")
@@ -175,6 +158,7 @@ def _check_registered_claims(claims: dict[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------- protojson
+# By hand because json_format.Parse is laxer than protojson (module docstring).
 
 
 class _Fraction(Decimal):
@@ -238,27 +222,23 @@ def _pb_fields(value: Any, known: dict[str, str]) -> dict[str, Any]:
     return {name: item for name, item in seen.items() if item is not None}
 
 
-_EVENT_FIELDS = {
-    "event": "event",
-    "room": "room",
-    "participant": "participant",
-    "egressInfo": "egress_info",
-    "egress_info": "egress_info",
-    "ingressInfo": "ingress_info",
-    "ingress_info": "ingress_info",
-    "track": "track",
-    "id": "id",
-    "createdAt": "created_at",
-    "created_at": "created_at",
-    "numDropped": "num_dropped",
-    "num_dropped": "num_dropped",
-}
-_ROOM_FIELDS = {"name": "name"}
-_PARTICIPANT_FIELDS = {
-    "identity": "identity",
-    "disconnectReason": "disconnect_reason",
-    "disconnect_reason": "disconnect_reason",
-}
+def _json_names(message: Descriptor, *fields: str) -> dict[str, str]:
+    """Both protojson spellings (lowerCamel and proto name) of the fields read or checked."""
+    names: dict[str, str] = {}
+    for name in fields:
+        names[message.fields_by_name[name].json_name] = name
+        names[name] = name
+    return names
+
+
+_EVENT = lk_webhook.WebhookEvent.DESCRIPTOR
+_EVENT_FIELDS = _json_names(
+    _EVENT, "event", "room", "participant", "egress_info", "ingress_info", "track", "id",
+    "created_at", "num_dropped",
+)
+_ROOM_FIELDS = _json_names(lk_models.Room.DESCRIPTOR, "name")
+_PARTICIPANT_FIELDS = _json_names(lk_models.ParticipantInfo.DESCRIPTOR, "identity", "disconnect_reason")
+_INTEGER_BOUNDS = {FieldDescriptor.TYPE_INT32: _INT32, FieldDescriptor.TYPE_INT64: _INT64}
 
 
 def _parse_event(body: bytes) -> WebhookEvent:
@@ -273,10 +253,10 @@ def _parse_event(body: bytes) -> WebhookEvent:
     for other in ("egress_info", "ingress_info", "track"):
         if other in fields and not isinstance(fields[other], JSONObject):
             raise _Invalid()
-    if "created_at" in fields:
-        _pb_integer(fields["created_at"], _INT64, allow_string=True)
-    if "num_dropped" in fields:
-        _pb_integer(fields["num_dropped"], _INT32, allow_string=True)
+    for number in ("created_at", "num_dropped"):
+        if number in fields:
+            bounds = _INTEGER_BOUNDS[_EVENT.fields_by_name[number].type]
+            _pb_integer(fields[number], bounds, allow_string=True)
     return WebhookEvent(
         event=_pb_string(fields.get("event", "")),
         room_name=_pb_string(room.get("name", "")),
@@ -294,7 +274,7 @@ class WebhookVerifier:
 
     def __init__(self, *, api_key: str, api_secret: str, clock: IReactorTime) -> None:
         self._api_key = api_key
-        self._secret = api_secret.encode("utf-8", "surrogateescape")  # exact bytes, like Go
+        self._secret = secret_bytes(api_secret)
         self._clock = clock
 
     def verify(self, authorization: Optional[str], body: bytes) -> WebhookEvent:
@@ -302,18 +282,18 @@ class WebhookVerifier:
         if not authorization:
             raise WebhookRejected(R_NO_AUTH)
         parts = authorization.split(".")
-        if len(parts) != 3:
+        if len(parts) != 3 or not all(_B64URL.fullmatch(part) for part in parts):
             raise WebhookRejected(R_MALFORMED)
         try:
-            header = _json_object(_b64url(parts[0]))
-            payload = _b64url(parts[1])
-            signature = _b64url(parts[2])
-        except _Invalid:
+            # Unverified first: the checks before the signature's come in upstream's order.
+            token = JWS.decode_complete(authorization, options={"verify_signature": False})
+            header = _json_object(base64url_decode(parts[0]))  # Go's JSON rules, not Python's
+        except (jwt.InvalidTokenError, _Invalid):
             raise WebhookRejected(R_MALFORMED) from None
-        if header.get("alg") != "HS256":
+        if header.get("alg") != ALGORITHM:
             raise WebhookRejected(R_ALG)
         try:
-            claims = _json_object(payload)
+            claims = _json_object(token["payload"])
             _check_registered_claims(claims)
             issuer = _optional_string(claims, "iss")
         except _Invalid:
@@ -323,10 +303,10 @@ class WebhookVerifier:
         if not issuer or issuer != self._api_key or not self._secret:
             raise WebhookRejected(R_NO_SECRET)
 
-        signing_input = (parts[0] + "." + parts[1]).encode("ascii")
-        expected = hmac.new(self._secret, signing_input, hashlib.sha256).digest()
-        if not hmac.compare_digest(expected, signature):
-            raise WebhookRejected(R_SIGNATURE)
+        try:
+            JWS.decode_complete(authorization, self._secret, algorithms=[ALGORITHM])
+        except jwt.InvalidTokenError:
+            raise WebhookRejected(R_SIGNATURE) from None
 
         try:
             # go-jose decodes the private claims together with the signature check

@@ -182,3 +182,19 @@ class RawSecretBytesTests(SynchronousTestCase):
         signing_input, _, signature = token.rpartition(".")
         expected = hmac.new(b"secretsecret\xff", signing_input.encode(), hashlib.sha256).digest()
         self.assertEqual(signature, base64.urlsafe_b64encode(expected).rstrip(b"=").decode())
+
+
+class PyJWTKeyRulesTests(SynchronousTestCase):
+    """PyJWT's own HS256 refuses key-shaped secrets and warns about short ones; LiveKit does neither."""
+
+    def test_key_shaped_and_short_secrets_sign_with_their_bytes_without_warning(self):
+        import hashlib
+        import hmac
+
+        for secret in ("-----BEGIN PUBLIC KEY-----\nx\n-----END PUBLIC KEY-----", '{"kty":"oct"}', "s"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                token = TokenMinter(api_key="k", api_secret=secret, clock=Clock()).create_room_token()
+            signing_input, _, signature = token.rpartition(".")
+            expected = hmac.new(secret.encode(), signing_input.encode(), hashlib.sha256).digest()
+            self.assertEqual(signature, base64.urlsafe_b64encode(expected).rstrip(b"=").decode(), secret)

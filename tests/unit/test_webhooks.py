@@ -472,3 +472,42 @@ class HostileSignedBodyTests(SynchronousTestCase):
                 verifier.verify(sign(claims), body)
         with self.assertRaises(WebhookRejected):
             verifier.verify(sign(dict(base, sha256="\ud800")), b'{"event":"participant_joined"}')
+
+
+class SecretAndHeaderRulesTests(SynchronousTestCase):
+    """What PyJWT would do differently on its own: key rules, header JSON, detached payloads."""
+
+    def verifier(self, secret: str) -> WebhookVerifier:
+        clock = Clock()
+        clock.advance(NOW)
+        return WebhookVerifier(api_key=KEY, api_secret=secret, clock=clock)
+
+    def test_any_secret_verifies_with_its_exact_bytes_and_without_warning(self) -> None:
+        import warnings
+
+        raw = b"secret\xff".decode("utf-8", "surrogateescape")  # as os.environ holds it
+        for secret in ("-----BEGIN PUBLIC KEY-----\nx\n-----END PUBLIC KEY-----", '{"kty":"oct"}', "s", raw):
+            head = b64url(b'{"alg":"HS256","typ":"JWT"}')
+            payload = b64url(json.dumps(claims_for(BODY)).encode())
+            key = secret.encode("utf-8", "surrogateescape")
+            mac = hmac.new(key, f"{head}.{payload}".encode(), hashlib.sha256).digest()
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                event = self.verifier(secret).verify(f"{head}.{payload}.{b64url(mac)}", BODY)
+            self.assertEqual(event.participant_identity, "i", secret)
+
+    def assertMalformedHeader(self, header: str) -> None:
+        with self.assertRaises(WebhookRejected) as ctx:
+            self.verifier(SECRET).verify(sign(claims_for(BODY), header=header), BODY)
+        self.assertEqual(ctx.exception.reason, webhooks.R_MALFORMED)
+
+    def test_header_json_follows_go(self) -> None:
+        self.assertMalformedHeader('{"alg":"HS256","x":NaN}')
+
+    def test_unencoded_payload_header_is_refused(self) -> None:
+        # PyJWT refuses RFC 7797's b64=false form here; go-jose refuses any crit header.
+        self.assertMalformedHeader('{"alg":"HS256","b64":false,"crit":["b64"]}')
+
+    def test_non_string_kid_is_refused(self) -> None:
+        # PyJWT refuses it before anything else; go-jose fails to parse such a header too.
+        self.assertMalformedHeader('{"alg":"HS256","kid":5}')
