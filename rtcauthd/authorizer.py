@@ -20,7 +20,7 @@ from rtcauthd.inbound.models import LegacyTokenRequest, OpenIDToken, TokenReques
 from rtcauthd.leave.record import NS_PER_MS, JobParams
 from rtcauthd.livekit import naming
 from rtcauthd.livekit.tokens import TokenMinter
-from rtcauthd.livekit.twirp import TwirpError
+from rtcauthd.outbound.errors import OutboundError
 from rtcauthd.metrics import Metrics, reason_label
 
 log = Logger()
@@ -164,7 +164,7 @@ class Authorizer:
                     "{endpoint}: CreateRoom for {room} failed: {error}",
                     endpoint=endpoint,
                     room=room,
-                    error=str(e) if isinstance(e, TwirpError) else f"{type(e).__name__}: {e}",
+                    error=str(e) if isinstance(e, OutboundError) else f"{type(e).__name__}: {e}",
                 )
                 raise MatrixError(500, errors.M_UNKNOWN, errors.E_CREATE) from None
         if full_access and delegate:  # P7

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rtcauthd.outbound.errors import OutboundError
 from rtcauthd.doctor.check_discovery import find_focus
 from rtcauthd.doctor.check_token_flow import check_sfu_url
 from rtcauthd.doctor.context import Context, gather
@@ -86,7 +87,7 @@ def _config_result(ctx: Context, config) -> Result:
 
 async def _livekit_api(ctx: Context, config) -> Result:
     from rtcauthd.livekit.tokens import TokenMinter
-    from rtcauthd.livekit.twirp import RoomServiceClient, TwirpError
+    from rtcauthd.livekit.twirp import RoomServiceClient
 
     title = "LiveKit API"
     client = RoomServiceClient(
@@ -98,13 +99,13 @@ async def _livekit_api(ctx: Context, config) -> Result:
     endpoint = client.url_for("CreateRoom")
     try:
         await client.create_room(PROBE_LIVEKIT_ROOM)
-    except TwirpError as e:
+    except OutboundError as e:
         if e.status is None:
             return Result(
                 "livekit-api",
                 title,
                 Status.FAIL,
-                f"cannot reach LiveKit's API at {endpoint}: {e.detail}",
+                f"cannot reach LiveKit's API at {endpoint}: {e.reason}",
                 fix=["LIVEKIT_URL must reach the SFU from the service's host (the service maps "
                      "wss:// to https:// for its API calls)."],
             )

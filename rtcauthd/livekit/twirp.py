@@ -23,14 +23,15 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from rtcauthd.gojson import JSONObject, decode_first_value, scrub_surrogates
-from rtcauthd.outbound.client import HTTPClient, HTTPResponse, OutboundError
+from rtcauthd.outbound.client import HTTPClient, HTTPResponse
+from rtcauthd.outbound.errors import FailureKind, OutboundError
 from rtcauthd.livekit.presence import Presence
 from rtcauthd.livekit.tokens import TokenMinter
 from rtcauthd.metrics import Metrics
 
 __all__ = [
     "Presence",
-    "TwirpError",
+    "twirp_failure",
     "RoomServiceClient",
     "twirp_url",
     "EMPTY_TIMEOUT",
@@ -72,36 +73,18 @@ VALID_TWIRP_CODES = frozenset(
 )
 
 
-class TwirpError(Exception):
-    """A RoomService call failed.
+def twirp_failure(
+    kind: FailureKind, method: str, status: int, code: str, snippet: str, detail: str = ""
+) -> OutboundError:
+    """A RoomService answer we cannot use, as the one outbound failure type.
 
-    ``status`` is the HTTP status (None when no answer arrived), ``code`` the Twirp code
-    (from the error body, or synthesised from the status as the Go client does), and
-    ``body_snippet`` at most 200 characters of the answer, for the log.
+    ``step`` is the method, ``code`` the Twirp code (from the error body, or synthesised
+    from the status as the Go client does), ``snippet`` at most 200 characters of the body.
     """
-
-    def __init__(
-        self,
-        method: str,
-        status: Optional[int],
-        code: Optional[str],
-        body_snippet: str,
-        detail: str = "",
-    ) -> None:
-        super().__init__(method, status, code, body_snippet, detail)
-        self.method = method
-        self.status = status
-        self.code = code
-        self.body_snippet = body_snippet
-        self.detail = detail
-
-    def __str__(self) -> str:
-        if self.status is None:
-            return f"{self.method}: {self.detail}"
-        text = f"{self.method}: HTTP {self.status}, twirp code {self.code}"
-        if self.detail:
-            text += f" ({self.detail})"
-        return f"{text}, body: {self.body_snippet!r}"
+    text = f"HTTP {status}, twirp code {code}"
+    if detail:
+        text += f" ({detail})"
+    return OutboundError(kind, method, f"{text}, body: {snippet!r}", status=status, code=code, snippet=snippet)
 
 
 def twirp_url(livekit_url: str, method: str) -> str:
@@ -198,21 +181,21 @@ def code_from_status(status: int) -> str:
     }.get(status, "unknown")
 
 
-def error_from_response(method: str, response: HTTPResponse) -> TwirpError:
+def error_from_response(method: str, response: HTTPResponse) -> OutboundError:
     """Classify a non-200 answer exactly like the Go Twirp client (§7.4)."""
     status = response.code
     snippet = body_snippet(response.body)
     if 300 <= status < 400:
         # Redirects are never followed; the Go client reports them as internal errors.
         location = response.header("Location") or ""
-        return TwirpError(method, status, "internal", snippet, f"redirect to {location!r}")
+        return twirp_failure(FailureKind.REDIRECT, method, status, "internal", snippet, f"redirect to {location!r}")
     parsed = parse_twirp_error(response.body)
     if parsed is None:
-        return TwirpError(method, status, code_from_status(status), snippet, "not a Twirp error")
+        return twirp_failure(FailureKind.HTTP_STATUS, method, status, code_from_status(status), snippet, "not a Twirp error")
     code, msg = parsed
     if code not in VALID_TWIRP_CODES:
-        return TwirpError(method, status, "internal", snippet, f"invalid twirp code {code!r}")
-    return TwirpError(method, status, code, snippet, msg)
+        return twirp_failure(FailureKind.HTTP_STATUS, method, status, "internal", snippet, f"invalid twirp code {code!r}")
+    return twirp_failure(FailureKind.HTTP_STATUS, method, status, code, snippet, msg)
 
 
 class RoomServiceClient:
@@ -237,7 +220,7 @@ class RoomServiceClient:
         return twirp_url(self._livekit_url, method)
 
     def _call(self, method: str, body: bytes, token: str) -> "Deferred[HTTPResponse]":
-        """POST one protobuf Twirp request; transport failures become TwirpError."""
+        """POST one protobuf Twirp request; a transport failure keeps its kind, under ``method``."""
         headers = {
             "Content-Type": CONTENT_TYPE,
             "Accept": CONTENT_TYPE,
@@ -255,12 +238,13 @@ class RoomServiceClient:
 
         def transport_failed(failure: Failure) -> Failure:
             failure.trap(OutboundError)
-            raise TwirpError(method, None, None, "", str(failure.value))
+            error = failure.value
+            raise OutboundError(error.kind, method, str(error), reason=error.reason) from None
 
         return d.addErrback(transport_failed)
 
     def create_room(self, room: str) -> "Deferred[None]":
-        """Create (or reuse) ``room`` with upstream's timeouts; fails with TwirpError."""
+        """Create (or reuse) ``room`` with upstream's timeouts; fails with OutboundError."""
         started = self._tokens.now()
         d = self._call("CreateRoom", create_room_request(room), self._tokens.create_room_token())
 
@@ -272,8 +256,8 @@ class RoomServiceClient:
             try:
                 created = lk_models.Room.FromString(response.body).creation_time
             except DecodeError as e:
-                raise TwirpError(
-                    "CreateRoom", 200, "internal", body_snippet(response.body),
+                raise twirp_failure(
+                    FailureKind.BAD_BODY, "CreateRoom", 200, "internal", body_snippet(response.body),
                     f"undecodable Room: {e}",
                 ) from None
             # LiveKit's clock may lag ours by a little; a second of slack is enough to
@@ -320,10 +304,10 @@ class RoomServiceClient:
             return unknown(error)
 
         def failed(failure: Failure) -> Presence:
-            failure.trap(TwirpError)
+            failure.trap(OutboundError)
             return unknown(failure.value)
 
-        def unknown(error: TwirpError) -> Presence:
+        def unknown(error: OutboundError) -> Presence:
             log.warn(
                 "GetParticipant for {identity} in {room} failed: {error}",
                 identity=identity,

@@ -25,7 +25,7 @@ from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 from urllib.parse import urljoin
 
-from rtcauthd.outbound.errors import FailureKind, OutboundError, describe, reason
+from rtcauthd.outbound.errors import FailureKind, OutboundError, describe, kind_of, reason
 from rtcauthd.twisted_private import make_pool_quiet
 
 DEFAULT_TIMEOUT = 10.0
@@ -264,7 +264,7 @@ class HTTPClient:
             if failure.check(OutboundError):
                 failure.value.step = f"{step}: {failure.value.step}"
                 return failure
-            raise OutboundError(FailureKind.OTHER, step, describe(failure), reason=reason(failure.value))
+            raise OutboundError(kind_of(failure.value), step, describe(failure), reason=reason(failure.value))
 
         d.addBoth(stop_timer)
         d.addErrback(translate)

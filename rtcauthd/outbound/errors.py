@@ -41,7 +41,8 @@ class OutboundError(Exception):
     """An outbound call failed.
 
     ``status`` is the HTTP status when an answer arrived; ``code`` a protocol error code
-    from the answer (a Twirp code, a Matrix errcode) when there was one.
+    from the answer (a Twirp code, a Matrix errcode) when there was one; ``snippet`` the
+    start of the answer's body (already made printable), for the log.
     """
 
     def __init__(
@@ -53,6 +54,7 @@ class OutboundError(Exception):
         status: Optional[int] = None,
         code: Optional[str] = None,
         reason: Optional[str] = None,
+        snippet: str = "",
     ) -> None:
         super().__init__(kind, step, detail)
         self.kind = kind
@@ -61,6 +63,7 @@ class OutboundError(Exception):
         self.reason = detail if reason is None else reason
         self.status = status
         self.code = code
+        self.snippet = snippet
 
     def __str__(self) -> str:
         return f"{self.step}: {self.detail}"

@@ -16,7 +16,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from rtcauthd import errors
 from rtcauthd.config import load_config
 from rtcauthd.livekit import naming
-from rtcauthd.livekit.twirp import TwirpError
+from rtcauthd.livekit.twirp import twirp_failure
+from rtcauthd.outbound.errors import FailureKind
 from tests.support.daemon import SiteClient, build_test_daemon
 
 SECRET = "unit-test-secret"
@@ -286,7 +287,7 @@ class GetTokenTests(AppTestCase):
         self.assertEqual((self.rooms.created, self.delegation.jobs), ([], []))
 
     def test_sfu_failure_500(self):
-        self.rooms.error = TwirpError("CreateRoom", 503, "unavailable", "down")
+        self.rooms.error = twirp_failure(FailureKind.HTTP_STATUS, "CreateRoom", 503, "unavailable", "down")
         response, body = self.request("POST", "/get_token", token_body())
         self.assertMatrixError(response, body, 500, "M_UNKNOWN", errors.E_CREATE)
 

@@ -23,13 +23,13 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 from zope.interface import implementer
 
+from rtcauthd.outbound.errors import FailureKind, OutboundError
 from rtcauthd.outbound.client import HTTPClient
 from rtcauthd.livekit import twirp as twirp_module
 from rtcauthd.livekit.tokens import TokenMinter
 from rtcauthd.livekit.twirp import (
     Presence,
     RoomServiceClient,
-    TwirpError,
     body_snippet,
     code_from_status,
     create_room_request,
@@ -259,10 +259,10 @@ class CreateRoomTests(_Base):
 
     def test_non_200_twirp_error(self) -> None:
         self.sfu.script["CreateRoom"] = static(Answer(500, twirp_json("internal", "boom")))
-        failure = self.failureResultOf(self.client().create_room(ALIAS), TwirpError)
+        failure = self.failureResultOf(self.client().create_room(ALIAS), OutboundError)
         e = failure.value
-        self.assertEqual((e.method, e.status, e.code), ("CreateRoom", 500, "internal"))
-        self.assertEqual(e.body_snippet, '{"code": "internal", "msg": "boom"}')
+        self.assertEqual((e.step, e.status, e.code), ("CreateRoom", 500, "internal"))
+        self.assertEqual(e.snippet, '{"code": "internal", "msg": "boom"}')
         self.assertEqual(
             str(e), 'CreateRoom: HTTP 500, twirp code internal (boom), body: \'{"code": "internal", "msg": "boom"}\''
         )
@@ -270,10 +270,10 @@ class CreateRoomTests(_Base):
     def test_non_200_from_intermediary_snippet_is_bounded(self) -> None:
         page = b"<html>\n<body>Bad Gateway</body>\n" + b"x" * 5000 + b"</html>"
         self.sfu.script["CreateRoom"] = static(Answer(502, page, {"Content-Type": "text/html"}))
-        e = self.failureResultOf(self.client().create_room(ALIAS), TwirpError).value
+        e = self.failureResultOf(self.client().create_room(ALIAS), OutboundError).value
         self.assertEqual((e.status, e.code), (502, "unavailable"))
-        self.assertEqual(len(e.body_snippet), 200)
-        self.assertTrue(e.body_snippet.startswith("<html>\\x0a<body>Bad Gateway</body>\\x0axxx"))
+        self.assertEqual(len(e.snippet), 200)
+        self.assertTrue(e.snippet.startswith("<html>\\x0a<body>Bad Gateway</body>\\x0axxx"))
         self.assertIn("HTTP 502", str(e))
         self.assertIn("Bad Gateway", str(e))
 
@@ -282,15 +282,15 @@ class CreateRoomTests(_Base):
         client = RoomServiceClient(
             livekit_url="ws://sfu.example.com", http=HTTPClient(clock=self.clock, agent=self.agent), tokens=tokens
         )
-        e = self.failureResultOf(client.create_room(ALIAS), TwirpError).value
+        e = self.failureResultOf(client.create_room(ALIAS), OutboundError).value
         self.assertEqual((e.status, e.code), (401, "unauthenticated"))
         self.assertNotIn("Bearer", str(e))
         self.assertNotIn(tokens.create_room_token(), str(e))
 
     def test_undecodable_200(self) -> None:
         self.sfu.script["CreateRoom"] = static(Answer(200, b"{}"))
-        e = self.failureResultOf(self.client().create_room(ALIAS), TwirpError).value
-        self.assertEqual((e.status, e.code, e.body_snippet), (200, "internal", "{}"))
+        e = self.failureResultOf(self.client().create_room(ALIAS), OutboundError).value
+        self.assertEqual((e.status, e.code, e.snippet), (200, "internal", "{}"))
         # (the hand-written decoder said "truncated fixed32 in field 15"; now protobuf's words)
         self.assertIn("undecodable Room: Error parsing message with type 'livekit.Room'", str(e))
 
@@ -302,14 +302,14 @@ class CreateRoomTests(_Base):
         self.sfu.script["CreateRoom"] = static(
             Answer(307, b"", {"Location": "http://sfu.example.com/twirp/livekit.RoomService/CreateRoom"})
         )
-        e = self.failureResultOf(self.client().create_room(ALIAS), TwirpError).value
-        self.assertEqual((e.status, e.code), (307, "internal"))
+        e = self.failureResultOf(self.client().create_room(ALIAS), OutboundError).value
+        self.assertEqual((e.kind, e.status, e.code), (FailureKind.REDIRECT, 307, "internal"))
         self.assertIn("redirect to 'http://sfu.example.com/twirp/livekit.RoomService/CreateRoom'", str(e))
         self.assertEqual(len(self.sfu.seen), 1)
 
     def test_transport_error(self) -> None:
-        e = self.failureResultOf(self.client(agent=RefusingAgent()).create_room(ALIAS), TwirpError).value
-        self.assertEqual((e.status, e.code, e.body_snippet), (None, None, ""))
+        e = self.failureResultOf(self.client(agent=RefusingAgent()).create_room(ALIAS), OutboundError).value
+        self.assertEqual((e.kind, e.status, e.code, e.snippet), (FailureKind.CONNECT, None, None, ""))
         self.assertTrue(str(e).startswith("CreateRoom: RoomService.CreateRoom: ConnectionRefusedError: "), str(e))
 
     def test_timeout(self) -> None:
@@ -318,7 +318,7 @@ class CreateRoomTests(_Base):
         self.clock.advance(9.999)
         self.assertNoResult(d)
         self.clock.advance(0.001)
-        e = self.failureResultOf(d, TwirpError).value
+        e = self.failureResultOf(d, OutboundError).value
         self.assertEqual((e.status, e.code), (None, None))
         # HTTPClient currently reports a cancelled in-flight request as "CancelledError"
         # rather than as a timeout (reported to the lead); accept either wording.
@@ -500,7 +500,7 @@ class AnswerDecodingTests(_Base):
     """200 answers as the generated classes read them (moved from test_protobuf).
 
     Well-formed answers succeed whatever else they hold; malformed ones fail CreateRoom
-    with an internal TwirpError and make GetParticipant UNKNOWN.
+    with an internal OutboundError and make GetParticipant UNKNOWN.
     """
 
     MALFORMED = [
@@ -531,7 +531,7 @@ class AnswerDecodingTests(_Base):
 
     def assertMalformed(self, answer: bytes) -> None:
         self.sfu.script["CreateRoom"] = static(Answer(200, answer))
-        e = self.failureResultOf(self.client().create_room(ALIAS), TwirpError).value
+        e = self.failureResultOf(self.client().create_room(ALIAS), OutboundError).value
         self.assertEqual((e.status, e.code), (200, "internal"), answer)
         self.assertIn("undecodable Room", str(e))
         self.sfu.script["GetParticipant"] = static(Answer(200, answer))
@@ -583,7 +583,7 @@ class AnswerDecodingTests(_Base):
         d.addBoth(results.append)
         [result] = results
         if result is not None:
-            result.trap(TwirpError)
+            result.trap(OutboundError)
         self.sfu.script["GetParticipant"] = static(Answer(200, answer))
         self.assertIn(
             self.successResultOf(self.client().get_participant(ALIAS, IDENTITY)),
