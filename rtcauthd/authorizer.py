@@ -1,4 +1,4 @@
-"""The token and delegation procedures (protocol.md §3.1 P1–P8, §3.2, §3.3 G1–G7).
+"""The token and delegation procedures (docs/authorization.md#token-procedure P1–P8, docs/endpoints.md#legacy-token-endpoint, docs/authorization.md#delegation-procedure G1–G7).
 
 Kept apart from HTTP so that the order of steps — validate, verify OpenID, check the
 claimed user, decide access, sign, resolve the client-server API *before* touching the SFU,
@@ -159,7 +159,7 @@ class Authorizer:
         if full_access:  # P6
             try:
                 await self._rooms.create_room(room)
-            except Exception as e:  # any CreateRoom failure is E-CREATE (§3.1 P6)
+            except Exception as e:  # any CreateRoom failure is E-CREATE (docs/authorization.md#token-procedure P6)
                 log.error(
                     "{endpoint}: CreateRoom for {room} failed: {error}",
                     endpoint=endpoint,

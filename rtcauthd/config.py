@@ -2,7 +2,7 @@
 
 ``load_config(environ, read_file=...)`` returns a frozen :class:`Config` or raises
 :class:`ConfigError` whose message is the one line an operator sees before the process exits
-with status 1. Parsing order, defaults and messages follow upstream (protocol.md §14) so that
+with status 1. Parsing order, defaults and messages follow upstream (docs/configuration.md) so that
 an operator can swap services without touching their environment file. Additions are prefixed
 ``RTCAUTH_`` and are all optional.
 
@@ -79,7 +79,7 @@ class Config:
     warnings: tuple[str, ...] = ()
 
     def is_full_access(self, server_name: str) -> bool:
-        """Exact, case-sensitive membership; a lone ``*`` admits everyone (protocol.md §4)."""
+        """Exact, case-sensitive membership; a lone ``*`` admits everyone (docs/authorization.md#access-rules)."""
         if self.full_access_homeservers == ("*",):
             return True
         return server_name in self.full_access_homeservers
@@ -159,7 +159,7 @@ def _read_source(variable: str, path: str, read_file: Callable[[str], str]) -> s
 def _key_and_secret(
     env: Mapping[str, str], read_file: Callable[[str], str], warnings: list[str]
 ) -> tuple[str, str, str, str]:
-    """Key/secret sources in upstream's precedence (protocol.md §14.3), plus systemd credentials."""
+    """Key/secret sources in upstream's precedence (docs/configuration.md#key-and-secret), plus systemd credentials."""
     key, secret = env.get("LIVEKIT_KEY", ""), env.get("LIVEKIT_SECRET", "")
     key_source = "LIVEKIT_KEY" if key else ""
     secret_source = "LIVEKIT_SECRET" if secret else ""
@@ -212,7 +212,7 @@ def _key_and_secret(
 
 
 def parse_cs_api_overrides(value: str) -> dict[str, str]:
-    """``server=url`` entries separated by commas; any malformed entry is fatal (§10)."""
+    """``server=url`` entries separated by commas; any malformed entry is fatal (docs/delegated-leave.md#client-server-api)."""
     overrides: dict[str, str] = {}
     if value == "":
         return overrides

@@ -1,4 +1,4 @@
-"""Client-visible Matrix errors and the exact strings lk-jwt-service sends (protocol.md §3.0)."""
+"""Client-visible Matrix errors and the exact strings lk-jwt-service sends (docs/endpoints.md#error-texts)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Go ``encoding/json`` compatible encoding and strict decoding (protocol.md §5.1, §2.3, §2.4, §13).
+"""Go ``encoding/json`` compatible encoding and strict decoding (docs/authorization.md#hash-function, docs/endpoints.md#response-bodies, docs/endpoints.md#request-bodies, docs/redis-format.md).
 
 Why not ``json.dumps``: LiveKit room aliases and identities are SHA-256 hashes of Go's
 ``json.Marshal`` output, and the Redis job records are shared with the Go service, so

@@ -8,7 +8,7 @@ Without a URL it works out where the daemon listens from the same settings the d
 (the environment over an optional ``--config`` env file): ``RTCAUTH_LISTEN`` if set, else
 ``LIVEKIT_JWT_BIND`` / ``LIVEKIT_JWT_PORT`` (default ``:8080``). A wildcard bind is probed on
 loopback. This fixes lk-jwt-service's probe, which builds ``http://localhost::8080/healthz``
-from the default bind (element-hq/lk-jwt-service#210, protocol.md §3.5).
+from the default bind (element-hq/lk-jwt-service#210, docs/endpoints.md#health-endpoint).
 
 The whole probe is bounded by ``--timeout`` (default 3 s, as upstream's Docker HEALTHCHECK):
 the request runs in a daemon thread that the caller stops waiting for at the deadline, so a

@@ -1,7 +1,7 @@
 """Process lifecycle: restore state, then listen, then tell systemd; on stop, drain and persist.
 
 Order matters to operators and to upstream's black-box suite: the first 200 from /healthz
-means "ready", so job recovery finishes *before* the listeners open (protocol.md §3.5).
+means "ready", so job recovery finishes *before* the listeners open (docs/endpoints.md#health-endpoint).
 A listener that cannot open is fatal (exit status 1), as upstream's is.
 """
 

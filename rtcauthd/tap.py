@@ -265,7 +265,7 @@ def build_daemon(
         store=store,
         restart=delayed_events.restart,
         send=delayed_events.send,
-        # Bounded: 100 000 restored jobs all look up their participant at once (§12.7).
+        # Bounded: 100 000 restored jobs all look up their participant at once (docs/delegated-leave.md#participant-lookup).
         lookup_participant=lambda params: lookups.run(rooms.get_participant, params.room, params.identity),
         sanity_interval=float(config.sanity_check_interval),
     )
@@ -292,7 +292,7 @@ def build_daemon(
     site = RtcAuthSite(app.resource(), max_body=config.max_body_bytes, reactor=reactor, clock=reactor)
 
     async def before_listen() -> None:
-        # Stored jobs resume before the first /healthz 200 (protocol.md §3.5).
+        # Stored jobs resume before the first /healthz 200 (docs/endpoints.md#health-endpoint).
         await manager.restore(reactor.seconds())
 
     async def after_stop() -> None:

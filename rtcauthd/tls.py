@@ -1,4 +1,4 @@
-"""Client TLS settings for every outbound HTTPS connection (protocol.md §9.4, §14.5).
+"""Client TLS settings for every outbound HTTPS connection (docs/federation.md#tls, docs/configuration.md#insecure-tls).
 
 Why one policy object: federation, well-known, client-server API and LiveKit calls must
 all trust the same roots and honour the same insecure switch. Connection settings are

@@ -1,4 +1,4 @@
-"""The inbound HTTP surface (protocol.md §2, §3): routes, CORS, methods, bodies, errors.
+"""The inbound HTTP surface (docs/endpoints.md): routes, CORS, methods, bodies, errors.
 
 Every observable detail — which methods get 405 with an empty body, which paths carry the
 CORS headers, the exact 404 text, ``{"errcode","error"}`` + LF bodies — follows upstream,
@@ -190,7 +190,7 @@ class RtcAuthApp:
     @_exact_path
     @_policed
     def sfu_webhook(self, request: IRequest) -> bytes:
-        """Always 200 with an empty body: failures are only logged (protocol.md §3.4)."""
+        """Always 200 with an empty body: failures are only logged (docs/endpoints.md#webhook-endpoint)."""
         if not getattr(request, "body_too_large", False):
             body = request.content.read() if request.content is not None else b""
             auth = request.getHeader(b"Authorization")
@@ -228,6 +228,6 @@ def _not_found(request: IRequest) -> bytes:
     return NOT_FOUND_BODY
 
 
-# Paths are matched exactly: no merging of "//" into "/" and no redirects (protocol.md §2.1, §16).
+# Paths are matched exactly: no merging of "//" into "/" and no redirects (docs/endpoints.md#routes, docs/differences.md).
 RtcAuthApp.app.url_map.merge_slashes = False
 RtcAuthApp.app.url_map.redirect_defaults = False

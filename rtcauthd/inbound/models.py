@@ -1,7 +1,7 @@
 """Request bodies of the three POST endpoints, decoded with Go's ``encoding/json`` semantics.
 
 Upstream decodes into fixed structs with unknown fields disallowed; clients (Element Call,
-Element X) and upstream's black-box suite depend on the exact outcomes of protocol.md §2.4:
+Element X) and upstream's black-box suite depend on the exact outcomes of docs/endpoints.md#request-bodies:
 any decode problem is 400 M_NOT_JSON, ``null`` leaves the zero value, keys match fields
 case-insensitively (exact match preferred), the last duplicate wins, integers are strict
 int64, bytes after the first JSON value are ignored, invalid UTF-8 becomes U+FFFD per byte.
@@ -24,8 +24,6 @@ from rtcauthd.gojson import (
     fold_key,
     scrub_surrogates,
 )
-
-#: delay_timeout in ms that still fits Go's int64 nanoseconds (protocol.md §12.1)
 
 
 class DecodeError(Exception):
@@ -170,7 +168,7 @@ class TokenRequest:
         return cls(**_decode_body(body, _TOKEN_FIELDS))
 
     def validate_for_token(self) -> None:
-        """Rules V1–V4 (protocol.md §3.1), first failure wins."""
+        """Rules V1–V4 (docs/endpoints.md#token-endpoint), first failure wins."""
         if not self.room_id or not self.slot_id:
             raise errors.bad_json(errors.E_ROOMSLOT)
         m = self.member
@@ -182,7 +180,7 @@ class TokenRequest:
             raise errors.bad_json(errors.E_DELAY)
 
     def validate_for_delegation(self) -> None:
-        """Rules D1–D4 (protocol.md §3.3), first failure wins."""
+        """Rules D1–D4 (docs/endpoints.md#delegation-endpoint), first failure wins."""
         if not self.room_id or not self.slot_id:
             raise errors.bad_json(errors.E_ROOMSLOT)
         m = self.member
@@ -224,7 +222,7 @@ class LegacyTokenRequest:
         return cls(**_decode_body(body, _LEGACY_FIELDS))
 
     def validate(self) -> None:
-        """Rules L1–L3 (protocol.md §3.2)."""
+        """Rules L1–L3 (docs/endpoints.md#legacy-token-endpoint)."""
         if not self.room:
             raise errors.bad_json(errors.E_ROOM)
         if not self.openid_token.access_token or not self.openid_token.matrix_server_name:

@@ -1,6 +1,6 @@
 """One delegated MatrixRTC leave (MSC4140) as an explicit, event-driven state machine.
 
-Behaviour must match upstream's FSM exactly (protocol.md §12): which disconnects send the
+Behaviour must match upstream's FSM exactly (docs/delegated-leave.md#job-state-machine): which disconnects send the
 leave, which abort silently, when ``restart`` is called. So the transition table, the
 internal actions and the entry/exit actions are plain data (:mod:`rtcauthd.leave.machine`,
 where the table is drawn), and :meth:`DelayedLeaveJob._dispatch` is the only code that
@@ -87,7 +87,7 @@ def _presence_outcome(presence: Presence) -> Outcome:
 
 
 class DelayedLeaveJob:
-    """The §12 state machine for one (room, identity); see the module docstring's table."""
+    """The state machine (docs/delegated-leave.md#job-state-machine) for one (room, identity)."""
 
     __slots__ = (
         "params",
@@ -269,7 +269,7 @@ class DelayedLeaveJob:
         self._restart_timer = None
         self.signal(Signal.DelayedEventReset)
 
-    # -- restart procedure (§12.5) ---------------------------------------------------------
+    # -- restart procedure (docs/delegated-leave.md#restart-procedure) ---------------------------------------------------------
 
     def _start_restart(self) -> None:
         if self._restart_retry is not None:
@@ -337,7 +337,7 @@ class DelayedLeaveJob:
         log.failure("Job {job_id}: restart failed", failure, job_id=self.job_id)
         self.signal(Signal.DelayedEventTimedOut)
 
-    # -- send procedure (§12.6) -----------------------------------------------------------
+    # -- send procedure (docs/delegated-leave.md#send-procedure) -----------------------------------------------------------
 
     def _send_window(self) -> float:
         if self._restart_deadline is None:
@@ -389,7 +389,7 @@ class DelayedLeaveJob:
         else:
             log.failure("Job {job_id}: send failed", failure, job_id=self.job_id)
 
-    # -- participant lookup (§12.7) -------------------------------------------------------
+    # -- participant lookup (docs/delegated-leave.md#participant-lookup) -------------------------------------------------------
 
     def _start_lookup(self) -> None:
         budget = min(MAX_WAIT_NS, self.params.delay_timeout_ns) / NS_PER_SECOND

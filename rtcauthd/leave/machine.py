@@ -4,7 +4,7 @@ Upstream's state machine must be matched exactly (which disconnects send the lea
 abort silently, when ``restart`` is called), so it is written down once, here, and
 :class:`rtcauthd.leave.jobs.DelayedLeaveJob` only interprets it.
 
-Transition table (§12.3; blank = ignored, ``*`` = internal action, no state change)::
+Transition table (docs/delegated-leave.md#transitions; blank = ignored, ``*`` = internal action, no state change)::
 
     Signal \\ State                       Waiting       Connected      Disconn.  Aborted   Replaced
     ParticipantConnected                  Connected

@@ -3,7 +3,7 @@
 Jobs decide *what* happens (rtcauthd.leave.jobs); the manager owns *which* job is current
 for a key. That distinction is what keeps replacement safe: a replaced job's late
 "done" or "restarted" report must never touch its successor's stored record, so every
-store write goes through a "is this still the current job?" check here (§12.3, §12.10).
+store write goes through a "is this still the current job?" check here (docs/delegated-leave.md#transitions, docs/redis-format.md#when-records-change).
 Store failures are logged and never change a job's behaviour or an HTTP answer.
 """
 
@@ -169,7 +169,7 @@ class JobManager:
     # -- start-up and shutdown -------------------------------------------------------------
 
     def restore(self, now_wall: float) -> "Deferred[int]":
-        """Resume stored jobs (§13.4); fires with how many were resumed, never fails.
+        """Resume stored jobs (docs/redis-format.md#start-up-restore); fires with how many were resumed, never fails.
 
         Expired records are deleted; the others get a fresh job waiting for the initial
         connect with the full waiting window. Their records are left as they are. If the

@@ -1,4 +1,4 @@
-"""The retry policy of protocol.md §12.8, driven only by the injected clock.
+"""The retry policy of docs/delegated-leave.md#retry-policy, driven only by the injected clock.
 
 Upstream uses cenkalti/backoff v5 (initial 1 s, ×1.5, jitter ±50 %, cap 60 s, budget =
 maximum elapsed time). The timing is part of the observable behaviour (how many
@@ -173,7 +173,7 @@ def retry_with_backoff(
     is_permanent: Callable[[Outcome], bool] = _never,
     permanent_errors: Tuple[Type[BaseException], ...] = (),
 ) -> "Deferred[Outcome]":
-    """Call ``attempt`` now and again under §12.8 until success, a permanent answer, or the budget.
+    """Call ``attempt`` now and again under docs/delegated-leave.md#retry-policy until success, a permanent answer, or the budget.
 
     Fires with the successful or permanent Outcome, or — when the budget (seconds, counted
     from now) would be exceeded by the next wait — with the last transient Outcome.

@@ -1,4 +1,4 @@
-"""LiveKit room aliases and participant identities (protocol.md §5).
+"""LiveKit room aliases and participant identities (docs/authorization.md#identities-and-room-aliases).
 
 Room names and identities are pseudonymous hashes (MSC4195) so that the SFU never sees
 Matrix room or user IDs. They must be byte-for-byte what the Go service derives:
@@ -22,7 +22,7 @@ __all__ = [
     "legacy_identity",
 ]
 
-# The slot the legacy /sfu/get endpoint implies for every room (§5.2).
+# The slot the legacy /sfu/get endpoint implies for every room (docs/authorization.md#hash-inputs).
 LEGACY_SLOT_ID = "m.call#ROOM"
 
 

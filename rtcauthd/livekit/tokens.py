@@ -1,4 +1,4 @@
-"""LiveKit access tokens: participant tokens and RoomService admin tokens (protocol.md §6).
+"""LiveKit access tokens: participant tokens and RoomService admin tokens (docs/authorization.md#livekit-tokens).
 
 PyJWT signs; the claims are serialised first as Go's encoding/json would (struct field
 order, Go's escaping), so that the token bytes equal upstream's and a worked example
@@ -39,7 +39,7 @@ class TokenMinter:
         return int(self._clock.seconds())
 
     def participant_token(self, identity: str, room: str) -> str:
-        """The join token returned to clients as ``jwt`` (§6.1), valid for one hour."""
+        """The join token returned to clients as ``jwt`` (docs/authorization.md#participant-token), valid for one hour."""
         now = self.now()
         claims: dict[str, Any] = {"iss": self._api_key}
         if identity:  # Go's omitempty
@@ -59,11 +59,11 @@ class TokenMinter:
         return self._sign(claims)
 
     def create_room_token(self) -> str:
-        """Bearer token for ``RoomService/CreateRoom`` (``roomCreate`` grant, §6.2)."""
+        """Bearer token for ``RoomService/CreateRoom`` (``roomCreate`` grant, docs/livekit.md#admin-tokens)."""
         return self._admin({"roomCreate": True})
 
     def room_admin_token(self, room: str) -> str:
-        """Bearer token for per-room RoomService calls such as ``GetParticipant`` (§6.2)."""
+        """Bearer token for per-room RoomService calls such as ``GetParticipant`` (docs/livekit.md#admin-tokens)."""
         video: dict[str, Any] = {"roomAdmin": True}
         if room:
             video["room"] = room

@@ -1,4 +1,4 @@
-"""LiveKit RoomService client over protobuf Twirp (protocol.md §7).
+"""LiveKit RoomService client over protobuf Twirp (docs/livekit.md#roomservice).
 
 Speaks exactly what upstream's generated Go client sends (protobuf bodies, Twirp v8
 headers, a fresh admin JWT per call, no redirects) so that any SFU or test fake that
@@ -88,7 +88,7 @@ def twirp_failure(
 
 
 def twirp_url(livekit_url: str, method: str) -> str:
-    """Map ``LIVEKIT_URL`` to a RoomService method URL the way upstream does (§7.1).
+    """Map ``LIVEKIT_URL`` to a RoomService method URL the way upstream does (docs/livekit.md#twirp-url).
 
     A leading ``ws`` becomes ``http`` (so ``wss`` becomes ``https``); the service path is
     then appended literally, without slash normalisation.
@@ -101,7 +101,7 @@ def twirp_url(livekit_url: str, method: str) -> str:
 
 
 def create_room_request(room: str) -> bytes:
-    """``livekit.CreateRoomRequest`` with upstream's parameters (§7.3)."""
+    """``livekit.CreateRoomRequest`` with upstream's parameters (docs/livekit.md#createroom)."""
     return lk_room.CreateRoomRequest(
         name=scrub_surrogates(room),
         empty_timeout=EMPTY_TIMEOUT,
@@ -110,7 +110,7 @@ def create_room_request(room: str) -> bytes:
 
 
 def participant_identity_request(room: str, identity: str) -> bytes:
-    """``livekit.RoomParticipantIdentity`` (§7.4); proto3 leaves empty strings out."""
+    """``livekit.RoomParticipantIdentity`` (docs/livekit.md#getparticipant); proto3 leaves empty strings out."""
     return lk_room.RoomParticipantIdentity(
         room=scrub_surrogates(room), identity=scrub_surrogates(identity)
     ).SerializeToString()
@@ -182,7 +182,7 @@ def code_from_status(status: int) -> str:
 
 
 def error_from_response(method: str, response: HTTPResponse) -> OutboundError:
-    """Classify a non-200 answer exactly like the Go Twirp client (§7.4)."""
+    """Classify a non-200 answer exactly like the Go Twirp client (docs/livekit.md#getparticipant)."""
     status = response.code
     snippet = body_snippet(response.body)
     if 300 <= status < 400:
@@ -277,7 +277,7 @@ class RoomServiceClient:
         return d.addCallback(got).addErrback(failed)
 
     def get_participant(self, room: str, identity: str) -> "Deferred[Presence]":
-        """Whether ``identity`` is in ``room`` on the SFU; never fails (§7.4, §12.7)."""
+        """Whether ``identity`` is in ``room`` on the SFU; never fails (docs/livekit.md#getparticipant, docs/delegated-leave.md#participant-lookup)."""
         d = self._call(
             "GetParticipant",
             participant_identity_request(room, identity),

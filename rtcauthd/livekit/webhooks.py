@@ -1,8 +1,8 @@
-"""Verification and parsing of LiveKit webhooks (protocol.md §8).
+"""Verification and parsing of LiveKit webhooks (docs/livekit.md#webhooks).
 
 Anyone can POST to ``/sfu_webhook``; only a body signed by the SFU with our API key may
 move a delayed-leave job, because a forged ``participant_left`` would make the service
-send somebody's leave event. The checks run in upstream's order (§8.2) so that the same
+send somebody's leave event. The checks run in upstream's order (docs/livekit.md#webhook-verification) so that the same
 request is refused for the same reason. PyJWT splits the token and checks the signature;
 around it stay what go-jose does and PyJWT does not: unpadded base64url only (PyJWT takes
 ``=``), strict JSON, go-jose's claim types, and the time claims against the injected
@@ -81,7 +81,7 @@ class WebhookRejected(Exception):
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
 class WebhookEvent:
-    """The fields of ``livekit.WebhookEvent`` that drive jobs (§8.3); absent means empty."""
+    """The fields of ``livekit.WebhookEvent`` that drive jobs (docs/livekit.md#webhook-fields); absent means empty."""
 
     event: str = ""
     room_name: str = ""
@@ -91,7 +91,7 @@ class WebhookEvent:
 
 
 def signal_for(event: WebhookEvent) -> Optional[str]:
-    """The job signal a webhook event produces (§8.4), or None if it is ignored."""
+    """The job signal a webhook event produces (docs/livekit.md#webhook-signals), or None if it is ignored."""
     if event.event == "participant_joined":
         return SIGNAL_CONNECTED
     if event.event in ("participant_left", "participant_connection_aborted"):
@@ -278,7 +278,7 @@ class WebhookVerifier:
         self._clock = clock
 
     def verify(self, authorization: Optional[str], body: bytes) -> WebhookEvent:
-        """The event, or ``WebhookRejected`` for the first failing check of §8.2."""
+        """The event, or ``WebhookRejected`` for the first failing check of docs/livekit.md#webhook-verification."""
         if not authorization:
             raise WebhookRejected(R_NO_AUTH)
         parts = authorization.split(".")

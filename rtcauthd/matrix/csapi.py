@@ -1,4 +1,4 @@
-"""The client-server API of a homeserver: discovery (protocol.md §10) and MSC4140 calls (§11.3).
+"""The client-server API of a homeserver: discovery (docs/delegated-leave.md#client-server-api) and MSC4140 calls (docs/delegated-leave.md#restart-and-send-calls).
 
 Delegated leave needs the user's homeserver *client* API to restart and send the delayed
 leave. Its base URL comes from ``LIVEKIT_CS_API_URL_OVERRIDES`` or from
@@ -135,7 +135,7 @@ class ClientAPIResolver:
 
 
 class DelayedEventClient:
-    """One ``restart`` or ``send`` attempt each; the job owns retries (protocol.md §12.8)."""
+    """One ``restart`` or ``send`` attempt each; the job owns retries (docs/delegated-leave.md#retry-policy)."""
 
     def __init__(
         self,

@@ -1,4 +1,4 @@
-"""What one MSC4140 ``restart``/``send`` answer means for the retry loop (protocol.md §11.4).
+"""What one MSC4140 ``restart``/``send`` answer means for the retry loop (docs/delegated-leave.md#answer-classification).
 
 Classification is pure (status, headers, body, now) so the parity-critical rules — 404,
 429 hints in three forms, everything else transient — are tested without any HTTP.
@@ -21,7 +21,7 @@ from rtcauthd.gojson import INT64_MAX, INT64_MIN, JSONObject, reject_constant
 
 
 class CsApiUnresolvable(Exception):
-    """The client-server API base URL of the homeserver could not be found (§10).
+    """The client-server API base URL of the homeserver could not be found (docs/delegated-leave.md#client-server-api).
 
     ``restart``/``send`` attempts fail with this instead of answering an Outcome; it ends
     the retry loop at once (restart → ``CsApiUrlNotFound``, send → job done unsent).
@@ -64,7 +64,7 @@ HeadersLike = Union[Headers, Mapping[str, Any], None]
 def classify_delayed_event_response(
     status: int, headers: HeadersLike, body: bytes, now: float
 ) -> Outcome:
-    """Map a final HTTP answer of ``restart``/``send`` to an :class:`Outcome` (§11.4).
+    """Map a final HTTP answer of ``restart``/``send`` to an :class:`Outcome` (docs/delegated-leave.md#answer-classification).
 
     ``now`` (unix seconds) is needed to turn an HTTP-date ``Retry-After`` into a delay.
     """

@@ -1,6 +1,6 @@
 """OpenID userinfo over federation: which Matrix user does this token belong to?
 
-protocol.md §9.1. The homeserver named in the request is asked, over federation,
+docs/federation.md#userinfo. The homeserver named in the request is asked, over federation,
 whom the OpenID access token belongs to; the answer is only believed for users of that
 very server (a homeserver can never vouch for another server's users). Every failure
 is an :class:`OutboundError` whose ``step`` says where it failed ("server name",

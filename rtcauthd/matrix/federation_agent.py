@@ -1,7 +1,7 @@
 """An IAgent for ``matrix-federation://<server_name>/<path>`` URLs, and the plain agent.
 
 Why a custom agent: a federation request connects to one place (well-known / SRV /
-8448, protocol.md §9.3), sends a ``Host`` header naming another, and verifies a
+8448, docs/federation.md#resolution), sends a ``Host`` header naming another, and verifies a
 certificate for a third; and it must never reach addresses an anonymous client should
 not be able to make us connect to (SSRF).
 
@@ -15,7 +15,7 @@ How the pieces fit:
   address that :class:`IPRangeFilter` refuses (:mod:`rtcauthd.matrix.guarded_connect`). The check is therefore made on the
   address actually connected to (no DNS-rebinding window), and IP literals go
   through the same filter. Names listed as full-access (``is_trusted``) are exempt.
-- URLs never pass through hyperlink (it breaks IPv6 literals, §9.4): we split the
+- URLs never pass through hyperlink (it breaks IPv6 literals, docs/federation.md#tls): we split the
   URL ourselves and Twisted's ``URI.fromBytes`` handles ``[::1]`` correctly.
 """
 

@@ -1,6 +1,6 @@
 """Federation server-name resolution: which address, which Host, which certificate.
 
-Implements the Matrix "Resolving server names" algorithm (protocol.md §9.3) in two
+Implements the Matrix "Resolving server names" algorithm (docs/federation.md#resolution) in two
 halves, because the ``Host`` header must be known before a request is issued while
 the addresses are only needed when a new connection is opened (pooled connections
 skip them):
@@ -14,7 +14,7 @@ skip them):
 The well-known fetch goes through the injected :class:`HTTPClient`, whose agent is
 expected to apply the same SSRF filter as federation connections (see
 federation_agent.build_federation_agent). Upstream caches nothing; we cache
-well-known answers as the spec asks, with Synapse's periods (protocol.md §16).
+well-known answers as the spec asks, with Synapse's periods (docs/differences.md).
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ class ServerDelegation:
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
 class Resolution:
-    """Everything needed to talk to a homeserver (one row of protocol.md §9.3)."""
+    """Everything needed to talk to a homeserver (one row of docs/federation.md#resolution)."""
 
     targets: tuple[Target, ...]
     host_header: str
@@ -151,7 +151,7 @@ class ServerResolver:
         return d.addCallback(got_delegation)
 
     def delegate(self, server_name: Union[str, ServerName]) -> "Deferred[ServerDelegation]":
-        """Steps 1-3 of §9.3: IP literal or explicit port as is, else ``.well-known``."""
+        """Steps 1-3 of docs/federation.md#resolution: IP literal or explicit port as is, else ``.well-known``."""
         if isinstance(server_name, str):
             try:
                 server_name = parse_server_name(server_name)

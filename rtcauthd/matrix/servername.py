@@ -1,4 +1,4 @@
-"""Matrix server names: parse and validate before any network call (protocol.md §9.2).
+"""Matrix server names: parse and validate before any network call (docs/federation.md#server-names).
 
 Why strict: the server name comes straight from an unauthenticated request body and
 ends up in DNS queries, URLs, ``Host`` headers and TLS checks. The grammar is the

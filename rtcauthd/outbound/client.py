@@ -1,7 +1,7 @@
 """Outbound HTTP: one bounded-time, bounded-size request helper over an injected IAgent.
 
 Why not ``treq.request``: treq parses URLs with hyperlink, which IDNA-encodes IPv6
-literals and raises before connecting (protocol.md §9.4). ``Agent.request`` takes the URL
+literals and raises before connecting (docs/federation.md#tls). ``Agent.request`` takes the URL
 as bytes and handles ``[::1]`` correctly, so every outbound call (federation, LiveKit
 Twirp, client-server API) goes through :class:`HTTPClient`, which talks to the agent
 directly and reads the body itself so that it can enforce a size cap and abort the
@@ -63,7 +63,7 @@ def redirect_target(url: str, code: int, location: Optional[str]) -> Optional[st
 
 @implementer(IAgent)
 class GoRedirectAgent:
-    """Follows redirects the way Go's ``http.Client`` does, as upstream's calls do (§11.3).
+    """Follows redirects the way Go's ``http.Client`` does, as upstream's calls do (docs/delegated-leave.md#restart-and-send-calls).
 
     301/302/303 turn the request into a GET without a body (HEAD stays HEAD); 307/308
     repeat the same method and body (our bodies are in memory, so they replay). Every 3xx

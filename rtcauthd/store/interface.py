@@ -1,8 +1,8 @@
-"""What the leave manager needs from job persistence (protocol.md §12.10, §13).
+"""What the leave manager needs from job persistence (docs/redis-format.md#when-records-change).
 
 Every method returns a Deferred, also in the in-memory store, so callers never care
 which backend they have. Store trouble never reaches the caller: ``put``/``delete`` do
-not fail because the backend is unavailable (§12.10: store errors are logged and never
+not fail because the backend is unavailable (docs/redis-format.md#when-records-change: store errors are logged and never
 change an HTTP response or a job's behaviour).
 """
 
@@ -31,7 +31,7 @@ class IJobStore(Interface):
         """
 
     def load_all(on_late=None):
-        """All parsable stored jobs, for restore on start (protocol.md §13.4).
+        """All parsable stored jobs, for restore on start (docs/redis-format.md#start-up-restore).
 
         Unparsable records are skipped with a warning and LEFT in the store. If the
         backend cannot be read within the store's start-up bound, this fires with ``[]``

@@ -2,7 +2,7 @@
 
 An operator may swap rtcauthd and the Go service over one live Redis, so both the hash
 field and the value are produced exactly as Go's ``encoding/json`` writes them
-(protocol.md §13.2), and read back with Go's leniency (§13.3): member names match
+(docs/redis-format.md#key-field-value), and read back with Go's leniency (docs/redis-format.md#reading-records): member names match
 case-insensitively, unknown members are ignored, missing members are zero values,
 ``DelayTimeout`` is a strict int64 and ``RestartedAt`` is RFC 3339.
 

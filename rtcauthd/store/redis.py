@@ -1,4 +1,4 @@
-"""Job persistence in Redis, in lk-jwt-service's exact format (protocol.md §13).
+"""Job persistence in Redis, in lk-jwt-service's exact format (docs/redis-format.md).
 
 One hash ``lk-jwt:jobs``; only PING, HSET, HDEL and HGETALL over RESP2, so that the Go
 service, its black-box fake Redis and rtcauthd can share the data. No SELECT for db 0.
@@ -45,7 +45,7 @@ __all__ = ["JOBS_KEY", "PING_STEP", "REBUILD_INTERVAL", "RedisStore"]
 
 log = Logger()
 
-#: the one hash every job lives in (protocol.md §13.2)
+#: the one hash every job lives in (docs/redis-format.md#key-field-value)
 JOBS_KEY = b"lk-jwt:jobs"
 
 #: seconds between fresh connections when txredisapi has given up on its own

@@ -5,7 +5,7 @@ request it gets (and every TCP connection, so a test can tell "refused before co
 from "TLS failed before any request").  The same listener also plays the user's
 client-server API for delegated leave: ``/.well-known/matrix/client`` (when told what to
 publish) and the MSC4140 management endpoints ``…/delayed_events/<id>/<action>`` (under
-any path prefix), which behave like Synapse 1.163 (protocol.md §11): no access token
+any path prefix), which behave like Synapse 1.163 (docs/delegated-leave.md#msc4140): no access token
 needed, 200 ``{}`` while the delayed event is scheduled, 404 once it was sent or
 cancelled or if it never existed; answers can be scripted per delay ID (e.g. a 429 with
 ``Retry-After``).
@@ -36,7 +36,7 @@ SYNAPSE_MISSING_TOKEN = (401, {"errcode": "M_MISSING_TOKEN", "error": "Access To
 UNRECOGNIZED = {"errcode": "M_UNRECOGNIZED", "error": "Unrecognized request"}
 
 WELL_KNOWN_CLIENT_PATH = "/.well-known/matrix/client"
-#: MSC4140 unstable management form (protocol.md §11.2), after an optional base-URL prefix.
+#: MSC4140 unstable management form (docs/delegated-leave.md#management-endpoints), after an optional base-URL prefix.
 DELAYED_EVENTS_RE = (
     r"(?P<prefix>(?:/[^/]+)*?)/_matrix/client/unstable/org\.matrix\.msc4140/delayed_events/"
     r"(?P<segment>[^/]*)/(?P<action>[^/]*)"

@@ -1,11 +1,11 @@
-"""A LiveKit RoomService fake speaking Twirp with protobuf bodies only (protocol.md §7).
+"""A LiveKit RoomService fake speaking Twirp with protobuf bodies only (docs/livekit.md#roomservice).
 
 Like upstream's fake SFU it refuses anything it cannot decode as protobuf (JSON Twirp gets
 400), so the daemon's wire format is really exercised.  Bodies are decoded with the
 generated classes of ``livekit-protocol`` (a test-only dependency), independently of how
 rtcauthd encodes them.  Methods: CreateRoom, and GetParticipant, which answers
 HTTP 404 ``{"code":"not_found","msg":"participant not found"}`` (as upstream's fake SFU)
-until the test says the participant is present (§7.4).
+until the test says the participant is present (docs/livekit.md#getparticipant).
 """
 
 from __future__ import annotations

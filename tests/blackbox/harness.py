@@ -778,7 +778,7 @@ class FakeServer:
 
 
 # ---------------------------------------------------------------------------------------
-# expectations computed independently of rtcauthd (protocol.md §2.2, §5.1, §6)
+# expectations computed independently of rtcauthd (docs/endpoints.md#cors, docs/authorization.md#hash-function, docs/authorization.md#livekit-tokens)
 
 CORS_HEADERS = {
     "Content-Type": "application/json",
@@ -801,7 +801,7 @@ def go_json_string_array(items: Sequence[str]) -> bytes:
 
 
 def lk_hash(*items: str) -> str:
-    """H(...) of protocol.md §5.1: unpadded standard base64 of SHA-256 of the Go JSON array."""
+    """H(...) of docs/authorization.md#hash-function: unpadded standard base64 of SHA-256 of the Go JSON array."""
     import base64
     import hashlib
 

@@ -1,6 +1,6 @@
 """Hostile input through the real daemon: the spec's error, never a 500, a crash or a call out.
 
-Each request below is answered with the error protocol.md gives it; afterwards the daemon
+Each request below is answered with the error docs/endpoints.md#status-codes gives it; afterwards the daemon
 still serves, the fake homeserver and SFU saw nothing they should not have, and the log
 holds no traceback.
 """

@@ -1,4 +1,4 @@
-"""Black-box tests of delegated leave (project issue 3, items 5-7; protocol.md §3, §8, §10-§13).
+"""Black-box tests of delegated leave (project issue 3, items 5-7; docs/endpoints.md, docs/livekit.md#webhooks, docs/delegated-leave.md#client-server-api, docs/delegated-leave.md#msc4140, docs/delegated-leave.md#job-state-machine, docs/redis-format.md).
 
 The real daemon runs as a process with a real redis-server; the fake homeserver records
 every delayed-event call and the fake SFU answers GetParticipant.  Webhooks are signed
@@ -60,7 +60,7 @@ def go_string(text: str) -> str:
 
 
 def job_field(room: str, identity: str) -> bytes:
-    """The hash field: Go JSON of ``[room, identity]`` (protocol.md §13.2)."""
+    """The hash field: Go JSON of ``[room, identity]`` (docs/redis-format.md#key-field-value)."""
     return go_json_string_array([room, identity])
 
 
@@ -98,7 +98,7 @@ def go_time(moment: datetime.datetime, nanos: int = 0) -> str:
 
 
 def webhook_body(event: str, room: str, identity: str, reason: str | None = None) -> bytes:
-    """A ``livekit.WebhookEvent`` in protojson, as the SFU posts it (protocol.md §8.1)."""
+    """A ``livekit.WebhookEvent`` in protojson, as the SFU posts it (docs/livekit.md#webhook-signature)."""
     event_id = "EV_" + hashlib.sha1(f"{event}{identity}{time.time()}".encode()).hexdigest()[:12]
     message = WebhookEvent(event=event, id=event_id, created_at=int(time.time()))
     message.room.name = room
@@ -207,7 +207,7 @@ class LeaveCase(BlackBoxCase):
 
     @defer.inlineCallbacks
     def post_webhook(self, body: bytes, auth: str | None):
-        """POST /sfu_webhook: always 200 with an empty body (protocol.md §3.4)."""
+        """POST /sfu_webhook: always 200 with an empty body (docs/endpoints.md#webhook-endpoint)."""
         headers = {"Content-Type": "application/webhook+json"}
         if auth is not None:
             headers["Authorization"] = auth
@@ -273,7 +273,7 @@ class LeaveCase(BlackBoxCase):
         self.assertEqual(req.query, {})
 
     def assert_lookup(self, lookup, p: Participant) -> None:
-        """GetParticipant in protobuf with a roomAdmin token for that room (protocol.md §6.2, §7.4)."""
+        """GetParticipant in protobuf with a roomAdmin token for that room (docs/livekit.md#admin-tokens, docs/livekit.md#getparticipant)."""
         self.assertEqual((lookup.room, lookup.identity), (p.room, p.identity))
         self.assertEqual(lookup.call.path, "/twirp/livekit.RoomService/GetParticipant")
         self.assertEqual(lookup.call.content_type, "application/protobuf")
@@ -288,7 +288,7 @@ class LeaveCase(BlackBoxCase):
 
 
 class WebhookDrivenTests(LeaveCase, unittest.TestCase):
-    """Jobs driven by signed webhooks (protocol.md §8, §12)."""
+    """Jobs driven by signed webhooks (docs/livekit.md#webhooks, docs/delegated-leave.md#job-state-machine)."""
 
     @defer.inlineCallbacks
     def test_webhook_disconnect_sends_leave_once(self):
@@ -326,7 +326,7 @@ class WebhookDrivenTests(LeaveCase, unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_unverifiable_webhooks_change_nothing(self):
-        """Missing, forged, foreign-key, expired or body-mismatched signatures are ignored (§8.2)."""
+        """Missing, forged, foreign-key, expired or body-mismatched signatures are ignored (docs/livekit.md#webhook-verification)."""
         yield self.start_all()
         alice = self.participant("alice", "syd_alice")
         bob = self.participant("bob", "syd_bob")
@@ -460,7 +460,7 @@ class SanityCheckTests(LeaveCase, unittest.TestCase):
 
 
 class RestartTests(LeaveCase, unittest.TestCase):
-    """Stopping and restarting the daemon (issue 3 items 6 and 7; protocol.md §13.4)."""
+    """Stopping and restarting the daemon (issue 3 items 6 and 7; docs/redis-format.md#start-up-restore)."""
 
     @defer.inlineCallbacks
     def test_job_survives_sigterm_and_restart(self):
@@ -530,7 +530,7 @@ class RestartTests(LeaveCase, unittest.TestCase):
                                  job_field(alice.room, alice.identity), fresh, garbage_field, garbage)
 
         self.daemon = yield self.start_daemon(self.leave_env())
-        # recovery is finished before the first /healthz 200 (protocol.md §3.5)
+        # recovery is finished before the first /healthz 200 (docs/endpoints.md#health-endpoint)
         records = yield self.stored()
         self.assertEqual(records, {job_field(alice.room, alice.identity): fresh, garbage_field: garbage})
 
@@ -629,7 +629,7 @@ class RedisOutageTests(LeaveCase, unittest.TestCase):
 
 
 class HomeserverAnswerTests(LeaveCase, unittest.TestCase):
-    """What the job does with the homeserver's answers (protocol.md §11.4, §12.9)."""
+    """What the job does with the homeserver's answers (docs/delegated-leave.md#answer-classification, docs/delegated-leave.md#timelines)."""
 
     @defer.inlineCallbacks
     def test_restart_404_aborts_without_sending(self):
@@ -677,7 +677,7 @@ class HomeserverAnswerTests(LeaveCase, unittest.TestCase):
 
 
 class DelegationErrorTests(LeaveCase, unittest.TestCase):
-    """The 400/403 cases of protocol.md §3.1 P3/P5 and §3.3 G3/G5, through the real process."""
+    """The 400/403 cases of docs/authorization.md#token-procedure P3/P5 and docs/authorization.md#delegation-procedure G3/G5, through the real process."""
 
     def assert_error(self, result, status: int, errcode: str, message: str) -> None:
         self.assertEqual((result.code, result.body), (status, matrix_error_body(errcode, message)), self.describe())
@@ -705,7 +705,7 @@ class DelegationErrorTests(LeaveCase, unittest.TestCase):
         result = yield self.daemon.post_json("/sfu/get", p.legacy_body("syd_dave", 10000))
         self.assert_error(result, 400, "M_BAD_JSON", E_DELEG)
 
-        # each was checked with the homeserver first (protocol.md §4), nothing else happened
+        # each was checked with the homeserver first (docs/authorization.md#access-rules), nothing else happened
         self.assertEqual(len(restricted.userinfo_requests), 3)
         self.assertEqual(restricted.delayed_event_calls, [])
         self.assertEqual(self.lk.calls, [])

@@ -1,6 +1,6 @@
 """Black-box tests of start-up, configuration sources, logging hygiene and shutdown.
 
-protocol.md §14: every configuration error ends the process with status 1 and one line
+docs/configuration.md: every configuration error ends the process with status 1 and one line
 naming the variable (no traceback); every key/secret source works, proven by a token
 that verifies with exactly that secret.
 """

@@ -1,6 +1,6 @@
 """Black-box tests of the token endpoints: the real daemon against loopback fakes.
 
-protocol.md §2, §3, §4, §5.2, §6.1, §7, §9.  Expected identities, aliases and JWT claims are
+docs/endpoints.md, docs/authorization.md#access-rules, docs/authorization.md#hash-inputs, docs/authorization.md#participant-token, docs/livekit.md#roomservice, docs/federation.md.  Expected identities, aliases and JWT claims are
 computed here independently of rtcauthd's code; JWTs are checked with PyJWT and with
 LiveKit's own ``TokenVerifier``.
 """
@@ -74,7 +74,7 @@ def sfu_get_body(server_name: str, token: str, *, room: str = ROOM_ID, device: s
 
 
 class HashHelperTests(unittest.SynchronousTestCase):
-    """The suite's own H must reproduce protocol.md §5.3 before it can judge the daemon."""
+    """The suite's own H must reproduce docs/authorization.md#worked-examples before it can judge the daemon."""
 
     def test_vectors(self):
         self.assertEqual(lk_hash("!roomid:example.com", "slot1234"), "O8437W3+jmzMVjoIP3tNwbm+XxHQk2iKpOA7aqw3qSc")
@@ -147,7 +147,7 @@ class TokenAssertions:
         call = lk.create_room_requests[0]
         self.assertEqual((call.name, call.empty_timeout, call.departure_timeout, call.max_participants),
                          (alias, 300, 20, 0))
-        # byte-exact protobuf (protocol.md §7.3)
+        # byte-exact protobuf (docs/livekit.md#createroom)
         name = alias.encode()
         self.assertEqual(call.call.body, b"\x0a" + bytes([len(name)]) + name + b"\x10\xac\x02\x50\x14")
         self.assertEqual(call.call.path, "/twirp/livekit.RoomService/CreateRoom")
@@ -304,7 +304,7 @@ class RestrictedTests(TokenAssertions, BlackBoxCase, unittest.TestCase):
         t0 = time.time()
         result = yield daemon.post_json("/get_token", get_token_body(self.hs.server_name, self.token))
         token = self.assert_token_response(result, self.lk.url)
-        # the same grants as full access users (protocol.md §4)
+        # the same grants as full access users (docs/authorization.md#access-rules)
         self.assert_participant_jwt(token, identity=lk_hash(self.user, DEVICE, MEMBER_ID),
                                     alias=lk_hash(ROOM_ID, SLOT_ID), t0=t0, t1=time.time())
         self.assert_one_userinfo(self.hs, self.token)
@@ -325,7 +325,7 @@ class RestrictedTests(TokenAssertions, BlackBoxCase, unittest.TestCase):
 
 
 class TLSTests(TokenAssertions, BlackBoxCase, unittest.TestCase):
-    """A full-access homeserver with a certificate nobody trusts (protocol.md §9.4)."""
+    """A full-access homeserver with a certificate nobody trusts (docs/federation.md#tls)."""
 
     def setUp(self):
         BlackBoxCase.setUp(self)
@@ -418,7 +418,7 @@ class IPv6Tests(TokenAssertions, BlackBoxCase, unittest.TestCase):
 
 
 class HTTPSurfaceTests(TokenAssertions, BlackBoxCase, unittest.TestCase):
-    """Routing, CORS and body handling over the real process (protocol.md §2)."""
+    """Routing, CORS and body handling over the real process (docs/endpoints.md)."""
 
     POST_ENDPOINTS = ["/get_token", "/sfu/get", "/delegate_delayed_leave"]
 

@@ -299,7 +299,7 @@ class DNSTests(DoctorCase):
 class IPLiteralTests(DoctorCase):
     @coroutine_test
     async def test_ipv6_literal_server_name(self):
-        """Server names like [::1] never pass through hyperlink (protocol.md §9.4)."""
+        """Server names like [::1] never pass through hyperlink (docs/federation.md#tls)."""
         self.deployment.vhosts.default = self.deployment.server_host
         report = await self.diagnose(server_name="[::1]")
         port = self.deployment.front.port

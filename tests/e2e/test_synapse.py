@@ -5,7 +5,7 @@ LIVEKIT_FULL_ACCESS_HOMESERVERS, "restricted" is not (loopback is allowed for it
 RTCAUTH_FEDERATION_IP_RANGE_ALLOWLIST, as an operator with a LAN homeserver would).  The
 daemon runs as a process per test; LiveKit is an in-process Twirp fake (protobuf only)
 that also answers GetParticipant; webhooks are signed with livekit-api's AccessToken the
-way the SFU signs them (protocol.md §8.1).  Expected identities and aliases are computed
+way the SFU signs them (docs/livekit.md#webhook-signature).  Expected identities and aliases are computed
 here (tests.blackbox.harness.lk_hash), never taken from rtcauthd.
 
 Opt out explicitly with RTCAUTH_SKIP_SYNAPSE=1; otherwise a missing Synapse virtualenv
@@ -51,7 +51,7 @@ LEAVE_DEADLINE = 2.0
 
 
 class E2ELiveKit(FakeLiveKit):
-    """The shared Twirp fake plus GetParticipant (protocol.md §7.4): ``not_found`` until the
+    """The shared Twirp fake plus GetParticipant (docs/livekit.md#getparticipant): ``not_found`` until the
     test marks the participant as joined, as a real SFU answers."""
 
     def __init__(self) -> None:
@@ -114,7 +114,7 @@ def sfu_get_body(openid: dict, user: MatrixUser, room_id: str) -> dict:
 
 
 def membership_state_key(user: MatrixUser) -> str:
-    """The legacy MatrixRTC state key (protocol.md §11.1)."""
+    """The legacy MatrixRTC state key (docs/delegated-leave.md#scheduling)."""
     return f"_{user.user_id}_{user.device_id}_m.call"
 
 
@@ -201,7 +201,7 @@ class E2ECase(BlackBoxCase, unittest.TestCase):
         return obj["jwt"]
 
     def assert_participant_jwt(self, token: str, *, identity: str, alias: str, t0: float, t1: float) -> None:
-        """protocol.md §6.1, with PyJWT and with LiveKit's own verifier."""
+        """docs/authorization.md#participant-token, with PyJWT and with LiveKit's own verifier."""
         self.assertEqual(token.split(".")[0], JOSE_HEADER_B64)
         claims = jwt.decode(token, self.secret, algorithms=["HS256"], issuer=self.key,
                             options={"require": ["exp", "nbf", "iat", "iss", "sub"]})
@@ -318,7 +318,7 @@ class TokenTests(E2ECase):
         result = yield self.daemon.post_json("/get_token", get_token_body(openid, user, room_id, "m-1"))
         t1 = time.time()
         token = self.assert_token_response(result)
-        # the same grants as full access (protocol.md §4), but no room is created
+        # the same grants as full access (docs/authorization.md#access-rules), but no room is created
         self.assert_participant_jwt(token, identity=lk_hash(user.user_id, user.device_id, "m-1"),
                                     alias=lk_hash(room_id, SLOT_ID), t0=t0, t1=t1)
         yield self.wait_access(self.restricted, mark, USERINFO, status=200)
@@ -433,7 +433,7 @@ class DelegatedLeaveTests(E2ECase):
 
         # both connect to the SFU.  GetParticipant keeps answering not_found for Alice, so
         # only the signed participant_joined webhook can connect her job; Bob's job may also
-        # find him by polling (what makes /delegate_delayed_leave work, protocol.md §12.7).
+        # find him by polling (what makes /delegate_delayed_leave work, docs/delegated-leave.md#participant-lookup).
         self.lk.joined.add((alias, id_b))
         for identity in (id_a, id_b):
             yield self.webhook(daemon, "participant_joined", alias=alias, identity=identity)

@@ -1,4 +1,4 @@
-"""RedisStore against a real redis-server on loopback (protocol.md §13).
+"""RedisStore against a real redis-server on loopback (docs/redis-format.md).
 
 A redis-server binary is required: without it these tests FAIL (install it with
 ``apt-get install -y redis-server``). The server is started per test on a free port
@@ -37,7 +37,7 @@ T_2026 = calendar.timegm((2026, 7, 23, 10, 15, 30, 0, 0, 0))
 ROOM = "krj2dgxw2K6EOm9he4GfQJ6JsSVWfJ8a7BkyjZcSmxs"
 IDENTITY = "J+T45tGruxc+HrUOqJJlyQSV33m728Cme4+vt8/SWrU"
 
-#: what the Go service writes for these jobs (protocol.md §13.2), incl. a Berlin-time host
+#: what the Go service writes for these jobs (docs/redis-format.md#key-field-value), incl. a Berlin-time host
 GO_VALUES = {
     b'["room-a","ident-a"]': (
         b'{"Params":{"DelayId":"syd_a","DelayTimeout":8000000000,"ServerName":"example.com",'
@@ -389,7 +389,7 @@ class OutageTests(RedisTestBase):
 
 
 class ParseURLTests(SynchronousTestCase):
-    """go-redis URL forms and upstream's exact error text (protocol.md §13.1)."""
+    """go-redis URL forms and upstream's exact error text (docs/redis-format.md#connection)."""
 
     def test_forms(self) -> None:
         t = parse_redis_url("redis://127.0.0.1:6380/0")

@@ -1,4 +1,4 @@
-"""Client-server API discovery (§10) and one-shot delayed-event calls (§11.3)."""
+"""Client-server API discovery (docs/delegated-leave.md#client-server-api) and one-shot delayed-event calls (docs/delegated-leave.md#restart-and-send-calls)."""
 
 from __future__ import annotations
 

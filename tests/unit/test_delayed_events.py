@@ -1,4 +1,4 @@
-"""Classification of MSC4140 restart/send answers (protocol.md §11.4)."""
+"""Classification of MSC4140 restart/send answers (docs/delegated-leave.md#answer-classification)."""
 
 from __future__ import annotations
 

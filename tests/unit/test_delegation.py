@@ -25,7 +25,7 @@ def b64url(data: bytes) -> str:
 
 
 def sign_webhook(body: bytes, *, key="devkey", secret="devsecret", now=NOW) -> str:
-    """An Authorization value made the way the SFU makes it (protocol.md §8.1)."""
+    """An Authorization value made the way the SFU makes it (docs/livekit.md#webhook-signature)."""
     header = b64url(b'{"alg":"HS256","typ":"JWT"}')
     claims = {
         "iss": key,

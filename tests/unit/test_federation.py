@@ -1,4 +1,4 @@
-"""OpenID userinfo over federation (protocol.md §9.1)."""
+"""OpenID userinfo over federation (docs/federation.md#userinfo)."""
 
 from __future__ import annotations
 

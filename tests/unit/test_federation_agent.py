@@ -1,4 +1,4 @@
-"""FederationAgent: SSRF filter on connected addresses, §9.3 targets, timeouts, and
+"""FederationAgent: SSRF filter on connected addresses, docs/federation.md#resolution targets, timeouts, and
 real-socket checks for happy eyeballs, IPv6 literals, Host headers and TLS."""
 
 from __future__ import annotations
@@ -278,7 +278,7 @@ class MemoryAgentTests(SynchronousTestCase):
         )
         self.assertEqual(self.reactor.getDelayedCalls(), [])
 
-    # -- targets and certificate names (protocol.md §9.3) ------------------------
+    # -- targets and certificate names (docs/federation.md#resolution) ------------------------
 
     def test_targets_and_tls_names(self) -> None:
         self.site.delegate("delegated.example", "matrix.example.net")

@@ -1,4 +1,4 @@
-"""Go ``encoding/json`` compatible encoding (protocol.md §5.1, §2.3, §13.2)."""
+"""Go ``encoding/json`` compatible encoding (docs/authorization.md#hash-function, docs/endpoints.md#response-bodies, docs/redis-format.md#key-field-value)."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def _scrubbed(value):
 
 
 class StringEscapingTests(SynchronousTestCase):
-    """One test per row of the §5.1 table."""
+    """One test per row of the docs/authorization.md#hash-function table."""
 
     def test_quote_and_backslash(self) -> None:
         self.assertEqual(go_json_string('a"b\\c'), '"a\\"b\\\\c"')
@@ -99,14 +99,14 @@ class DumpsTests(SynchronousTestCase):
         self.assertEqual(go_json_dumps({"<k>": "&"}), '{"\\u003ck\\u003e":"\\u0026"}')
 
     def test_error_body_shape(self) -> None:
-        # protocol.md §2.3
+        # docs/endpoints.md#response-bodies
         self.assertEqual(
             go_json_dumps({"errcode": "M_BAD_JSON", "error": "Missing room parameter"}),
             '{"errcode":"M_BAD_JSON","error":"Missing room parameter"}',
         )
 
     def test_redis_job_value_example(self) -> None:
-        # protocol.md §13.2, byte for byte
+        # docs/redis-format.md#key-field-value, byte for byte
         value = {
             "Params": {
                 "DelayId": "syd_integration_1",
@@ -161,7 +161,7 @@ class PropertyTests(SynchronousTestCase):
     @settings(max_examples=200, deadline=None)
     @given(st.lists(any_text, max_size=5))
     def test_matches_python_json_plus_html_escaping(self, strings) -> None:
-        # The §5.1 "Python recipe" as an independent implementation for string arrays.
+        # The docs/authorization.md#hash-function "Python recipe" as an independent implementation for string arrays.
         clean = [scrub_surrogates(s) for s in strings]
         recipe = json.dumps(clean, ensure_ascii=False, separators=(",", ":"))
         for raw, esc in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"),

@@ -153,7 +153,7 @@ class RedirectConnectionTests(TestCase):
 
 
 class GoRedirectTests(SynchronousTestCase):
-    """Go's redirect rules for the client-server API calls (protocol.md §11.3)."""
+    """Go's redirect rules for the client-server API calls (docs/delegated-leave.md#restart-and-send-calls)."""
 
     def setUp(self):
         from rtcauthd.outbound.client import GoRedirectAgent

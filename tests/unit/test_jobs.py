@@ -1,4 +1,4 @@
-"""The delegated-leave state machine (protocol.md §12), driven by task.Clock.
+"""The delegated-leave state machine (docs/delegated-leave.md#job-state-machine), driven by task.Clock.
 
 Every row of the transition table and the internal action has its own test named
 ``test_<state>__<signal>__<effect>``; every blank cell is exercised by the
@@ -231,7 +231,7 @@ class TableTests(SynchronousTestCase):
 
 
 class TransitionTests(JobTestCase):
-    """One test per row of the §12.3 transition table, plus the internal action."""
+    """One test per row of the docs/delegated-leave.md#transitions transition table, plus the internal action."""
 
     def test_waiting_for_initial_connect__participant_connected__to_connected(self) -> None:
         h = self.harness()

@@ -1,4 +1,4 @@
-"""The job table: add/replace, webhook routing, persistence, restore, shutdown (§12, §13.4)."""
+"""The job table: add/replace, webhook routing, persistence, restore, shutdown (docs/delegated-leave.md#job-state-machine, docs/redis-format.md#start-up-restore)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Request decoding with Go semantics (protocol.md §2.4) and validation order (§3.1–§3.3)."""
+"""Request decoding with Go semantics (docs/endpoints.md#request-bodies) and validation order (docs/endpoints.md#token-endpoint, docs/endpoints.md#legacy-token-endpoint, docs/endpoints.md#delegation-endpoint)."""
 
 from __future__ import annotations
 

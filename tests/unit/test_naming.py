@@ -1,4 +1,4 @@
-"""LiveKit room alias and identity derivation (protocol.md §5)."""
+"""LiveKit room alias and identity derivation (docs/authorization.md#identities-and-room-aliases)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from rtcauthd.gojson import go_json_dumps
-from rtcauthd.store.model import encode_field as job_field  # the Redis field of §13.2
+from rtcauthd.store.model import encode_field as job_field  # the Redis field of docs/redis-format.md#key-field-value
 from rtcauthd.livekit.naming import (
     LEGACY_SLOT_ID,
     H,
@@ -21,7 +21,7 @@ from rtcauthd.livekit.naming import (
     room_alias,
 )
 
-# protocol.md §5.3: (input, exact bytes hashed, sha256 hex, H)
+# docs/authorization.md#worked-examples: (input, exact bytes hashed, sha256 hex, H)
 VECTORS = [
     (  # 1
         ["!roomid:example.com", "slot1234"],
@@ -91,7 +91,7 @@ VECTORS = [
     ),
 ]
 
-# Canonical JSON (no HTML escaping) results: wrong for rtcauthd (§5.3).
+# Canonical JSON (no HTML escaping) results: wrong for rtcauthd (docs/authorization.md#worked-examples).
 CANONICAL_WRONG = {
     8: "ziAFdEueqv1/nH7UcCdcviIljbbj3ddMMoKY5eXoylI",
     11: "9JGEmwE/UL2GPDK9QvVpDHBgK564rkE7DCD/o3QtVWU",
@@ -195,7 +195,7 @@ class LegacyIdentityTests(SynchronousTestCase):
 
 class JobFieldTests(SynchronousTestCase):
     def test_hashed_job(self) -> None:
-        # protocol.md §13.2
+        # docs/redis-format.md#key-field-value
         self.assertEqual(
             job_field("krj2dgxw2K6EOm9he4GfQJ6JsSVWfJ8a7BkyjZcSmxs", "J+T45tGruxc+HrUOqJJlyQSV33m728Cme4+vt8/SWrU"),
             '["krj2dgxw2K6EOm9he4GfQJ6JsSVWfJ8a7BkyjZcSmxs","J+T45tGruxc+HrUOqJJlyQSV33m728Cme4+vt8/SWrU"]',

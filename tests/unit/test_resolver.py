@@ -1,4 +1,4 @@
-"""Server-name resolution (protocol.md §9.3): every table row, SRV rules, well-known cache."""
+"""Server-name resolution (docs/federation.md#resolution): every table row, SRV rules, well-known cache."""
 
 from __future__ import annotations
 
@@ -150,7 +150,7 @@ class ResolverTestBase(SynchronousTestCase):
 
 
 class TableRowTests(ResolverTestBase):
-    """One test per row of protocol.md §9.3: targets, Host header, certificate name."""
+    """One test per row of docs/federation.md#resolution: targets, Host header, certificate name."""
 
     def test_row1_ipv4_literal_without_port(self) -> None:
         self.assertEqual(self.resolve("192.0.2.1"), Resolution((("192.0.2.1", 8448),), "192.0.2.1", "192.0.2.1"))
@@ -371,7 +371,7 @@ class SRVTests(ResolverTestBase):
 
 
 class WellKnownCacheTests(ResolverTestBase):
-    """Cache periods (protocol.md §9.3), driven by the clock."""
+    """Cache periods (docs/federation.md#resolution), driven by the clock."""
 
     def assertCachedFor(self, host: str, period: float) -> None:
         """The answer is reused until just before ``period`` and refetched at it."""

@@ -1,4 +1,4 @@
-"""The §12.8 retry policy, driven by a task.Clock."""
+"""The docs/delegated-leave.md#retry-policy retry policy, driven by a task.Clock."""
 
 from __future__ import annotations
 

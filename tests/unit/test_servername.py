@@ -1,4 +1,4 @@
-"""Server-name grammar (protocol.md §9.2)."""
+"""Server-name grammar (docs/federation.md#server-names)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The stored-job format shared with lk-jwt-service (protocol.md §13.2, §13.3)."""
+"""The stored-job format shared with lk-jwt-service (docs/redis-format.md#key-field-value, docs/redis-format.md#reading-records)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from rtcauthd.store.model import (
 ROOM = "krj2dgxw2K6EOm9he4GfQJ6JsSVWfJ8a7BkyjZcSmxs"
 IDENTITY = "J+T45tGruxc+HrUOqJJlyQSV33m728Cme4+vt8/SWrU"
 
-#: §13.2, byte for byte, as the Go service writes it
+#: docs/redis-format.md#key-field-value, byte for byte, as the Go service writes it
 SPEC_VALUE = (
     '{"Params":{"DelayId":"syd_integration_1","DelayTimeout":8000000000,"ServerName":"example.com",'
     '"LiveKitRoom":"krj2dgxw2K6EOm9he4GfQJ6JsSVWfJ8a7BkyjZcSmxs",'

@@ -1,4 +1,4 @@
-"""LiveKit JWTs (protocol.md §6)."""
+"""LiveKit JWTs (docs/authorization.md#livekit-tokens)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from rtcauthd.livekit.tokens import TokenMinter
 
 NOW = 1785000000
-IDENTITY = "J+T45tGruxc+HrUOqJJlyQSV33m728Cme4+vt8/SWrU"  # §5.3 vector 3
-ALIAS = "O8437W3+jmzMVjoIP3tNwbm+XxHQk2iKpOA7aqw3qSc"  # §5.3 vector 1
+IDENTITY = "J+T45tGruxc+HrUOqJJlyQSV33m728Cme4+vt8/SWrU"  # docs/authorization.md#worked-examples vector 3
+ALIAS = "O8437W3+jmzMVjoIP3tNwbm+XxHQk2iKpOA7aqw3qSc"  # docs/authorization.md#worked-examples vector 1
 
 EXAMPLE_TOKEN = (
     "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJpc3MiOiJkZXZrZXkiLCJzdWIiOiJKK1Q0NXRHcnV4YytIclVP"
@@ -35,7 +35,7 @@ EXAMPLE_PAYLOAD = (
 )
 
 
-# Short test secrets (the §6.1 example uses "devsecret") make PyJWT >= 2.10 warn.
+# Short test secrets (the docs/authorization.md#participant-token example uses "devsecret") make PyJWT >= 2.10 warn.
 try:
     from jwt.warnings import InsecureKeyLengthWarning as _KEY_WARNING
 except ImportError:  # older PyJWT

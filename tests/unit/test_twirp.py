@@ -1,4 +1,4 @@
-"""RoomService over protobuf Twirp (protocol.md §7)."""
+"""RoomService over protobuf Twirp (docs/livekit.md#roomservice)."""
 
 from __future__ import annotations
 
@@ -364,7 +364,7 @@ class GetParticipantTests(_Base):
         self.assertIs(self.successResultOf(self.client().get_participant(ALIAS, ident)), Presence.PRESENT)
         self.assertEqual(lk_room.RoomParticipantIdentity.FromString(self.sfu.seen[0].body).identity, ident)
 
-    # --- every row of the §7.4 table ---
+    # --- every row of the docs/livekit.md#getparticipant table ---
 
     def test_200_is_present(self) -> None:
         info = lk_models.ParticipantInfo(identity=IDENTITY, name="x").SerializeToString()

@@ -1,4 +1,4 @@
-"""LiveKit webhook verification (protocol.md §8), checked against the official SDK too."""
+"""LiveKit webhook verification (docs/livekit.md#webhooks), checked against the official SDK too."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from rtcauthd.livekit.webhooks import (
 KEY, SECRET = "devkey", "devsecret"
 NOW = 1785000000
 
-#: protocol.md §8.5, exact bytes
+#: docs/livekit.md#sfu-configuration, exact bytes
 EXAMPLE_BODY = (
     b'{"event":"participant_left","room":{"name":"O8437W3+jmzMVjoIP3tNwbm+XxHQk2iKpOA7aqw3qSc"},'
     b'"participant":{"identity":"J+T45tGruxc+HrUOqJJlyQSV33m728Cme4+vt8/SWrU",'
@@ -86,7 +86,7 @@ def event_body(**fields: Any) -> bytes:
 
 
 class VerifierMixin:
-    # The SDK (through PyJWT) warns about the short §8.5 example secret.
+    # The SDK (through PyJWT) warns about the short docs/livekit.md#sfu-configuration example secret.
     suppress = [trial_util.suppress(category=InsecureKeyLengthWarning)]
 
     def make(self, now: float = NOW) -> WebhookVerifier:
@@ -389,7 +389,7 @@ class ProtojsonParsingTests(VerifierMixin, SynchronousTestCase):
 
 
 class SignalMappingTests(SynchronousTestCase):
-    """Every row of protocol.md §8.4."""
+    """Every row of docs/livekit.md#webhook-signals."""
 
     def test_rows(self) -> None:
         rows = [
