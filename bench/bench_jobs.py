@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from twisted.internet import defer, reactor, task  # noqa: E402
 
 from rtcauthd.leave.delegation import DelegatedLeave  # noqa: E402
-from rtcauthd.leave.jobs import JobParams  # noqa: E402
+from rtcauthd.leave.record import JobParams  # noqa: E402
 from rtcauthd.leave.manager import JobManager  # noqa: E402
 from rtcauthd.livekit import naming  # noqa: E402
 from rtcauthd.livekit.webhooks import WebhookVerifier  # noqa: E402
@@ -167,7 +167,7 @@ async def bench_restore(n: int, redis_server: str) -> None:
         lines = []
         for i in range(n):
             p = params_for(i)
-            record = StoredJob(p.delay_id, p.delay_timeout_ns, p.server_name, p.room, p.identity, now)
+            record = StoredJob(p, now)
             lines.append((encode_field(p.room, p.identity), encode_value(record)))
         loader = subprocess.Popen(
             [shutil.which("redis-cli") or "redis-cli", "-p", str(port), "--pipe"],
