@@ -276,7 +276,8 @@ _NOT_LISTENING_ERRNOS = frozenset(
 )
 
 
-def _describe(error: BaseException, target: Target) -> str:
+def _probe_failure_text(error: BaseException, target: Target) -> str:
+    """Why a stdlib socket probe failed, in words an operator reads in a systemd status line."""
     if isinstance(error, ConnectionRefusedError):
         return "connection refused (nothing listens there)"
     if isinstance(error, FileNotFoundError) and target.scheme == "unix":
@@ -333,7 +334,7 @@ def probe(target: Target, *, timeout: float) -> Optional[str]:
         error = outcome["error"]
         if isinstance(error, (socket.timeout, TimeoutError)):
             raise ProbeTimedOut()
-        reason = _describe(error, target)
+        reason = _probe_failure_text(error, target)
         if _nothing_listening(error):
             raise NothingListening(reason)
         return reason
