@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import errno
 import os
 import re
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.support.files import files
 from rtcauthd.config import (
     KNOWN_VARIABLES,
     SETTINGS,
@@ -25,15 +25,6 @@ BASE = {
     "LIVEKIT_SECRET": "s3cr3t-value",
     "LIVEKIT_FULL_ACCESS_HOMESERVERS": "example.com",
 }
-
-
-def files(mapping):
-    def read(path):
-        if path not in mapping:
-            raise FileNotFoundError(errno.ENOENT, "No such file or directory", path)
-        return mapping[path]
-
-    return read
 
 
 class LoadConfigTests(SynchronousTestCase):

@@ -20,6 +20,7 @@ import threading
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
+from tests.support.files import files
 from rtcauthd import cli
 from rtcauthd.healthcheck import (
     HealthcheckError,
@@ -34,15 +35,6 @@ from rtcauthd.healthcheck import (
 )
 
 V4, V6 = "127.0.0.1", "::1"
-
-
-def files(mapping):
-    def read(path):
-        if path not in mapping:
-            raise FileNotFoundError(errno.ENOENT, "No such file or directory", path)
-        return mapping[path]
-
-    return read
 
 
 def tcp(*hosts_and_port, path="/healthz"):
