@@ -42,7 +42,7 @@ from rtcauthd.outbound.client import (
     OutboundError,
     connection_pool,
 )
-from rtcauthd.matrix.guarded_connect import GuardedHostnameEndpoint, as_outbound, classify_failure
+from rtcauthd.matrix.guarded_connect import ConnectionGuard, as_outbound, classify_failure
 from rtcauthd.matrix.ipfilter import IPRangeFilter
 from rtcauthd.matrix.resolver import (
     WELL_KNOWN_MAX_BODY,
@@ -141,26 +141,12 @@ class _FederationEndpoint:
 
     def connect(self, protocolFactory) -> Deferred:
         agent = self._agent
-        creator = agent._tls_policy.options_for(self._name.host)
-        ip_filter = None if self._trusted else agent._ip_filter
+        guard = agent.guard
+        creator = guard.tls_policy.options_for(self._name.host)
 
         def got_targets(targets: list[tuple[str, int]]) -> Deferred:
             endpoints = [
-                (
-                    host,
-                    port,
-                    wrapClientTLS(
-                        creator,
-                        GuardedHostnameEndpoint(
-                            agent._reactor,
-                            host,
-                            port,
-                            ip_filter=ip_filter,
-                            connect_timeout=agent._connect_timeout,
-                            name_resolver=agent._name_resolver,
-                        ),
-                    ),
-                )
+                (host, port, wrapClientTLS(creator, guard.endpoint(host, port, trusted=self._trusted)))
                 for host, port in targets
             ]
             return _TargetsInTurn(endpoints, protocolFactory).result
@@ -224,13 +210,8 @@ class FederationAgent:
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         _name_resolver=None,
     ) -> None:
-        self._reactor = reactor
         self._resolver = resolver
-        self._tls_policy = tls_policy
-        self._ip_filter = ip_filter
-        self._is_trusted = is_trusted
-        self._connect_timeout = connect_timeout
-        self._name_resolver = _name_resolver
+        self.guard = ConnectionGuard(reactor, tls_policy, ip_filter, is_trusted, connect_timeout, _name_resolver)
         if pool is None:
             pool = connection_pool(reactor, persistent=True)
         factory = _FederationEndpointFactory(self)
@@ -252,7 +233,7 @@ class FederationAgent:
             server_name, path = _split_federation_url(uri)
         except InvalidServerName as e:
             return fail(OutboundError(FailureKind.INVALID, "server name", e.reason))
-        trusted = bool(self._is_trusted(server_name.original))
+        trusted = bool(self.guard.is_trusted(server_name.original))
 
         def send(delegation: ServerDelegation) -> Deferred:
             target = delegation.server_name
@@ -273,28 +254,17 @@ class FederationAgent:
 class _GuardedWebEndpointFactory:
     """http(s) endpoints whose addresses pass the IP filter unless the host is trusted."""
 
-    def __init__(self, reactor, *, tls_policy, ip_filter, is_trusted, connect_timeout, name_resolver) -> None:
-        self._reactor = reactor
-        self._tls_policy = tls_policy
-        self._ip_filter = ip_filter
-        self._is_trusted = is_trusted
-        self._connect_timeout = connect_timeout
-        self._name_resolver = name_resolver
+    def __init__(self, guard: ConnectionGuard) -> None:
+        self._guard = guard
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
         if uri.scheme not in (b"http", b"https"):
             raise SchemeNotSupported(f"Unsupported scheme: {uri.scheme!r}")
         host = uri.host.decode("ascii")
-        endpoint = GuardedHostnameEndpoint(
-            self._reactor,
-            host,
-            uri.port,
-            ip_filter=None if self._is_trusted(host) else self._ip_filter,
-            connect_timeout=self._connect_timeout,
-            name_resolver=self._name_resolver,
-        )
+        guard = self._guard
+        endpoint = guard.endpoint(host, uri.port, trusted=bool(guard.is_trusted(host)))
         if uri.scheme == b"https":
-            return wrapClientTLS(self._tls_policy.options_for(host), endpoint)
+            return wrapClientTLS(guard.tls_policy.options_for(host), endpoint)
         return endpoint
 
 
@@ -326,12 +296,7 @@ def build_well_known_agent(
     inner = Agent.usingEndpointFactory(
         reactor,
         _GuardedWebEndpointFactory(
-            reactor,
-            tls_policy=tls_policy,
-            ip_filter=ip_filter,
-            is_trusted=is_trusted,
-            connect_timeout=connect_timeout,
-            name_resolver=_name_resolver,
+            ConnectionGuard(reactor, tls_policy, ip_filter, is_trusted, connect_timeout, _name_resolver)
         ),
         pool=connection_pool(reactor, persistent=False),
     )
@@ -356,12 +321,7 @@ def build_guarded_web_agent(
     inner = Agent.usingEndpointFactory(
         reactor,
         _GuardedWebEndpointFactory(
-            reactor,
-            tls_policy=tls_policy,
-            ip_filter=ip_filter,
-            is_trusted=lambda _host: False,
-            connect_timeout=connect_timeout,
-            name_resolver=_name_resolver,
+            ConnectionGuard(reactor, tls_policy, ip_filter, lambda _host: False, connect_timeout, _name_resolver)
         ),
         pool=connection_pool(reactor, persistent=False),
     )

@@ -10,7 +10,9 @@ a raw connection failure becomes an :class:`OutboundError` of the right kind.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Callable, Optional
+
+import attr
 
 from OpenSSL import SSL
 from service_identity import VerificationError
@@ -34,6 +36,7 @@ from zope.interface import implementer
 
 from rtcauthd.matrix.ipfilter import IPRangeFilter
 from rtcauthd.outbound.errors import FailureKind, OutboundError, describe, reason
+from rtcauthd.tls import TLSPolicy
 
 log = Logger()
 
@@ -189,3 +192,31 @@ def as_outbound(failure: Failure) -> Optional[OutboundError]:
         if isinstance(inner, Failure) and inner.check(SSL.Error, VerificationError):
             return OutboundError(FailureKind.TLS, "tls", describe(inner), reason=reason(inner.value))
     return None
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class ConnectionGuard:
+    """How every homeserver connection is made, held once for the agents that make them.
+
+    ``is_trusted`` names the full-access homeservers, which the IP filter does not apply
+    to (they may well live on a private network); ``name_resolver`` replaces the
+    reactor's for tests and the doctor.
+    """
+
+    reactor: Any
+    tls_policy: TLSPolicy
+    ip_filter: Optional[IPRangeFilter]
+    is_trusted: Callable[[str], bool]
+    connect_timeout: float
+    name_resolver: Any = None
+
+    def endpoint(self, host: str, port: int, *, trusted: bool) -> GuardedHostnameEndpoint:
+        """A TCP endpoint to ``host:port``; its addresses pass the IP filter unless ``trusted``."""
+        return GuardedHostnameEndpoint(
+            self.reactor,
+            host,
+            port,
+            ip_filter=None if trusted else self.ip_filter,
+            connect_timeout=self.connect_timeout,
+            name_resolver=self.name_resolver,
+        )
