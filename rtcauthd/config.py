@@ -497,7 +497,7 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 #: Every variable we understand; other LIVEKIT_*/RTCAUTH_* names get a warning (likely typos).
-KNOWN_VARIABLES = frozenset(s.name for s in SETTINGS)
+KNOWN_VARIABLES = frozenset(s.name for s in SETTINGS if s.documented)  # the operator-set ones
 
 
 def settings_help(width: int = 80) -> str:
