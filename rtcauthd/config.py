@@ -76,6 +76,9 @@ class Config:
     log_format: str
     metrics_listen: Optional[str]
     dev: bool
+    ratelimit_per_second: float = 5.0
+    ratelimit_burst: int = 50
+    trusted_proxies: tuple[str, ...] = ("127.0.0.0/8", "::1/128")  # RTCAUTH_TRUSTED_PROXIES
     warnings: tuple[str, ...] = ()
 
     def is_full_access(self, server_name: str) -> bool:
@@ -419,6 +422,31 @@ def _read_max_body(r: _Reading, s: Setting) -> None:
     r.fields["max_body_bytes"] = int(_positive_number(s.name, r.raw(s).strip(), int(s.default), int))
 
 
+def _non_negative(variable: str, value: str, default: float, kind: type) -> float:
+    if value == "":
+        return default
+    try:
+        number = kind(value)
+    except ValueError:
+        number = -1
+    if not math.isfinite(number) or number < 0:
+        raise ConfigError(f"{variable} must be a number >= 0, got {go_quote(value)}")
+    return number
+
+
+def _read_ratelimit_rate(r: _Reading, s: Setting) -> None:
+    r.fields["ratelimit_per_second"] = _non_negative(s.name, r.raw(s).strip(), float(s.default), float)
+
+
+def _read_ratelimit_burst(r: _Reading, s: Setting) -> None:
+    r.fields["ratelimit_burst"] = int(_non_negative(s.name, r.raw(s).strip(), int(s.default), int))
+
+
+def _read_trusted_proxies(r: _Reading, s: Setting) -> None:
+    raw = r.raw(s)
+    r.fields["trusted_proxies"] = parse_cidrs(s.name, raw if raw.strip() else s.default)
+
+
 def _read_metrics_listen(r: _Reading, s: Setting) -> None:
     raw = r.raw(s)
     r.fields["metrics_listen"] = metrics_endpoint(raw) if raw.strip() else None
@@ -485,6 +513,19 @@ SETTINGS: tuple[Setting, ...] = (
         "RTCAUTH_OUTBOUND_TIMEOUT_SECONDS", f"{DEFAULT_OUTBOUND_TIMEOUT:g}", "bound on every outbound call", _read_timeout
     ),
     Setting("RTCAUTH_MAX_BODY_BYTES", str(DEFAULT_MAX_BODY_BYTES), "request body limit, answered 413", _read_max_body),
+    Setting(
+        "RTCAUTH_RATELIMIT_PER_SECOND",
+        "5",
+        "token requests per second per client (/get_token, /sfu/get, /delegate_delayed_leave); 0 = no limit",
+        _read_ratelimit_rate,
+    ),
+    Setting("RTCAUTH_RATELIMIT_BURST", "50", "requests a client may make at once; 0 = no limit", _read_ratelimit_burst),
+    Setting(
+        "RTCAUTH_TRUSTED_PROXIES",
+        "127.0.0.0/8,::1/128",
+        "comma-separated CIDRs of reverse proxies whose X-Forwarded-For / Forwarded names the client",
+        _read_trusted_proxies,
+    ),
     Setting(
         "RTCAUTH_METRICS_LISTEN",
         "",

@@ -48,6 +48,9 @@ class Metrics:
         self.webhook_events = Counter(
             "rtcauthd_webhook_events", "LiveKit webhooks received", ["event", "signature"], registry=r
         )
+        self.rate_limited = Counter(
+            "rtcauthd_rate_limited", "Requests answered 429 by the per-client rate limit", ["endpoint"], registry=r
+        )
         self.redis_errors = Counter(
             "rtcauthd_redis_errors", "Redis operations that failed", ["operation"], registry=r
         )

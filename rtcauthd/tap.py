@@ -288,6 +288,8 @@ def build_daemon(
         clock=reactor,
         metrics=metrics,
     )
+    if policy is None:
+        policy = request_policy(config, reactor, metrics)
     app = RtcAuthApp(authorizer=authorizer, clock=reactor, webhooks=delegation, policy=policy)
     site = RtcAuthSite(app.resource(), max_body=config.max_body_bytes, reactor=reactor, clock=reactor)
 
@@ -350,6 +352,23 @@ def metrics_site(metrics, reactor):
     site = Site(root, reactor=reactor)
     site.noisy = False
     return site
+
+
+def request_policy(config: Config, reactor, metrics):
+    """The per-client rate limit from the config, or no policy when it is turned off (0)."""
+    from rtcauthd.inbound.client_address import ClientAddresses
+    from rtcauthd.inbound.policy import AllowAll
+    from rtcauthd.inbound.ratelimit import RateLimitPolicy
+
+    if config.ratelimit_per_second <= 0 or config.ratelimit_burst < 1:
+        return AllowAll()
+    return RateLimitPolicy(
+        reactor,
+        rate=config.ratelimit_per_second,
+        burst=config.ratelimit_burst,
+        clients=ClientAddresses(config.trusted_proxies),
+        metrics=metrics,
+    )
 
 
 def build_store(config: Config, reactor, tls_policy, metrics=None):

@@ -15,6 +15,8 @@ from twisted.web.iweb import INonQueuedRequestFactory
 from twisted.web.server import Request, Site
 from zope.interface import implementer
 
+from rtcauthd.inbound.client_address import ATTRIBUTE as CLIENT_ATTRIBUTE
+
 log = Logger()
 
 
@@ -124,6 +126,10 @@ class _RequestFactory:
 
 
 def _client_address(request: Request) -> str:
+    """The address the rate limit used (behind a trusted proxy: the client), else the peer."""
+    resolved = getattr(request, CLIENT_ATTRIBUTE, None)
+    if resolved is not None:
+        return resolved
     peer = request.getClientAddress()
     host = getattr(peer, "host", None)
     return host if host else str(peer)
