@@ -79,6 +79,8 @@ class Config:
     ratelimit_per_second: float = 5.0
     ratelimit_burst: int = 50
     trusted_proxies: tuple[str, ...] = ("127.0.0.0/8", "::1/128")  # RTCAUTH_TRUSTED_PROXIES
+    request_timeout: float = 10.0
+    max_connections: Optional[int] = None  # None: derived from the open-file limit at start
     warnings: tuple[str, ...] = ()
 
     def is_full_access(self, server_name: str) -> bool:
@@ -442,6 +444,15 @@ def _read_ratelimit_burst(r: _Reading, s: Setting) -> None:
     r.fields["ratelimit_burst"] = int(_non_negative(s.name, r.raw(s).strip(), int(s.default), int))
 
 
+def _read_request_timeout(r: _Reading, s: Setting) -> None:
+    r.fields["request_timeout"] = _non_negative(s.name, r.raw(s).strip(), float(s.default), float)
+
+
+def _read_max_connections(r: _Reading, s: Setting) -> None:
+    raw = r.raw(s).strip()
+    r.fields["max_connections"] = int(_positive_number(s.name, raw, 0, int)) if raw else None
+
+
 def _read_trusted_proxies(r: _Reading, s: Setting) -> None:
     raw = r.raw(s)
     r.fields["trusted_proxies"] = parse_cidrs(s.name, raw if raw.strip() else s.default)
@@ -520,6 +531,20 @@ SETTINGS: tuple[Setting, ...] = (
         _read_ratelimit_rate,
     ),
     Setting("RTCAUTH_RATELIMIT_BURST", "50", "requests a client may make at once; 0 = no limit", _read_ratelimit_burst),
+    Setting(
+        "RTCAUTH_REQUEST_TIMEOUT_SECONDS",
+        "10",
+        "a request must arrive whole (headers and body) within this many seconds, else the "
+        "connection is dropped; 0 = off",
+        _read_request_timeout,
+    ),
+    Setting(
+        "RTCAUTH_MAX_CONNECTIONS",
+        "",
+        "open inbound connections at most; over it /healthz is still answered and the rest get "
+        "503 (default: half the open-file limit, at most 16384)",
+        _read_max_connections,
+    ),
     Setting(
         "RTCAUTH_TRUSTED_PROXIES",
         "127.0.0.0/8,::1/128",

@@ -51,6 +51,12 @@ class Metrics:
         self.rate_limited = Counter(
             "rtcauthd_rate_limited", "Requests answered 429 by the per-client rate limit", ["endpoint"], registry=r
         )
+        self.inbound_dropped = Counter(
+            "rtcauthd_inbound_dropped",
+            "Inbound connections dropped: too slow to send a request, or over the connection cap",
+            ["reason"],
+            registry=r,
+        )
         self.redis_errors = Counter(
             "rtcauthd_redis_errors", "Redis operations that failed", ["operation"], registry=r
         )

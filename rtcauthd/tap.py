@@ -7,6 +7,7 @@ Config and wired together into a :class:`Daemon` (``build_daemon``).
 from __future__ import annotations
 
 import os
+import resource
 import sys
 from typing import Any, Mapping, Optional
 
@@ -291,7 +292,15 @@ def build_daemon(
     if policy is None:
         policy = request_policy(config, reactor, metrics)
     app = RtcAuthApp(authorizer=authorizer, clock=reactor, webhooks=delegation, policy=policy)
-    site = RtcAuthSite(app.resource(), max_body=config.max_body_bytes, reactor=reactor, clock=reactor)
+    site = RtcAuthSite(
+        app.resource(),
+        max_body=config.max_body_bytes,
+        reactor=reactor,
+        clock=reactor,
+        request_timeout=config.request_timeout,
+        max_connections=config.max_connections if config.max_connections is not None else default_max_connections(),
+        metrics=metrics,
+    )
 
     async def before_listen() -> None:
         # Stored jobs resume before the first /healthz 200 (docs/endpoints.md#health-endpoint).
@@ -352,6 +361,14 @@ def metrics_site(metrics, reactor):
     site = Site(root, reactor=reactor)
     site.noisy = False
     return site
+
+
+def default_max_connections() -> int:
+    """Half the open-file limit (the rest is for outbound calls, Redis and logs), at most 16384."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 16384
+    return max(64, min(soft // 2, 16384))
 
 
 def request_policy(config: Config, reactor, metrics):
