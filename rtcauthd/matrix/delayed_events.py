@@ -1,9 +1,10 @@
 """What one MSC4140 ``restart``/``send`` answer means for the retry loop (docs/delegated-leave.md#answer-classification).
 
 Classification is pure (status, headers, body, now) so the parity-critical rules — 404,
-429 hints in three forms, everything else transient — are tested without any HTTP.
+409, 429 hints in three forms, everything else transient — are tested without any HTTP.
 Whether 404 is fatal (``restart``) or success (``send``) is the caller's decision; here it
-is only reported as ``NOT_FOUND``.
+is only reported as ``NOT_FOUND``. A 409 (the event was already finalised the other way)
+can never turn into success, so it is ``CONFLICT``, final for both actions.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class CsApiUnresolvable(Exception):
 class OutcomeKind(enum.Enum):
     OK = "ok"
     NOT_FOUND = "not_found"
+    CONFLICT = "conflict"
     RETRY = "retry"
 
 
@@ -50,6 +52,10 @@ class Outcome:
     @classmethod
     def not_found(cls, status: Optional[int] = 404) -> "Outcome":
         return cls(OutcomeKind.NOT_FOUND, status=status)
+
+    @classmethod
+    def conflict(cls, status: Optional[int] = 409) -> "Outcome":
+        return cls(OutcomeKind.CONFLICT, status=status, detail="HTTP 409")
 
     @classmethod
     def retry(
@@ -72,6 +78,8 @@ def classify_delayed_event_response(
         return Outcome.ok(status)
     if status == 404:
         return Outcome.not_found(status)
+    if status == 409:
+        return Outcome.conflict(status)
     if status != 429:
         return Outcome.retry(status=status, detail=f"HTTP {status}")
     hint = _retry_after_header(_first_header(headers, "Retry-After"), now)
