@@ -24,10 +24,25 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from rtcauthd.gojson import reject_constant
-from rtcauthd.outbound.client import HTTPClient, HTTPResponse, OutboundError
+from rtcauthd.outbound.client import HTTPClient, OutboundError
 from rtcauthd.outbound.errors import FailureKind
 from rtcauthd.metrics import Metrics
-from rtcauthd.matrix.delayed_events import CsApiUnresolvable, Outcome, classify_delayed_event_response
+from rtcauthd.matrix.delayed_events import (
+    CsApiUnresolvable,
+    DelayedEventUnknown,
+    Outcome,
+    classify_delayed_event_response,
+    delay_from_lookup,
+)
+
+__all__ = [
+    "ClientAPIResolver",
+    "DelayedEventClient",
+    "DelayedEventUnknown",
+    "StableDelayedEvents",
+    "advertises_stable_delayed_events",
+    "delayed_event_url",
+]
 
 log = Logger()
 
@@ -156,64 +171,6 @@ class StableDelayedEvents:
         self._cache[key] = (stable, self._clock.seconds() + self._cache_seconds)
         log.debug("{base_url} serves the {form} MSC4140 paths", base_url=key, form="stable" if stable else "unstable")
         return stable
-
-
-class DelayedEventUnknown(OutboundError):
-    """The homeserver has no usable pending delayed event of that ID for that user and room.
-
-    An OutboundError so that callers handling every look-up failure alike still can; the
-    delegation route answers this one 400 and all others 503 (docs/delegated-leave.md#the-delay-look-up).
-    """
-
-
-def _errcode(body: bytes) -> Optional[str]:
-    try:
-        document = json.loads(body.decode("utf-8"), parse_constant=reject_constant)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    code = document.get("errcode") if isinstance(document, dict) else None
-    return code if isinstance(code, str) else None
-
-
-def _positive_int(document: Mapping[str, Any], key: str) -> int:
-    value = document.get(key)
-    if value is None:
-        return 0
-    if type(value) is not int:
-        raise OutboundError(FailureKind.BAD_BODY, "delayed event lookup", f"{key} is not an integer")
-    return value
-
-
-def delay_from_lookup(response: HTTPResponse, room_id: Optional[str]) -> int:
-    """The delay in ms from a look-up answer (docs/delegated-leave.md#the-delay-look-up).
-
-    ``delay_ms`` when positive, else the older revisions' ``delay``; an event of another
-    room (when ``room_id`` is given) or without a positive delay is unknown.
-    """
-    step = "delayed event lookup"
-    if response.code == 404:
-        raise DelayedEventUnknown(FailureKind.HTTP_STATUS, step, "HTTP 404", status=404, code=_errcode(response.body))
-    if response.code != 200:
-        raise OutboundError(
-            FailureKind.HTTP_STATUS, step, f"HTTP {response.code}", status=response.code, code=_errcode(response.body)
-        )
-    try:
-        document = json.loads(response.body.decode("utf-8"), parse_constant=reject_constant)
-    except (ValueError, UnicodeDecodeError):
-        raise OutboundError(FailureKind.BAD_BODY, step, "answer is not JSON", status=200) from None
-    if not isinstance(document, dict):
-        raise OutboundError(FailureKind.BAD_BODY, step, "answer is not a JSON object", status=200)
-    event_room = document.get("room_id")
-    if event_room is not None and not isinstance(event_room, str):
-        raise OutboundError(FailureKind.BAD_BODY, step, "room_id is not a string", status=200)
-    if room_id is not None and event_room != room_id:
-        raise DelayedEventUnknown(FailureKind.INVALID, step, "the delayed event belongs to another room", status=200)
-    delay_ms = _positive_int(document, "delay_ms")
-    if delay_ms <= 0:
-        delay_ms = _positive_int(document, "delay")
-    if delay_ms <= 0:
-        raise DelayedEventUnknown(FailureKind.INVALID, step, "the delayed event has no positive delay", status=200)
-    return delay_ms
 
 
 def _well_known_base_url(body: bytes) -> str:
@@ -381,7 +338,7 @@ class DelayedEventClient:
             actions.labels(action="lookup", status="error").inc()
             raise
         actions.labels(action="lookup", status=str(response.code)).inc()
-        return delay_from_lookup(response, room_id)
+        return delay_from_lookup(response.code, response.body, room_id)
 
     async def _act(self, params, action: str) -> Outcome:
         actions = self._metrics.delayed_event_actions
