@@ -171,6 +171,38 @@ class RoundTripTests(RedisTestBase):
         self.assertEqual(self.count_logs("Skipping unparsable job record"), 2)
 
     @inlineCallbacks
+    def test_v07_written_records_load_with_their_owner(self):
+        server = RedisServer(self)
+        yield server.start()
+        v07 = {
+            b'["room-o","ident-o"]': (
+                b'{"Params":{"DelayId":"syd_o","DelayTimeout":3600000000000,"ServerName":"example.com",'
+                b'"LiveKitRoom":"room-o","LiveKitIdentity":"ident-o","OwnerUserId":"@alice:example.com"},'
+                b'"RestartedAt":"2026-07-23T10:15:30.123456789Z"}'
+            ),
+            b'["room-l","ident-l"]': (
+                b'{"Params":{"DelayId":"syd_l","DelayTimeout":8000000000,"ServerName":"example.com",'
+                b'"LiveKitRoom":"room-l","LiveKitIdentity":"ident-l","OwnerUserId":""},'
+                b'"RestartedAt":"2026-07-23T10:15:30Z"}'
+            ),
+        }
+        for field, value in {**v07, **GO_VALUES}.items():
+            raw(server.port, "HSET", JOBS_KEY, field, value)
+        store = self.store(f"redis://127.0.0.1:{server.port}/0")
+        loaded = yield store.load_all()
+        owners = {j.params.delay_id: j.params.owner_user_id for j in loaded}
+        self.assertEqual(
+            owners, {"syd_o": "@alice:example.com", "syd_l": None, "syd_a": None, "syd_b": None, "syd_c": None}
+        )
+        # written back, each is v0.7's bytes again
+        owned = next(j for j in loaded if j.params.delay_id == "syd_o")
+        yield store.put(StoredJob(owned.params, T_2026 + 0.123456))
+        self.assertEqual(
+            raw_hgetall(server.port)[b'["room-o","ident-o"]'],
+            v07[b'["room-o","ident-o"]'].replace(b".123456789Z", b".123456Z"),
+        )
+
+    @inlineCallbacks
     def test_a_restarted_service_loads_what_the_previous_one_wrote(self):
         server = RedisServer(self)
         yield server.start()
