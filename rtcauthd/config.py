@@ -81,6 +81,8 @@ class Config:
     trusted_proxies: tuple[str, ...] = ("127.0.0.0/8", "::1/128")  # RTCAUTH_TRUSTED_PROXIES
     request_timeout: float = 10.0
     max_connections: Optional[int] = None  # None: derived from the open-file limit at start
+    federation_max_inflight: int = 256
+    federation_max_per_server: int = 8
     warnings: tuple[str, ...] = ()
 
     def is_full_access(self, server_name: str) -> bool:
@@ -453,6 +455,14 @@ def _read_max_connections(r: _Reading, s: Setting) -> None:
     r.fields["max_connections"] = int(_positive_number(s.name, raw, 0, int)) if raw else None
 
 
+def _read_federation_max_inflight(r: _Reading, s: Setting) -> None:
+    r.fields["federation_max_inflight"] = int(_positive_number(s.name, r.raw(s).strip(), int(s.default), int))
+
+
+def _read_federation_max_per_server(r: _Reading, s: Setting) -> None:
+    r.fields["federation_max_per_server"] = int(_positive_number(s.name, r.raw(s).strip(), int(s.default), int))
+
+
 def _read_trusted_proxies(r: _Reading, s: Setting) -> None:
     raw = r.raw(s)
     r.fields["trusted_proxies"] = parse_cidrs(s.name, raw if raw.strip() else s.default)
@@ -531,6 +541,19 @@ SETTINGS: tuple[Setting, ...] = (
         _read_ratelimit_rate,
     ),
     Setting("RTCAUTH_RATELIMIT_BURST", "50", "requests a client may make at once; 0 = no limit", _read_ratelimit_burst),
+    Setting(
+        "RTCAUTH_FEDERATION_MAX_INFLIGHT",
+        "256",
+        "concurrent OpenID verifications against homeservers outside the full-access list (the "
+        "full-access ones have a budget of their own); over it, 503 + Retry-After",
+        _read_federation_max_inflight,
+    ),
+    Setting(
+        "RTCAUTH_FEDERATION_MAX_INFLIGHT_PER_SERVER",
+        "8",
+        "concurrent verifications against one such homeserver",
+        _read_federation_max_per_server,
+    ),
     Setting(
         "RTCAUTH_REQUEST_TIMEOUT_SECONDS",
         "10",

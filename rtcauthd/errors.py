@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 # errcodes
 M_NOT_JSON = "M_NOT_JSON"
 M_BAD_JSON = "M_BAD_JSON"
@@ -9,6 +11,7 @@ M_UNAUTHORIZED = "M_UNAUTHORIZED"
 M_FORBIDDEN = "M_FORBIDDEN"
 M_UNKNOWN = "M_UNKNOWN"
 M_TOO_LARGE = "M_TOO_LARGE"
+M_LIMIT_EXCEEDED = "M_LIMIT_EXCEEDED"
 
 # error texts, byte-exact with upstream (note the ungrammatical "a `id`" in the -GT forms)
 E_NOTJSON = "Error reading request"
@@ -27,16 +30,24 @@ E_INTERNAL = "Internal Server Error"
 E_CREATE = "Unable to create room on SFU"
 E_SHUTDOWN = "Service is shutting down"
 E_TOO_LARGE = "Request body too large"
+# rtcauthd's own (upstream has no limits)
+E_LIMIT = "Too many requests"
+E_BUSY = "Too many verifications in progress, try again shortly"
 
 
 class MatrixError(Exception):
-    """An error answered to the client as ``{"errcode", "error"}`` with an HTTP status."""
+    """An error answered to the client as ``{"errcode", "error"}`` with an HTTP status.
 
-    def __init__(self, status: int, errcode: str, message: str) -> None:
+    ``retry_after_ms`` (429/503) adds Matrix's ``retry_after_ms`` member and a
+    ``Retry-After`` header in whole seconds, rounded up.
+    """
+
+    def __init__(self, status: int, errcode: str, message: str, *, retry_after_ms: Optional[int] = None) -> None:
         super().__init__(status, errcode, message)
         self.status = status
         self.errcode = errcode
         self.message = message
+        self.retry_after_ms = retry_after_ms
 
     def __repr__(self) -> str:
         return f"MatrixError({self.status}, {self.errcode!r}, {self.message!r})"

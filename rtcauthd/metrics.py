@@ -57,6 +57,13 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.verifications_refused = Counter(
+            "rtcauthd_verifications_refused",
+            "OpenID verifications not attempted: the outbound budget was full (busy, server_busy, "
+            "full_access) or the server is in back-off after being unreachable (backoff)",
+            ["reason"],
+            registry=r,
+        )
         self.redis_errors = Counter(
             "rtcauthd_redis_errors", "Redis operations that failed", ["operation"], registry=r
         )

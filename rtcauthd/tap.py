@@ -138,7 +138,7 @@ class Daemon:
     metrics: Any
     tokens: Any  # TokenMinter
     rooms: Any  # RoomServiceClient (Twirp)
-    federation: Any  # FederationClient
+    federation: Any  # VerificationGate over the FederationClient
     cs_api: Any  # ClientAPIResolver
     delayed_events: Any  # DelayedEventClient
     federation_http: Any
@@ -176,6 +176,7 @@ def build_daemon(
     from rtcauthd.outbound.client import GoRedirectAgent, HTTPClient, connection_pool
     from rtcauthd.livekit.tokens import TokenMinter
     from rtcauthd.livekit.twirp import RoomServiceClient
+    from rtcauthd.matrix.fanout import VerificationGate
     from rtcauthd.matrix.federation import FederationClient
     from rtcauthd.matrix.federation_agent import (
         build_federation_agent,
@@ -279,7 +280,14 @@ def build_daemon(
             metrics=metrics,
         )
     if federation is None:
-        federation = FederationClient(http=federation_http)
+        federation = VerificationGate(
+            FederationClient(http=federation_http),
+            clock=reactor,
+            is_full_access=config.is_named_full_access,
+            max_inflight=config.federation_max_inflight,
+            max_per_server=config.federation_max_per_server,
+            metrics=metrics,
+        )
     authorizer = Authorizer(
         config=config,
         federation=federation,

@@ -11,7 +11,6 @@ packages are unmaintained; the bucket is a dozen lines.
 
 from __future__ import annotations
 
-import json
 import math
 from collections import OrderedDict
 from typing import Iterable, Optional
@@ -22,13 +21,13 @@ from twisted.web.iweb import IRequest
 from zope.interface import implementer
 
 from rtcauthd.inbound.client_address import ClientAddresses
-from rtcauthd.inbound.policy import IRequestPolicy, PolicyAnswer, Verdict
+from rtcauthd import errors
+from rtcauthd.errors import MatrixError
+from rtcauthd.inbound.policy import IRequestPolicy, Verdict
 from rtcauthd.metrics import Metrics
 
 log = Logger()
 
-M_LIMIT_EXCEEDED = "M_LIMIT_EXCEEDED"
-E_LIMIT = "Too many requests"
 #: The routes a stranger can make us do work for (an outbound verification each).
 LIMITED_ENDPOINTS = frozenset({"get_token", "sfu_get", "delegate_delayed_leave"})
 #: Buckets kept; each is a few hundred bytes, so the table stays in the tens of MiB.
@@ -64,18 +63,9 @@ class TokenBuckets:
         return wait
 
 
-def limit_exceeded(wait_seconds: float) -> PolicyAnswer:
-    """The 429 a limited client gets: Matrix's error body plus ``Retry-After`` (whole seconds, rounded up)."""
-    retry_after_ms = max(1, math.ceil(wait_seconds * 1000))
-    body = json.dumps({"errcode": M_LIMIT_EXCEEDED, "error": E_LIMIT, "retry_after_ms": retry_after_ms})
-    return PolicyAnswer(
-        429,
-        body.encode("utf-8"),
-        (
-            (b"Content-Type", b"application/json"),
-            (b"Retry-After", str(max(1, math.ceil(wait_seconds))).encode("ascii")),
-        ),
-    )
+def limit_exceeded(wait_seconds: float) -> MatrixError:
+    """The 429 a limited client gets (``retry_after_ms`` and ``Retry-After`` come with it)."""
+    return MatrixError(429, errors.M_LIMIT_EXCEEDED, errors.E_LIMIT, retry_after_ms=max(1, math.ceil(wait_seconds * 1000)))
 
 
 @implementer(IRequestPolicy)

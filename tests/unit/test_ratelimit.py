@@ -74,12 +74,9 @@ class TokenBucketTests(SynchronousTestCase):
 class AnswerTests(SynchronousTestCase):
     def test_429_body_and_retry_after(self) -> None:
         answer = limit_exceeded(0.2001)
-        self.assertEqual(answer.status, 429)
-        self.assertEqual(
-            json.loads(answer.body), {"errcode": "M_LIMIT_EXCEEDED", "error": "Too many requests", "retry_after_ms": 201}
-        )
-        self.assertIn((b"Retry-After", b"1"), answer.headers)
-        self.assertIn((b"Retry-After", b"3"), limit_exceeded(2.5).headers)
+        self.assertEqual((answer.status, answer.errcode, answer.message), (429, "M_LIMIT_EXCEEDED", "Too many requests"))
+        self.assertEqual(answer.retry_after_ms, 201)
+        self.assertEqual(limit_exceeded(2.5).retry_after_ms, 2500)
 
 
 class ClientAddressTests(SynchronousTestCase):
