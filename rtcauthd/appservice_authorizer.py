@@ -58,6 +58,14 @@ def _default_identity(user_id: str, member_id: str) -> str:
     return naming.appservice_identity(user_id, member_id)
 
 
+def _default_delay_unknown() -> tuple:
+    """The look-up's "no such delayed event" failure, where the delay client defines one."""
+    from rtcauthd.matrix import csapi
+
+    unknown = getattr(csapi, "DelayedEventUnknown", None)
+    return (unknown,) if unknown is not None else ()
+
+
 def _default_job(**fields: Any):
     from rtcauthd.leave.record import JobParams
 
@@ -68,10 +76,10 @@ class AppserviceAuthorizer:
     """Answers the AS routes for the homeserver ``server_name`` and the SFU ``livekit_url``.
 
     ``resolve_cs_api(server_name)`` gives the homeserver's client-server API base URL;
-    ``lookup_delay(server_name, user_id, delay_id)`` the delay in ms of the user's pending
-    delayed event (fails with OutboundError; a 404 or a delay ≤ 0 means "unknown");
-    ``identity(user_id, member_id)`` the AS-route identity; ``new_job(**fields)`` a
-    JobParams with ``owner_user_id``.
+    ``lookup_delay(server_name, user_id, delay_id, room_id=...)`` the delay in ms of the
+    user's pending delayed event in that room (fails with OutboundError; one of
+    ``delay_unknown``, a 404 or a delay ≤ 0 means "unknown"); ``identity(user_id,
+    member_id)`` the AS-route identity; ``new_job(**fields)`` a JobParams with ``owner_user_id``.
     """
 
     def __init__(
@@ -85,7 +93,8 @@ class AppserviceAuthorizer:
         tokens: ParticipantTokens,
         rooms: RoomCreator,
         leave_jobs: LeaveJobSink,
-        lookup_delay: Callable[[str, str, str], "Deferred[int]"],
+        lookup_delay: Callable[..., "Deferred[int]"],
+        delay_unknown: Optional[tuple] = None,
         identity: Callable[[str, str], str] = _default_identity,
         new_job: Callable[..., Any] = _default_job,
         metrics: Optional[Metrics] = None,
@@ -99,6 +108,7 @@ class AppserviceAuthorizer:
         self._rooms = rooms
         self._leave_jobs = leave_jobs
         self._lookup_delay = lookup_delay
+        self._delay_unknown = delay_unknown if delay_unknown is not None else _default_delay_unknown()
         self._identity = identity
         self._new_job = new_job
         self._metrics = metrics if metrics is not None else Metrics()
@@ -189,7 +199,7 @@ class AppserviceAuthorizer:
         identity = self._identity(mxid, request.member_id)
         room = naming.room_alias(request.room_id, request.slot_id)
         await self._cs_api()
-        delay_ms = await self._delay(mxid, request.delay_id)
+        delay_ms = await self._delay(mxid, request.delay_id, request.room_id)
         await self._leave_jobs.add_job(
             self._new_job(
                 delay_id=request.delay_id,
@@ -202,11 +212,11 @@ class AppserviceAuthorizer:
         )
         log.info("C-S delegated delayed leave for {user_id} in LiveKit room {room}", user_id=mxid, room=room)
 
-    async def _delay(self, mxid: str, delay_id: str) -> int:
+    async def _delay(self, mxid: str, delay_id: str, room_id: str) -> int:
         try:
-            delay_ms = await self._lookup_delay(self._server_name, mxid, delay_id)
+            delay_ms = await self._lookup_delay(self._server_name, mxid, delay_id, room_id=room_id)
         except OutboundError as e:
-            if e.status == 404:
+            if isinstance(e, self._delay_unknown) or e.status == 404:
                 raise MatrixError(400, errors.M_INVALID_PARAM, errors.E7_DELAY_UNKNOWN) from None
             log.warn("C-S delegation: delay look-up for {user_id} failed: {error}", user_id=mxid, error=str(e))
             raise MatrixError(503, errors.M_UNKNOWN, errors.E7_DELAY_LOOKUP) from None

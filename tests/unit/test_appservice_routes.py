@@ -115,14 +115,18 @@ class FakeJobs:
         return succeed(None)
 
 
+class DelayUnknown(OutboundError):
+    """Stands in for the delay client's "no such pending event" failure."""
+
+
 class FakeDelays:
     def __init__(self):
         self.calls = []
         self.answer = 3_600_000
         self.error = None
 
-    def lookup_delay(self, server_name, user_id, delay_id):
-        self.calls.append((server_name, user_id, delay_id))
+    def lookup_delay(self, server_name, user_id, delay_id, *, room_id=None):
+        self.calls.append((server_name, user_id, delay_id, room_id))
         if self.error is not None:
             return fail(self.error)
         return succeed(self.answer)
@@ -164,6 +168,7 @@ class Harness(SynchronousTestCase):
             rooms=self.rooms,
             leave_jobs=self.jobs,
             lookup_delay=self.delays.lookup_delay,
+            delay_unknown=(DelayUnknown,),
             identity=lambda user_id, member_id: naming.H(user_id, member_id),
             new_job=lambda **fields: fields,
         )
@@ -629,7 +634,7 @@ class DelegationTests(Harness):
                     }
                 ],
             )
-        self.assertEqual(self.delays.calls[-1], ("example.com", "@alice:example.com", "syd_cs_1"))
+        self.assertEqual(self.delays.calls[-1], ("example.com", "@alice:example.com", "syd_cs_1", "!roomid:example.com"))
         self.assertEqual(self.homeserver.calls, [])  # no membership check, no token, no room
         self.assertEqual((self.tokens.minted, self.rooms.created), ([], []))
 
@@ -654,6 +659,10 @@ class DelegationTests(Harness):
             response, body = self.post(CS + "/delegate_delayed_leave", dl_body())
             self.assertMatrixError(response, body, 400, "M_INVALID_PARAM", errors.E7_DELAY_UNKNOWN)
         self.delays.error = OutboundError(FailureKind.HTTP_STATUS, "delay look-up", "HTTP 404", status=404, code="M_NOT_FOUND")
+        response, body = self.post(CS + "/delegate_delayed_leave", dl_body())
+        self.assertMatrixError(response, body, 400, "M_INVALID_PARAM", errors.E7_DELAY_UNKNOWN)
+        # another room, no positive delay: the look-up's own "unknown" failure, whatever its status
+        self.delays.error = DelayUnknown(FailureKind.INVALID, "delay look-up", "another room", status=200)
         response, body = self.post(CS + "/delegate_delayed_leave", dl_body())
         self.assertMatrixError(response, body, 400, "M_INVALID_PARAM", errors.E7_DELAY_UNKNOWN)
         self.assertEqual(self.jobs.jobs, [])
@@ -685,9 +694,17 @@ class WiringTests(SynchronousTestCase):
         """With the other parts of the v0.7 work merged, the defaults build what the routes need."""
         from rtcauthd.leave import record
 
-        if "owner_user_id" not in attr_fields(record.JobParams) or not hasattr(naming, "appservice_identity"):
+        from rtcauthd.matrix import csapi
+
+        if (
+            "owner_user_id" not in attr_fields(record.JobParams)
+            or not hasattr(naming, "appservice_identity")
+            or not hasattr(csapi, "DelayedEventUnknown")
+        ):
             raise __import__("unittest").SkipTest("JobParams.owner_user_id / naming.appservice_identity not merged yet")
-        from rtcauthd.appservice_authorizer import _default_identity, _default_job
+        from rtcauthd.appservice_authorizer import _default_delay_unknown, _default_identity, _default_job
+
+        self.assertEqual(_default_delay_unknown(), (csapi.DelayedEventUnknown,))
 
         self.assertEqual(_default_identity("@alice:example.com", "memberABC"), ALICE_IDENTITY)
         job = _default_job(
