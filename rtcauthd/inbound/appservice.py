@@ -26,6 +26,7 @@ from rtcauthd.appservice_authorizer import AppserviceAuthorizer
 from rtcauthd.errors import MatrixError
 from rtcauthd.inbound.app import CORS_HEADERS, _is_canonical, _not_found, error_body, json_body
 from rtcauthd.inbound.appservice_models import ClientDelegationRequest, ClientTokenRequest, ServerTokenRequest
+from rtcauthd.matrix.appservice import HomeserverAppservice
 
 log = Logger()
 
@@ -219,6 +220,40 @@ class AppserviceMount(Resource):
     def render(self, request: IRequest):
         target = self._appservice if request.path.startswith(b"/_matrix/") else self._legacy
         return target.render(request)
+
+
+def build_appservice_app(
+    *,
+    config,
+    clock,
+    http,
+    resolve_cs_api,
+    tokens,
+    rooms,
+    leave_jobs,
+    lookup_delay,
+    metrics=None,
+) -> AppserviceApp:
+    """The AS routes wired from the Config (``as_token``, ``hs_token``, ``hs_server_name``,
+    ``livekit_url``, ``can_update_own_metadata``); the composition root calls this in AS mode.
+
+    ``http`` carries the as_token, so it must verify TLS and not follow redirects (the
+    plain client); ``lookup_delay`` is the delay client's look-up made as the user.
+    """
+    homeserver = HomeserverAppservice(clock=clock, http=http, as_token=config.as_token)
+    authorizer = AppserviceAuthorizer(
+        server_name=config.hs_server_name,
+        livekit_url=config.livekit_url,
+        can_update_own_metadata=config.can_update_own_metadata,
+        homeserver=homeserver,
+        resolve_cs_api=resolve_cs_api,
+        tokens=tokens,
+        rooms=rooms,
+        leave_jobs=leave_jobs,
+        lookup_delay=lookup_delay,
+        metrics=metrics,
+    )
+    return AppserviceApp(authorizer=authorizer, hs_token=config.hs_token)
 
 
 def appservice_resource(legacy: IResource, app: AppserviceApp) -> IResource:

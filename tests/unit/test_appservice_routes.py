@@ -13,6 +13,7 @@ from twisted.internet.defer import fail, succeed
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import Resource
 
 from rtcauthd import errors
 from rtcauthd.appservice_authorizer import AppserviceAuthorizer, mxid_server_name
@@ -718,3 +719,68 @@ def attr_fields(cls):
     import attr
 
     return attr.fields_dict(cls)
+
+
+class BuiltAppTests(SynchronousTestCase):
+    """build_appservice_app: the three modules together, with the real homeserver client."""
+
+    def test_local_token_through_the_real_homeserver_client(self):
+        from types import SimpleNamespace
+
+        from treq.testing import RequestTraversalAgent
+
+        from rtcauthd.inbound.appservice import build_appservice_app
+        from rtcauthd.outbound.client import HTTPClient
+        from tests.unit.test_appservice_homeserver import FakeHomeserver as FakeHomeserverResource
+
+        if not hasattr(naming, "appservice_identity"):  # until the tokens work is merged
+            naming.appservice_identity = lambda user_id, member_id: naming.H(user_id, member_id)
+            self.addCleanup(delattr, naming, "appservice_identity")
+        clock = MemoryReactorClock()
+        server = FakeHomeserverResource()
+        agent = RequestTraversalAgent(server)
+        config = SimpleNamespace(
+            as_token="the-as-token",
+            hs_token=HS_TOKEN,
+            hs_server_name="example.com",
+            livekit_url=LIVEKIT_URL,
+            can_update_own_metadata=False,
+        )
+        tokens, rooms = FakeTokens(), FakeRooms()
+        app = build_appservice_app(
+            config=config,
+            clock=clock,
+            http=HTTPClient(clock=clock, agent=agent),
+            resolve_cs_api=lambda name: succeed("https://hs.example.com/"),
+            tokens=tokens,
+            rooms=rooms,
+            leave_jobs=FakeJobs(),
+            lookup_delay=FakeDelays().lookup_delay,
+        )
+        self.assertNotIn(HS_TOKEN, repr(app))
+        site = RtcAuthSite(appservice_resource(Resource(), app), max_body=4096, reactor=clock, clock=clock)
+        client = SiteClient(site)
+        d = client.request(
+            "POST",
+            "http://rtc.test" + CS + "/get_token",
+            cs_body(),
+            {"Authorization": "Bearer " + HS_TOKEN, "X-Matrix-User-Identifier": "@alice:example.com"},
+        )
+        agent.flush()
+        client.flush()
+        agent.flush()
+        client.flush()
+        response, body = self.successResultOf(d)
+        self.assertEqual(response.code, 200, body)
+        self.assertEqual(rooms.created, [ALIAS])
+        self.assertEqual(tokens.minted, [(ALICE_IDENTITY, ALIAS, True, False)])
+        self.assertEqual(
+            [(uri, auth) for _m, uri, auth, _b in server.seen],
+            [
+                (b"/_matrix/client/versions", None),
+                (
+                    b"/_matrix/client/unstable/io.element.msc4502/rooms/!roomid:example.com/is_joined?mxid=%40alice%3Aexample.com",
+                    b"Bearer the-as-token",
+                ),
+            ],
+        )
