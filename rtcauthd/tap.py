@@ -172,7 +172,7 @@ def build_daemon(
     from rtcauthd.livekit.webhooks import WebhookVerifier
     from rtcauthd.matrix.csapi import ClientAPIResolver, DelayedEventClient
     from rtcauthd.inbound.app import RtcAuthApp
-    from rtcauthd.inbound.site import RtcAuthSite
+    from rtcauthd.inbound.site import RtcAuthSite, UTF8URLsOnly
     from rtcauthd.outbound.client import GoRedirectAgent, HTTPClient, connection_pool
     from rtcauthd.livekit.tokens import TokenMinter
     from rtcauthd.livekit.twirp import RoomServiceClient
@@ -301,7 +301,7 @@ def build_daemon(
         policy = request_policy(config, reactor, metrics)
     app = RtcAuthApp(authorizer=authorizer, clock=reactor, webhooks=delegation, policy=policy)
     site = RtcAuthSite(
-        app.resource(),
+        UTF8URLsOnly(app.resource()),
         max_body=config.max_body_bytes,
         reactor=reactor,
         clock=reactor,

@@ -12,6 +12,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.iweb import INonQueuedRequestFactory
+from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from zope.interface import implementer
 
@@ -20,6 +21,30 @@ from rtcauthd.inbound.connections import DeadlineChannel, OverflowProtocol
 from rtcauthd.metrics import Metrics
 
 log = Logger()
+
+
+class UTF8URLsOnly(Resource):
+    """Answers a URL that is not UTF-8 (``GET /%ff``) with Klein's 400, without its traceback.
+
+    Klein logs such a client mistake as a critical failure with a traceback; under a
+    flood that is a log line per request. Here it is one debug line.
+    """
+
+    isLeaf = True
+
+    def __init__(self, inner) -> None:
+        super().__init__()
+        self._inner = inner
+
+    def render(self, request):
+        try:
+            b"/".join(request.postpath).decode("utf-8")
+            request.getRequestHostname().decode("utf-8")
+        except UnicodeDecodeError:
+            log.debug("Non-UTF-8 URL from {client} answered 400", client=_client_address(request))
+            request.setResponseCode(400)
+            return b"Non-UTF-8 encoding in URL."
+        return self._inner.render(request)
 
 
 class SizeLimitingRequest(Request):

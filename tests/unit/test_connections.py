@@ -134,3 +134,30 @@ class CapTests(SiteTestCase):
         self.site.max_connections = None
         for _ in range(50):
             self.assertNotIsInstance(self.connect().protocol, OverflowProtocol)
+
+
+class BadURLTests(SynchronousTestCase):
+    """A non-UTF-8 URL is a client mistake: Klein's 400, one debug line, no traceback."""
+
+    def test_non_utf8_path_is_400_without_a_critical_log(self) -> None:
+        from twisted.logger import LogLevel, globalLogPublisher
+
+        from tests.support.daemon import SiteClient, build_test_daemon
+
+        env = {
+            "LIVEKIT_URL": "wss://sfu.example.com",
+            "LIVEKIT_KEY": "devkey",
+            "LIVEKIT_SECRET": "secret-secret-secret-secret-secret",
+            "LIVEKIT_FULL_ACCESS_HOMESERVERS": "example.com",
+        }
+        client = SiteClient(build_test_daemon(env, MemoryReactorClock()).site)
+        events: list = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        for path in (b"/%ff", b"/get_token%fe", b"/healthz/%c3%28"):
+            response, body = self.successResultOf(client.raw_request(b"GET", b"http://localhost" + path))
+            self.assertEqual((response.code, body), (400, b"Non-UTF-8 encoding in URL."))
+        response, _ = self.successResultOf(client.raw_request(b"GET", b"http://localhost/healthz"))
+        self.assertEqual(response.code, 200)
+        loud = [e for e in events if e.get("log_failure") is not None or e["log_level"] >= LogLevel.error]
+        self.assertEqual(loud, [])
