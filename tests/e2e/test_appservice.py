@@ -96,6 +96,17 @@ class AppServiceCase(E2ECase):
         self.__dict__.setdefault("_daemons", []).append(daemon)
         return daemon
 
+    @defer.inlineCallbacks
+    def require_as_routes(self, daemon: DaemonProcess, hs: SynapseServer):
+        """Skip unless the daemon answers Synapse's ping the AS way (docs/appservice-synapse.md#tests)."""
+        got = yield daemon.request("POST", "/_matrix/app/v1/ping", b"{}",
+                                   {"Authorization": "Bearer " + hs.appservice.hs_token,
+                                    "Content-Type": "application/json"})
+        if got.code == 404:
+            raise SkipTest("rtcauthd does not serve the application-service routes yet "
+                           "(POST /_matrix/app/v1/ping with the hs_token answered 404)")
+        self.assertEqual((got.code, got.json()), (200, {}), daemon.describe())
+
     def client_for(self, hs: SynapseServer) -> MatrixClient:
         return self.full_client if hs is self.full else self.restricted_client
 
@@ -220,16 +231,6 @@ class FlowTests(AppServiceCase):
         yield AppServiceCase.setUp(self)
         self.daemon = yield self.as_daemon(self.full).start()
         yield self.require_as_routes(self.daemon, self.full)
-
-    @defer.inlineCallbacks
-    def require_as_routes(self, daemon: DaemonProcess, hs: SynapseServer):
-        got = yield daemon.request("POST", "/_matrix/app/v1/ping", b"{}",
-                                   {"Authorization": "Bearer " + hs.appservice.hs_token,
-                                    "Content-Type": "application/json"})
-        if got.code == 404:
-            raise SkipTest("rtcauthd does not serve the application-service routes yet "
-                           "(POST /_matrix/app/v1/ping with the hs_token answered 404)")
-        self.assertEqual((got.code, got.json()), (200, {}), daemon.describe())
 
     def token_body(self, room_id: str, member_id: str, **extra) -> dict:
         return dict({"url": self.full.appservice.sfu_url, "room_id": room_id, "slot_id": SLOT_ID,
