@@ -6,6 +6,10 @@ with SQLite, with a TLS federation listener whose port is part of its server nam
 (``127.0.0.1:PORT``) and whose certificate comes from a test CA, so rtcauthd verifies it
 through ``RTCAUTH_CA_FILE`` instead of switching checks off.
 
+Each also has rtcauthd registered as its application service (``AppService``: the
+registration file, the MSC4502/MSC4512/MSC4143 flags and a ``matrix_rtc`` transport), and
+the two federate with each other (docs/appservice-synapse.md#tests).
+
 The homeservers are started once per test run and shared by every test (each test
 registers its own users and creates its own rooms).  They are ``subprocess.Popen``
 children, not reactor processes, precisely so they can outlive one trial test without

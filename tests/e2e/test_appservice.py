@@ -155,6 +155,12 @@ class RigTests(AppServiceCase):
             client = self.client_for(hs)
             got = yield client.fetch("GET", "/_matrix/client/v3/account/whoami", token=hs.appservice.as_token)
             self.assertEqual((got.code, got.json().get("user_id")), (200, hs.appservice.sender), got.body)
+            # the flags show in /versions (is_joined's feature detection reads the first);
+            # with msc4502_enabled off Synapse 1.163.2 advertises it as false
+            got = yield client.fetch("GET", "/_matrix/client/versions")
+            features = got.json()["unstable_features"]
+            self.assertEqual((features.get("io.element.msc4502"), features.get("org.matrix.msc4143")), (True, True),
+                             features)
         # "restricted" is registered with url: null, as in production: no ping
         got = yield self.restricted_client.fetch("POST", "/_matrix/client/v1/appservice/rtcauthd/ping", b"{}",
                                                  token=self.restricted.appservice.as_token)
