@@ -6,6 +6,10 @@ with SQLite, with a TLS federation listener whose port is part of its server nam
 (``127.0.0.1:PORT``) and whose certificate comes from a test CA, so rtcauthd verifies it
 through ``RTCAUTH_CA_FILE`` instead of switching checks off.
 
+Each also has rtcauthd registered as its application service (``AppService``: the
+registration file, the MSC4502/MSC4512/MSC4143 flags and a ``matrix_rtc`` transport), and
+the two federate with each other (docs/appservice-synapse.md#tests).
+
 The homeservers are started once per test run and shared by every test (each test
 registers its own users and creates its own rooms).  They are ``subprocess.Popen``
 children, not reactor processes, precisely so they can outlive one trial test without
@@ -21,6 +25,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import secrets
 import signal
 import sqlite3
@@ -40,7 +45,7 @@ from twisted.web.http_headers import Headers
 
 
 from rtcauthd.outbound.client import BytesProducer
-from tests.blackbox.harness import REPO_ROOT, free_port, timeout_after
+from tests.blackbox.harness import REPO_ROOT, HTTPResult, free_port, timeout_after
 from tests.support.certs import TestCA
 
 log = Logger()
@@ -110,6 +115,77 @@ def ensure_venv() -> str:
 
 
 # ---------------------------------------------------------------------------------------
+# rtcauthd as Synapse's application service
+
+
+#: The only MSC4502 scope Synapse 1.163.2 knows (lets the AS call is_joined).
+IS_JOINED_SCOPE = "urn:matrix:client:io.element.msc4502:rooms:is_joined"
+PROXY_PREFIX = "rtc/livekit"
+
+
+@attr.s(auto_attribs=True, frozen=True)
+class AppService:
+    """rtcauthd registered with one Synapse (docs/appservice-synapse.md#registration).
+
+    ``service_url`` is the daemon's origin (``proxy_url``, and ``url`` when ``ping`` is
+    set); ``sfu_url`` is the LiveKit URL the homeserver advertises and the daemon must be
+    configured with byte for byte.  Ports are reserved before Synapse starts because
+    Synapse reads them once, so each test runs its daemon and fake SFU on them.
+    """
+
+    id: str
+    server_name: str
+    service_port: int
+    sfu_port: int
+    ping: bool
+    as_token: str = attr.ib(repr=False, factory=lambda: "as_" + secrets.token_hex(16))
+    hs_token: str = attr.ib(repr=False, factory=lambda: "hs_" + secrets.token_hex(16))
+    sender_localpart: str = "_rtcauthd"
+
+    @property
+    def service_url(self) -> str:
+        return f"http://127.0.0.1:{self.service_port}"
+
+    @property
+    def sfu_url(self) -> str:
+        return f"ws://127.0.0.1:{self.sfu_port}"
+
+    @property
+    def sender(self) -> str:
+        return f"@{self.sender_localpart}:{self.server_name}"
+
+    @property
+    def transport(self) -> dict:
+        """The ``matrix_rtc`` transport: ``url`` for the proxied flow, the service URL for
+        clients that still use the OpenID flow (both modes side by side)."""
+        return {"type": "livekit", "url": self.sfu_url, "livekit_service_url": self.service_url}
+
+    def registration_yaml(self) -> str:
+        """The registration file as an operator writes it: the namespaced keys that
+        Synapse 1.163.2 reads, every local user in the (non-exclusive) namespace so the
+        service may act as the user who delegated a leave."""
+        users = "@.*:" + re.escape(self.server_name)
+        url = json.dumps(self.service_url) if self.ping else "null"
+        return "\n".join([
+            f"id: {json.dumps(self.id)}",
+            f"url: {url}",
+            f"as_token: {json.dumps(self.as_token)}",
+            f"hs_token: {json.dumps(self.hs_token)}",
+            f"sender_localpart: {json.dumps(self.sender_localpart)}",
+            "rate_limited: false",
+            "namespaces:",
+            "  users:",
+            "    - exclusive: false",
+            f"      regex: '{users}'",
+            "io.element.msc4502.scopes:",
+            f"  - {json.dumps(IS_JOINED_SCOPE)}",
+            f"io.element.msc4512.proxy_prefix: {json.dumps(PROXY_PREFIX)}",
+            f"io.element.msc4512.proxy_url: {json.dumps(self.service_url)}",
+            "",
+        ])
+
+
+# ---------------------------------------------------------------------------------------
 # one homeserver
 
 
@@ -133,12 +209,14 @@ class SynapseServer:
     ``LIVEKIT_CS_API_URL_OVERRIDES``.
     """
 
-    def __init__(self, *, name: str, workdir: str, venv: str, ca: TestCA, rtc_foci_url: str) -> None:
+    def __init__(self, *, name: str, workdir: str, venv: str, ca: TestCA, rtc_foci_url: str,
+                 appservice: Optional["AppService"] = None, federation_ca_file: Optional[str] = None,
+                 fed_port: Optional[int] = None) -> None:
         self.name = name
         self.workdir = os.path.abspath(workdir)
         os.makedirs(self.workdir, exist_ok=True)
         self.venv = venv
-        self.fed_port = free_port("127.0.0.1")
+        self.fed_port = fed_port if fed_port is not None else free_port("127.0.0.1")
         self.client_port = free_port("127.0.0.1")
         self.server_name = f"127.0.0.1:{self.fed_port}"
         self.client_url = f"http://127.0.0.1:{self.client_port}"
@@ -149,6 +227,9 @@ class SynapseServer:
         self.stdio_path = os.path.join(self.workdir, "stdio.log")
         self.config_path = os.path.join(self.workdir, "homeserver.yaml")
         self.rtc_foci_url = rtc_foci_url
+        self.appservice = appservice
+        self.registration_path = os.path.join(self.workdir, "rtcauthd-registration.yaml")
+        self.federation_ca_file = federation_ca_file
         self._popen: Optional[subprocess.Popen] = None
         self.spawned_at: Optional[float] = None
         self.ready_after: Optional[float] = None
@@ -211,6 +292,21 @@ class SynapseServer:
             "enable_metrics": False,
             "url_preview_enabled": False,
         }
+        if self.federation_ca_file is not None:
+            # federate with the other test homeservers: trust the test CA, and allow
+            # loopback addresses, which Synapse blocks by default
+            config["federation_custom_ca_list"] = [self.federation_ca_file]
+            config["ip_range_blacklist"] = []
+        if self.appservice is not None:
+            with open(self.registration_path, "w") as f:
+                f.write(self.appservice.registration_yaml())
+            config["app_service_config_files"] = [self.registration_path]
+            config["experimental_features"] = {
+                "msc4502_enabled": True,  # is_joined
+                "msc4512_enabled": True,  # the rtc/livekit proxy and fed_proxy
+                "msc4143_enabled": True,  # /rtc/transports
+            }
+            config["matrix_rtc"] = {"transports": [self.appservice.transport]}
         with open(self.config_path, "w") as f:
             json.dump(config, f, indent=1)
 
@@ -369,9 +465,17 @@ def get_cluster(reactor):
         ca_file = ca.write_ca(base)
         foci_port = free_port("127.0.0.1")
         foci = f"http://127.0.0.1:{foci_port}"
-        full = SynapseServer(name="full", workdir=os.path.join(base, "full"), venv=venv, ca=ca, rtc_foci_url=foci)
-        restricted = SynapseServer(name="restricted", workdir=os.path.join(base, "restricted"), venv=venv, ca=ca,
-                                   rtc_foci_url=foci)
+        servers = {}
+        # "full" registers rtcauthd with ``url`` set (AS ping, transactions), "restricted"
+        # with ``url: null`` as in production; both proxy rtc/livekit to their own daemon.
+        for name, ping in (("full", True), ("restricted", False)):
+            fed_port = free_port("127.0.0.1")
+            appservice = AppService(id="rtcauthd", server_name=f"127.0.0.1:{fed_port}",
+                                    service_port=free_port("127.0.0.1"), sfu_port=free_port("127.0.0.1"), ping=ping)
+            servers[name] = SynapseServer(name=name, workdir=os.path.join(base, name), venv=venv, ca=ca,
+                                          rtc_foci_url=foci, appservice=appservice, federation_ca_file=ca_file,
+                                          fed_port=fed_port)
+        full, restricted = servers["full"], servers["restricted"]
         cluster = SynapseCluster(full, restricted, ca, ca_file, foci_port)
         atexit.register(cluster.stop)
         full.spawn()
@@ -413,6 +517,16 @@ class _HTTP:
             h.addRawHeader(k, v)
         d = self._agent.request(method.encode(), url.encode(), h, BytesProducer(body) if body is not None else None)
         d.addCallback(lambda r: readBody(r).addCallback(lambda data: (r.code, data)))
+        return timeout_after(self.reactor, d, timeout, f"{method} {url.split('?')[0]}")
+
+    def fetch(self, method: str, url: str, body: Optional[bytes] = None,
+              headers: Optional[Mapping[str, str]] = None, *, timeout: float = REQUEST_DEADLINE):
+        """Like ``request`` but fires with an HTTPResult (status, headers, body)."""
+        h = Headers()
+        for k, v in (headers or {}).items():
+            h.addRawHeader(k, v)
+        d = self._agent.request(method.encode(), url.encode(), h, BytesProducer(body) if body is not None else None)
+        d.addCallback(lambda r: readBody(r).addCallback(lambda data: HTTPResult(r.code, r.headers, data)))
         return timeout_after(self.reactor, d, timeout, f"{method} {url.split('?')[0]}")
 
     def close(self):
@@ -461,6 +575,15 @@ class MatrixClient:
             "nonce": nonce, "username": localpart, "password": password, "admin": False, "mac": mac.hexdigest(),
         })
         return MatrixUser(got["user_id"], got["access_token"], got["device_id"])
+
+    def fetch(self, method: str, path: str, body: Optional[bytes] = None, *, token: Optional[str] = None,
+              headers: Optional[Mapping[str, str]] = None, query: Optional[Mapping[str, str]] = None):
+        """A raw exchange with this homeserver's client port (any answer, headers kept)."""
+        url = self.hs.client_url + path + ("?" + urlencode(query) if query else "")
+        h = dict(headers or {})
+        if token is not None:
+            h["Authorization"] = "Bearer " + token
+        return self._http.fetch(method, url, body, h)
 
     def openid_token(self, user: MatrixUser):
         """``{"access_token","token_type","matrix_server_name","expires_in"}`` as clients get it."""
