@@ -559,7 +559,7 @@ def _read_redis_url(r: _Reading, s: Setting) -> None:
 def _read_own_metadata(r: _Reading, s: Setting) -> None:
     raw = r.raw(s)
     r.fields["can_update_own_metadata"] = raw == "true"  # exactly; True, 1 or yes leave it off
-    if raw and raw != "true":
+    if raw not in ("", "true", s.default):
         r.warnings.append(f"{s.name} is set but not to true; canUpdateOwnMetadata is not granted")
 
 
