@@ -93,7 +93,7 @@ class Config:
 
     @property
     def appservice(self) -> bool:
-        """Application-service mode: both tokens and the server name (docs/configuration.md#application-service-mode)."""
+        """Both tokens and the server name: AS mode (docs/configuration.md#application-service-mode)."""
         return bool(self.as_token and self.hs_token and self.hs_server_name)
 
     @property
@@ -101,7 +101,8 @@ class Config:
         """What the log scrubber must never let through."""
         from rtcauthd.store.redis_url import redis_password
 
-        return tuple(s for s in (self.api_secret, self.as_token, self.hs_token, redis_password(self.redis_url)) if s)
+        values = (self.api_secret, self.as_token, self.hs_token, redis_password(self.redis_url))
+        return tuple(s for s in values if s)
 
     def is_full_access(self, server_name: str) -> bool:
         """Exact, case-sensitive membership; a lone ``*`` admits everyone (docs/authorization.md#access-rules)."""
@@ -517,11 +518,8 @@ def _read_appservice(r: _Reading, s: Setting) -> None:
         as_token, hs_token = read_registration(
             _read_source("LIVEKIT_AS_REGISTRATION_FILE", registration, r.read_file)
         )
-        ignored = [
-            n
-            for n in ("LIVEKIT_AS_TOKEN", "LIVEKIT_AS_TOKEN_FROM_FILE", "LIVEKIT_HS_TOKEN", "LIVEKIT_HS_TOKEN_FROM_FILE")
-            if r.env.get(n)
-        ]
+        pair = ("LIVEKIT_AS_TOKEN", "LIVEKIT_AS_TOKEN_FROM_FILE", "LIVEKIT_HS_TOKEN", "LIVEKIT_HS_TOKEN_FROM_FILE")
+        ignored = [n for n in pair if r.env.get(n)]
         if ignored:
             r.warnings.append(f"LIVEKIT_AS_REGISTRATION_FILE is set, so {', '.join(ignored)} is ignored")
     else:
@@ -611,9 +609,9 @@ SETTINGS: tuple[Setting, ...] = (
         "application-service mode: token sent to the homeserver (as_token)",
         _read_appservice,
     ),
-    Setting("LIVEKIT_AS_TOKEN_FROM_FILE", "", "file holding the as_token (overrides LIVEKIT_AS_TOKEN)"),
+    Setting("LIVEKIT_AS_TOKEN_FROM_FILE", "", "rtcauthd only: file holding the as_token (overrides LIVEKIT_AS_TOKEN)"),
     Setting("LIVEKIT_HS_TOKEN", "", "application-service mode: token the homeserver sends (hs_token)"),
-    Setting("LIVEKIT_HS_TOKEN_FROM_FILE", "", "file holding the hs_token (overrides LIVEKIT_HS_TOKEN)"),
+    Setting("LIVEKIT_HS_TOKEN_FROM_FILE", "", "rtcauthd only: file holding the hs_token (overrides LIVEKIT_HS_TOKEN)"),
     Setting(
         "LIVEKIT_AS_REGISTRATION_FILE",
         "",

@@ -395,7 +395,9 @@ class RedisPasswordTests(_Loading):
         url = self.redis("redis://h/x", "hunter2-secret")
         with self.assertRaises(RedisURLError) as cm:
             parse_redis_url(url)
-        self.assertEqual(str(cm.exception), 'store: invalid Redis URL "redis://:xxxxx@h/x": redis: invalid database number: "x"')
+        self.assertEqual(
+            str(cm.exception), 'store: invalid Redis URL "redis://:xxxxx@h/x": redis: invalid database number: "x"'
+        )
 
 
 class HelpTests(SynchronousTestCase):
@@ -417,6 +419,8 @@ class HelpTests(SynchronousTestCase):
         self.assertIn("(default false)", " ".join(text.split()))
 
     def test_new_settings_are_not_unknown(self):
-        env = dict(BASE, LIVEKIT_REDIS_PASSWORD="pw", LIVEKIT_REDIS_URL="redis://h", LIVEKIT_CAN_UPDATE_OWN_METADATA="true")
+        env = dict(
+            BASE, LIVEKIT_REDIS_PASSWORD="pw", LIVEKIT_REDIS_URL="redis://h", LIVEKIT_CAN_UPDATE_OWN_METADATA="true"
+        )
         c = load_config(env, read_file=files({}))
         self.assertEqual([w for w in c.warnings if "unknown" in w], [])
