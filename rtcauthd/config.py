@@ -533,7 +533,7 @@ def _read_appservice(r: _Reading, s: Setting) -> None:
 
 def _read_redis_url(r: _Reading, s: Setting) -> None:
     """LIVEKIT_REDIS_URL with LIVEKIT_REDIS_PASSWORD merged in (docs/configuration.md#redis-password)."""
-    from rtcauthd.store.redis_url import url_syntax_error, with_password
+    from rtcauthd.store.redis_url import redis_password, url_syntax_error, with_password
 
     url, password = r.raw(s), r.env.get("LIVEKIT_REDIS_PASSWORD", "")
     if url == "":
@@ -550,6 +550,8 @@ def _read_redis_url(r: _Reading, s: Setting) -> None:
         merged = with_password(url, password)
         if merged is None:
             raise ConfigError("LIVEKIT_REDIS_PASSWORD was set but couldn't be combined with LIVEKIT_REDIS_URL")
+        if redis_password(url):
+            r.warnings.append("LIVEKIT_REDIS_PASSWORD is set, so the password in LIVEKIT_REDIS_URL is ignored")
         url = merged
     r.fields["redis_url"] = url
 

@@ -346,6 +346,12 @@ class RedisPasswordTests(_Loading):
         self.assertEqual(self.redis("redis://alice:old@h:6380/1", "new"), "redis://alice:new@h:6380/1")
         self.assertEqual(self.redis("redis://alice@h/1", "new"), "redis://alice:new@h/1")
         self.assertEqual(self.redis("redis://:old@h/1", "new"), "redis://:new@h/1")
+        warning = "LIVEKIT_REDIS_PASSWORD is set, so the password in LIVEKIT_REDIS_URL is ignored"
+        c = self.load({"LIVEKIT_REDIS_URL": "redis://:old-password@h/1", "LIVEKIT_REDIS_PASSWORD": "new"})
+        self.assertIn(warning, c.warnings)
+        self.assertNotIn("old-password", " ".join(c.warnings))
+        c = self.load({"LIVEKIT_REDIS_URL": "redis://alice@h/1", "LIVEKIT_REDIS_PASSWORD": "new"})
+        self.assertNotIn(warning, c.warnings)
 
     def test_password_reaches_redis_exactly(self):
         for password in ("p@ss:w/rd?#", "100%25", "sp ace", "\u00e9t\u00e9", "a!$&'()*+,;=b"):
