@@ -83,6 +83,11 @@ class Authorizer:
         lookup = self._metrics.homeserver_lookup_seconds
         try:
             user_id = await self._federation.userinfo(server_name, openid.access_token)
+        except MatrixError as e:  # the outbound budget is full: answered as it says (503)
+            lookup.labels(result="refused").observe(self._clock.seconds() - started)
+            log.info("{endpoint}: not verifying against {server_name} now: {error}",
+                     endpoint=endpoint, server_name=server_name, error=e.message)
+            raise
         except Exception as e:  # every failure is the same 401 to the client
             step = getattr(e, "step", type(e).__name__)
             detail = getattr(e, "detail", str(e))

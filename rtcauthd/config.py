@@ -89,6 +89,13 @@ class Config:
     hs_token: str = attr.ib(default="", repr=False)
     hs_server_name: str = ""
     can_update_own_metadata: bool = False
+    ratelimit_per_second: float = 5.0
+    ratelimit_burst: int = 50
+    trusted_proxies: tuple[str, ...] = ("127.0.0.0/8", "::1/128")  # RTCAUTH_TRUSTED_PROXIES
+    request_timeout: float = 10.0
+    max_connections: Optional[int] = None  # None: derived from the open-file limit at start
+    federation_max_inflight: int = 256
+    federation_max_per_server: int = 8
     warnings: tuple[str, ...] = ()
 
     @property
@@ -445,6 +452,48 @@ def _read_max_body(r: _Reading, s: Setting) -> None:
     r.fields["max_body_bytes"] = int(_positive_number(s.name, r.raw(s).strip(), int(s.default), int))
 
 
+def _non_negative(variable: str, value: str, default: float, kind: type) -> float:
+    if value == "":
+        return default
+    try:
+        number = kind(value)
+    except ValueError:
+        number = -1
+    if not math.isfinite(number) or number < 0:
+        raise ConfigError(f"{variable} must be a number >= 0, got {go_quote(value)}")
+    return number
+
+
+def _read_ratelimit_rate(r: _Reading, s: Setting) -> None:
+    r.fields["ratelimit_per_second"] = _non_negative(s.name, r.raw(s).strip(), float(s.default), float)
+
+
+def _read_ratelimit_burst(r: _Reading, s: Setting) -> None:
+    r.fields["ratelimit_burst"] = int(_non_negative(s.name, r.raw(s).strip(), int(s.default), int))
+
+
+def _read_request_timeout(r: _Reading, s: Setting) -> None:
+    r.fields["request_timeout"] = _non_negative(s.name, r.raw(s).strip(), float(s.default), float)
+
+
+def _read_max_connections(r: _Reading, s: Setting) -> None:
+    raw = r.raw(s).strip()
+    r.fields["max_connections"] = int(_positive_number(s.name, raw, 0, int)) if raw else None
+
+
+def _read_federation_max_inflight(r: _Reading, s: Setting) -> None:
+    r.fields["federation_max_inflight"] = int(_positive_number(s.name, r.raw(s).strip(), int(s.default), int))
+
+
+def _read_federation_max_per_server(r: _Reading, s: Setting) -> None:
+    r.fields["federation_max_per_server"] = int(_positive_number(s.name, r.raw(s).strip(), int(s.default), int))
+
+
+def _read_trusted_proxies(r: _Reading, s: Setting) -> None:
+    raw = r.raw(s)
+    r.fields["trusted_proxies"] = parse_cidrs(s.name, raw if raw.strip() else s.default)
+
+
 def _read_metrics_listen(r: _Reading, s: Setting) -> None:
     raw = r.raw(s)
     r.fields["metrics_listen"] = metrics_endpoint(raw) if raw.strip() else None
@@ -640,6 +689,46 @@ SETTINGS: tuple[Setting, ...] = (
         "RTCAUTH_OUTBOUND_TIMEOUT_SECONDS", f"{DEFAULT_OUTBOUND_TIMEOUT:g}", "bound on every outbound call", _read_timeout
     ),
     Setting("RTCAUTH_MAX_BODY_BYTES", str(DEFAULT_MAX_BODY_BYTES), "request body limit, answered 413", _read_max_body),
+    Setting(
+        "RTCAUTH_RATELIMIT_PER_SECOND",
+        "5",
+        "token requests per second per client (/get_token, /sfu/get, /delegate_delayed_leave); 0 = no limit",
+        _read_ratelimit_rate,
+    ),
+    Setting("RTCAUTH_RATELIMIT_BURST", "50", "requests a client may make at once; 0 = no limit", _read_ratelimit_burst),
+    Setting(
+        "RTCAUTH_FEDERATION_MAX_INFLIGHT",
+        "256",
+        "concurrent OpenID verifications against homeservers outside the full-access list (the "
+        "full-access ones have a budget of their own); over it, 503 + Retry-After",
+        _read_federation_max_inflight,
+    ),
+    Setting(
+        "RTCAUTH_FEDERATION_MAX_INFLIGHT_PER_SERVER",
+        "8",
+        "concurrent verifications against one such homeserver",
+        _read_federation_max_per_server,
+    ),
+    Setting(
+        "RTCAUTH_REQUEST_TIMEOUT_SECONDS",
+        "10",
+        "a request must arrive whole (headers and body) within this many seconds, else the "
+        "connection is dropped; 0 = off",
+        _read_request_timeout,
+    ),
+    Setting(
+        "RTCAUTH_MAX_CONNECTIONS",
+        "",
+        "open inbound connections at most; over it /healthz is still answered and the rest get "
+        "503 (default: half the open-file limit, at most 16384)",
+        _read_max_connections,
+    ),
+    Setting(
+        "RTCAUTH_TRUSTED_PROXIES",
+        "127.0.0.0/8,::1/128",
+        "comma-separated CIDRs of reverse proxies whose X-Forwarded-For / Forwarded names the client",
+        _read_trusted_proxies,
+    ),
     Setting(
         "RTCAUTH_METRICS_LISTEN",
         "",

@@ -29,7 +29,24 @@ _LEVELS = {
 _ACCESS_TOKEN = re.compile(r"(access_token=)[^&\s\"']+")
 _JWT = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}")
 
+#: Characters that would end or forge a text log line, or hide in a terminal.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+_JSON_RAW_CONTROLS = re.compile("[\x7f-\x9f\u2028\u2029]")
+
 _settings: dict = {"level": "info", "format": "auto", "secrets": ()}
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with every control character written as an escape (``\\n``, ``\\x1b``, ``\\u2028``)."""
+
+    def one(match: "re.Match[str]") -> str:
+        char = match.group(0)
+        return {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(char) or (
+            f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}"
+        )
+
+    return _CONTROL.sub(one, text)
 
 
 def configure(*, level: str, log_format: str, secrets: Iterable[str]) -> None:
@@ -56,6 +73,15 @@ def _wants_json(fmt: str) -> bool:
     return bool(os.environ.get("JOURNAL_STREAM"))  # systemd journal: keep fields structured
 
 
+def _safe_field(value):
+    if isinstance(value, str):
+        return escape_controls(value)
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    text = str(value)  # an exception or other object: escaped only when it needs to be
+    return escape_controls(text) if _CONTROL.search(text) else value
+
+
 @implementer(ILogObserver)
 class RtcAuthObserver:
     """Filters by level, renders one line per event, scrubs, writes and flushes."""
@@ -79,7 +105,9 @@ class RtcAuthObserver:
 
     @staticmethod
     def _message(event: dict) -> str:
-        text = formatEvent(event) if event.get("log_format") is not None else ""
+        # Field values may come from clients (a server name, a path): they cannot add lines.
+        safe = {key: value if key.startswith("log_") else _safe_field(value) for key, value in event.items()}
+        text = formatEvent(safe) if event.get("log_format") is not None else ""
         if not text and "message" in event:  # legacy twisted.python.log events
             text = " ".join(str(m) for m in event["message"])
         failure = event.get("log_failure")
@@ -106,7 +134,9 @@ class RtcAuthObserver:
                 record[key] = value
             else:
                 record[key] = repr(value)
-        return json.dumps(record, ensure_ascii=False, default=repr)
+        line = json.dumps(record, ensure_ascii=False, default=repr)
+        # JSON leaves these raw, but line readers (and str.splitlines) break on them.
+        return _JSON_RAW_CONTROLS.sub(lambda m: f"\\u{ord(m.group(0)):04x}", line)
 
 
 def make_observer() -> RtcAuthObserver:

@@ -48,6 +48,22 @@ class Metrics:
         self.webhook_events = Counter(
             "rtcauthd_webhook_events", "LiveKit webhooks received", ["event", "signature"], registry=r
         )
+        self.rate_limited = Counter(
+            "rtcauthd_rate_limited", "Requests answered 429 by the per-client rate limit", ["endpoint"], registry=r
+        )
+        self.inbound_dropped = Counter(
+            "rtcauthd_inbound_dropped",
+            "Inbound connections dropped: too slow to send a request, or over the connection cap",
+            ["reason"],
+            registry=r,
+        )
+        self.verifications_refused = Counter(
+            "rtcauthd_verifications_refused",
+            "OpenID verifications not attempted: the outbound budget was full (busy, server_busy, "
+            "full_access) or the server is in back-off after being unreachable (backoff)",
+            ["reason"],
+            registry=r,
+        )
         self.redis_errors = Counter(
             "rtcauthd_redis_errors", "Redis operations that failed", ["operation"], registry=r
         )

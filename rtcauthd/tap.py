@@ -7,6 +7,7 @@ Config and wired together into a :class:`Daemon` (``build_daemon``).
 from __future__ import annotations
 
 import os
+import resource
 import sys
 from typing import Any, Mapping, Optional
 
@@ -137,7 +138,7 @@ class Daemon:
     metrics: Any
     tokens: Any  # TokenMinter
     rooms: Any  # RoomServiceClient (Twirp)
-    federation: Any  # FederationClient
+    federation: Any  # VerificationGate over the FederationClient
     cs_api: Any  # ClientAPIResolver
     delayed_events: Any  # DelayedEventClient
     federation_http: Any
@@ -175,6 +176,7 @@ def build_daemon(
     from rtcauthd.outbound.client import GoRedirectAgent, HTTPClient, connection_pool
     from rtcauthd.livekit.tokens import TokenMinter
     from rtcauthd.livekit.twirp import RoomServiceClient
+    from rtcauthd.matrix.fanout import VerificationGate
     from rtcauthd.matrix.federation import FederationClient
     from rtcauthd.matrix.federation_agent import (
         build_federation_agent,
@@ -278,7 +280,14 @@ def build_daemon(
             metrics=metrics,
         )
     if federation is None:
-        federation = FederationClient(http=federation_http)
+        federation = VerificationGate(
+            FederationClient(http=federation_http),
+            clock=reactor,
+            is_full_access=config.is_named_full_access,
+            max_inflight=config.federation_max_inflight,
+            max_per_server=config.federation_max_per_server,
+            metrics=metrics,
+        )
     authorizer = Authorizer(
         config=config,
         federation=federation,
@@ -288,8 +297,18 @@ def build_daemon(
         clock=reactor,
         metrics=metrics,
     )
+    if policy is None:
+        policy = request_policy(config, reactor, metrics)
     app = RtcAuthApp(authorizer=authorizer, clock=reactor, webhooks=delegation, policy=policy)
-    site = RtcAuthSite(app.resource(), max_body=config.max_body_bytes, reactor=reactor, clock=reactor)
+    site = RtcAuthSite(
+        app.resource(),
+        max_body=config.max_body_bytes,
+        reactor=reactor,
+        clock=reactor,
+        request_timeout=config.request_timeout,
+        max_connections=config.max_connections if config.max_connections is not None else default_max_connections(),
+        metrics=metrics,
+    )
 
     async def before_listen() -> None:
         # Stored jobs resume before the first /healthz 200 (docs/endpoints.md#health-endpoint).
@@ -350,6 +369,31 @@ def metrics_site(metrics, reactor):
     site = Site(root, reactor=reactor)
     site.noisy = False
     return site
+
+
+def default_max_connections() -> int:
+    """Half the open-file limit (the rest is for outbound calls, Redis and logs), at most 16384."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 16384
+    return max(64, min(soft // 2, 16384))
+
+
+def request_policy(config: Config, reactor, metrics):
+    """The per-client rate limit from the config, or no policy when it is turned off (0)."""
+    from rtcauthd.inbound.client_address import ClientAddresses
+    from rtcauthd.inbound.policy import AllowAll
+    from rtcauthd.inbound.ratelimit import RateLimitPolicy
+
+    if config.ratelimit_per_second <= 0 or config.ratelimit_burst < 1:
+        return AllowAll()
+    return RateLimitPolicy(
+        reactor,
+        rate=config.ratelimit_per_second,
+        burst=config.ratelimit_burst,
+        clients=ClientAddresses(config.trusted_proxies),
+        metrics=metrics,
+    )
 
 
 def build_store(config: Config, reactor, tls_policy, metrics=None):

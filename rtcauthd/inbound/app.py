@@ -9,6 +9,7 @@ access log, in-flight count) is in :mod:`rtcauthd.inbound.site`.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Awaitable, Callable, Optional
 
 from klein import Klein
@@ -43,7 +44,10 @@ def json_body(obj: dict) -> bytes:
 
 
 def error_body(error: MatrixError) -> bytes:
-    return json_body({"errcode": error.errcode, "error": error.message})
+    document = {"errcode": error.errcode, "error": error.message}
+    if error.retry_after_ms is not None:
+        document["retry_after_ms"] = error.retry_after_ms
+    return json_body(document)
 
 
 class WebhookSink:
@@ -157,6 +161,8 @@ class RtcAuthApp:
     @staticmethod
     def _error(request: IRequest, error: MatrixError) -> bytes:
         request.setResponseCode(error.status)
+        if error.retry_after_ms is not None:
+            request.setHeader(b"Retry-After", str(max(1, math.ceil(error.retry_after_ms / 1000))).encode("ascii"))
         return error_body(error)
 
     @classmethod

@@ -15,6 +15,10 @@ from twisted.web.iweb import INonQueuedRequestFactory
 from twisted.web.server import Request, Site
 from zope.interface import implementer
 
+from rtcauthd.inbound.client_address import ATTRIBUTE as CLIENT_ATTRIBUTE
+from rtcauthd.inbound.connections import DeadlineChannel, OverflowProtocol
+from rtcauthd.metrics import Metrics
+
 log = Logger()
 
 
@@ -54,15 +58,45 @@ class RtcAuthSite(Site):
     (:meth:`when_idle`) instead of polling.
     """
 
-    def __init__(self, resource, *, max_body: int, reactor=None, clock: Optional[IReactorTime] = None) -> None:
+    protocol = DeadlineChannel
+
+    def __init__(
+        self,
+        resource,
+        *,
+        max_body: int,
+        reactor=None,
+        clock: Optional[IReactorTime] = None,
+        request_timeout: float = 0.0,
+        max_connections: Optional[int] = None,
+        metrics: Optional[Metrics] = None,
+    ) -> None:
         super().__init__(resource, reactor=reactor)
         self.max_body = max_body
+        self.request_timeout = request_timeout
+        self.max_connections = max_connections
+        self.connections = 0
+        self._metrics = metrics if metrics is not None else Metrics()
         self.in_flight = 0
         self._clock = clock if clock is not None else self.reactor
         self._idle_waiters: list[Deferred] = []
         self.requestFactory = _RequestFactory(self)
         self.displayTracebacks = False
         self.noisy = False
+
+    def buildProtocol(self, addr):
+        if self.max_connections is not None and self.connections >= self.max_connections:
+            return OverflowProtocol(self)
+        return super().buildProtocol(addr)
+
+    def connection_opened(self) -> None:
+        self.connections += 1
+
+    def connection_closed(self) -> None:
+        self.connections -= 1
+
+    def dropped(self, reason: str) -> None:
+        self._metrics.inbound_dropped.labels(reason=reason).inc()
 
     def make_request(self, channel) -> SizeLimitingRequest:
         request = SizeLimitingRequest(channel)
@@ -124,6 +158,10 @@ class _RequestFactory:
 
 
 def _client_address(request: Request) -> str:
+    """The address the rate limit used (behind a trusted proxy: the client), else the peer."""
+    resolved = getattr(request, CLIENT_ATTRIBUTE, None)
+    if resolved is not None:
+        return resolved
     peer = request.getClientAddress()
     host = getattr(peer, "host", None)
     return host if host else str(peer)

@@ -77,7 +77,13 @@ def _send_succeeded(outcome: Outcome) -> bool:
 
 
 def _restart_is_permanent(outcome: Outcome) -> bool:
-    return outcome.kind is OutcomeKind.NOT_FOUND
+    # 409: finalised (cancelled or sent) — no later attempt can restart it either.
+    return outcome.kind is OutcomeKind.NOT_FOUND or outcome.kind is OutcomeKind.CONFLICT
+
+
+def _send_is_permanent(outcome: Outcome) -> bool:
+    # 409 on send: cancelled meanwhile; retrying cannot send it.
+    return outcome.kind is OutcomeKind.CONFLICT
 
 
 def _presence_outcome(presence: Presence) -> Outcome:
@@ -317,6 +323,11 @@ class DelayedLeaveJob:
                 "Job {job_id}: homeserver no longer knows the delayed event", job_id=self.job_id
             )
             self.signal(Signal.DelayedEventNotFound)
+        elif outcome.kind is OutcomeKind.CONFLICT:
+            log.info(
+                "Job {job_id}: the delayed event is already finalised (409)", job_id=self.job_id
+            )
+            self.signal(Signal.DelayedEventNotFound)
         else:
             log.warn(
                 "Job {job_id}: restarting the delayed event failed: {detail}",
@@ -353,6 +364,7 @@ class DelayedLeaveJob:
             self._send_done,
             random=self._env.random,
             is_success=_send_succeeded,
+            is_permanent=_send_is_permanent,
             permanent_errors=(CsApiUnresolvable,),
         )
         self._send_retry.start()
@@ -370,6 +382,10 @@ class DelayedLeaveJob:
             log.info("Job {job_id}: leave event sent", job_id=self.job_id)
         elif outcome.kind is OutcomeKind.NOT_FOUND:
             log.info("Job {job_id}: leave event was already sent or cancelled", job_id=self.job_id)
+        elif outcome.kind is OutcomeKind.CONFLICT:
+            log.info(
+                "Job {job_id}: leave event not sent, it was cancelled (409)", job_id=self.job_id
+            )
         else:
             log.warn(
                 "Job {job_id}: giving up sending the leave event: {detail}",

@@ -9,7 +9,7 @@ Redis record stores, so nothing is rounded on the way.
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import attr
 
@@ -17,15 +17,25 @@ NS_PER_SECOND = 1_000_000_000
 NS_PER_MS = NS_PER_SECOND // 1000
 
 
+def _owner(value: Optional[str]) -> Optional[str]:
+    # Upstream stores "" for "no owner"; one spelling here keeps records comparable.
+    return value or None
+
+
 @attr.s(frozen=True, slots=True, auto_attribs=True)
 class JobParams:
-    """A delayed leave to keep alive for (room, identity); ``delay_timeout_ns`` in nanoseconds."""
+    """A delayed leave to keep alive for (room, identity); ``delay_timeout_ns`` in nanoseconds.
+
+    ``owner_user_id`` is the MXID a job registered through the application-service route
+    acts as (docs/delegated-leave.md#acting-as-the-user); None for legacy-route jobs.
+    """
 
     delay_id: str
     delay_timeout_ns: int
     server_name: str
     room: str
     identity: str
+    owner_user_id: Optional[str] = attr.ib(default=None, converter=_owner)
 
     @property
     def key(self) -> Tuple[str, str]:

@@ -66,6 +66,7 @@ R_NO_SECRET = "API secret could not be found"
 R_SIGNATURE = "invalid token signature"
 R_NOT_YET = "token not valid yet"
 R_EXPIRED = "token is expired"
+R_NO_EXPIRY = "token has no exp claim"
 R_FUTURE_IAT = "token issued in the future"
 R_CHECKSUM = "sha256 checksum of body does not match"
 R_BODY = "body is not a valid WebhookEvent"
@@ -320,7 +321,10 @@ class WebhookVerifier:
         iat = _numeric_date(claims.get("iat"))
         if nbf is not None and now + LEEWAY_SECONDS < nbf:
             raise WebhookRejected(R_NOT_YET)
-        if exp is not None and now - LEEWAY_SECONDS > exp:
+        if exp is None:
+            # Deliberately stricter than upstream: a captured token without exp would act forever.
+            raise WebhookRejected(R_NO_EXPIRY)
+        if now - LEEWAY_SECONDS > exp:
             raise WebhookRejected(R_EXPIRED)
         if iat is not None and now + LEEWAY_SECONDS < iat:
             raise WebhookRejected(R_FUTURE_IAT)

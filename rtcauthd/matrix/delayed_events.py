@@ -1,9 +1,11 @@
 """What one MSC4140 ``restart``/``send`` answer means for the retry loop (docs/delegated-leave.md#answer-classification).
 
 Classification is pure (status, headers, body, now) so the parity-critical rules — 404,
-429 hints in three forms, everything else transient — are tested without any HTTP.
+409, 429 hints in three forms, everything else transient — are tested without any HTTP.
 Whether 404 is fatal (``restart``) or success (``send``) is the caller's decision; here it
-is only reported as ``NOT_FOUND``.
+is only reported as ``NOT_FOUND``. A 409 (the event was already finalised the other way)
+can never turn into success, so it is ``CONFLICT``, final for both actions. The answer to
+the delay look-up is read here too (:func:`delay_from_lookup`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import attr
 from twisted.web.http_headers import Headers
 
 from rtcauthd.gojson import INT64_MAX, INT64_MIN, JSONObject, reject_constant
+from rtcauthd.outbound.errors import FailureKind, OutboundError
 
 
 class CsApiUnresolvable(Exception):
@@ -28,9 +31,68 @@ class CsApiUnresolvable(Exception):
     """
 
 
+class DelayedEventUnknown(OutboundError):
+    """The homeserver has no usable pending delayed event of that ID for that user and room.
+
+    An OutboundError so that callers handling every look-up failure alike still can; the
+    delegation route answers this one 400 and all others 503 (docs/delegated-leave.md#the-delay-look-up).
+    """
+
+
+def _errcode(body: bytes) -> Optional[str]:
+    try:
+        document = json.loads(body.decode("utf-8"), parse_constant=reject_constant)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    code = document.get("errcode") if isinstance(document, dict) else None
+    return code if isinstance(code, str) else None
+
+
+def _positive_int(document: Mapping[str, Any], key: str) -> int:
+    value = document.get(key)
+    if value is None:
+        return 0
+    if type(value) is not int:
+        raise OutboundError(FailureKind.BAD_BODY, "delayed event lookup", f"{key} is not an integer")
+    return value
+
+
+def delay_from_lookup(status: int, body: bytes, room_id: Optional[str]) -> int:
+    """The delay in ms from a look-up answer (docs/delegated-leave.md#the-delay-look-up).
+
+    ``delay_ms`` when positive, else the older revisions' ``delay``; an event of another
+    room (when ``room_id`` is given) or without a positive delay is unknown.
+    """
+    step = "delayed event lookup"
+    if status == 404:
+        raise DelayedEventUnknown(FailureKind.HTTP_STATUS, step, "HTTP 404", status=404, code=_errcode(body))
+    if status != 200:
+        raise OutboundError(
+            FailureKind.HTTP_STATUS, step, f"HTTP {status}", status=status, code=_errcode(body)
+        )
+    try:
+        document = json.loads(body.decode("utf-8"), parse_constant=reject_constant)
+    except (ValueError, UnicodeDecodeError):
+        raise OutboundError(FailureKind.BAD_BODY, step, "answer is not JSON", status=200) from None
+    if not isinstance(document, dict):
+        raise OutboundError(FailureKind.BAD_BODY, step, "answer is not a JSON object", status=200)
+    event_room = document.get("room_id")
+    if event_room is not None and not isinstance(event_room, str):
+        raise OutboundError(FailureKind.BAD_BODY, step, "room_id is not a string", status=200)
+    if room_id is not None and event_room != room_id:
+        raise DelayedEventUnknown(FailureKind.INVALID, step, "the delayed event belongs to another room", status=200)
+    delay_ms = _positive_int(document, "delay_ms")
+    if delay_ms <= 0:
+        delay_ms = _positive_int(document, "delay")
+    if delay_ms <= 0:
+        raise DelayedEventUnknown(FailureKind.INVALID, step, "the delayed event has no positive delay", status=200)
+    return delay_ms
+
+
 class OutcomeKind(enum.Enum):
     OK = "ok"
     NOT_FOUND = "not_found"
+    CONFLICT = "conflict"
     RETRY = "retry"
 
 
@@ -50,6 +112,10 @@ class Outcome:
     @classmethod
     def not_found(cls, status: Optional[int] = 404) -> "Outcome":
         return cls(OutcomeKind.NOT_FOUND, status=status)
+
+    @classmethod
+    def conflict(cls, status: Optional[int] = 409) -> "Outcome":
+        return cls(OutcomeKind.CONFLICT, status=status, detail="HTTP 409")
 
     @classmethod
     def retry(
@@ -72,6 +138,8 @@ def classify_delayed_event_response(
         return Outcome.ok(status)
     if status == 404:
         return Outcome.not_found(status)
+    if status == 409:
+        return Outcome.conflict(status)
     if status != 429:
         return Outcome.retry(status=status, detail=f"HTTP {status}")
     hint = _retry_after_header(_first_header(headers, "Retry-After"), now)

@@ -23,7 +23,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
-from urllib.parse import urljoin
+from urllib.parse import urljoin, urlsplit
 
 from rtcauthd.outbound.errors import FailureKind, OutboundError, describe, kind_of, reason
 from rtcauthd.twisted_private import make_pool_quiet
@@ -61,6 +61,32 @@ def redirect_target(url: str, code: int, location: Optional[str]) -> Optional[st
     return urljoin(url, location)
 
 
+_CREDENTIAL_HEADERS = (b"authorization", b"cookie", b"cookie2", b"proxy-authorization", b"www-authenticate")
+
+
+def _origin(url: bytes) -> tuple:
+    parts = urlsplit(url.decode("latin-1"))
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    return scheme, (parts.hostname or "").lower(), port or {"http": 80, "https": 443}.get(scheme)
+
+
+def _same_origin(a: bytes, b: bytes) -> bool:
+    return _origin(a) == _origin(b)
+
+
+def _without_credentials(headers: Optional[Headers]) -> Optional[Headers]:
+    if headers is None:
+        return None
+    kept = headers.copy()
+    for name in _CREDENTIAL_HEADERS:
+        kept.removeHeader(name)
+    return kept
+
+
 @implementer(IAgent)
 class GoRedirectAgent:
     """Follows redirects the way Go's ``http.Client`` does, as upstream's calls do (docs/delegated-leave.md#restart-and-send-calls).
@@ -68,7 +94,9 @@ class GoRedirectAgent:
     301/302/303 turn the request into a GET without a body (HEAD stays HEAD); 307/308
     repeat the same method and body (our bodies are in memory, so they replay). Every 3xx
     connection is closed before following: Twisted's own redirect agents leave the unread
-    body's connection open forever. At most ``limit`` redirects, then an error.
+    body's connection open forever. At most ``limit`` redirects, then an error. Credentials
+    (``Authorization``, ``Cookie``) never follow a redirect to another scheme, host or port,
+    as neither Go's nor upstream's Rust client lets them.
     """
 
     def __init__(self, agent: IAgent, *, limit: int = 10) -> None:
@@ -89,9 +117,10 @@ class GoRedirectAgent:
             if redirects >= self._limit:
                 raise OutboundError(FailureKind.REDIRECT, "redirect", f"stopped after {self._limit} redirects")
             target = followed.encode("latin-1")
+            hop_headers = headers if _same_origin(uri, target) else _without_credentials(headers)
             if response.code in (307, 308):
-                return self._follow(method, target, headers, body, redirects + 1)
-            return self._follow(b"HEAD" if method == b"HEAD" else b"GET", target, headers, None, redirects + 1)
+                return self._follow(method, target, hop_headers, body, redirects + 1)
+            return self._follow(b"HEAD" if method == b"HEAD" else b"GET", target, hop_headers, None, redirects + 1)
 
         return self._agent.request(method, uri, headers, body).addCallback(got)
 

@@ -1,10 +1,12 @@
 """The persisted form of a delayed-leave job, byte-compatible with lk-jwt-service.
 
-An operator may swap rtcauthd and the Go service over one live Redis, so both the hash
-field and the value are produced exactly as Go's ``encoding/json`` writes them
-(docs/redis-format.md#key-field-value), and read back with Go's leniency (docs/redis-format.md#reading-records): member names match
-case-insensitively, unknown members are ignored, missing members are zero values,
-``DelayTimeout`` is a strict int64 and ``RestartedAt`` is RFC 3339.
+An operator may swap rtcauthd and lk-jwt-service (Go, or the Rust v0.7) over one live
+Redis, so the value is produced exactly as Go's ``encoding/json`` writes upstream's
+struct, with v0.7's ``OwnerUserId`` member last, and the hash field as v0.7 writes it
+(docs/redis-format.md#key-field-value). Values are read back with Go's leniency
+(docs/redis-format.md#reading-records): member names match case-insensitively, unknown
+members are ignored, missing members are zero values, ``DelayTimeout`` is a strict int64
+and ``RestartedAt`` is RFC 3339.
 
 Times are kept as float unix seconds; they are converted by arithmetic rather than
 ``datetime`` because Go's zero time (year 1) and year-0 values must round-trip too.
@@ -12,6 +14,7 @@ Times are kept as float unix seconds; they are converted by arithmetic rather th
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -74,14 +77,23 @@ class StoredJob:
 
 
 def encode_field(room: str, identity: str) -> str:
-    """The hash field: Go JSON of ``[room, identity]`` (HTML escaping included)."""
+    """The hash field: ``[room, identity]`` as v0.7 writes it (docs/redis-format.md#key-field-value).
+
+    Only ``"``, ``\\`` and control characters are escaped; ``<``, ``>``, ``&``, U+2028,
+    U+2029 and all non-ASCII stay raw (Go's HTML escaping is gone since v0.7).
+    """
     if not isinstance(room, str) or not isinstance(identity, str):
         raise TypeError("a job field is made of two strings")
-    return go_json_dumps([room, identity])
+    return json.dumps(
+        [scrub_surrogates(room), scrub_surrogates(identity)], ensure_ascii=False, separators=(",", ":")
+    )
 
 
 def encode_value(job: StoredJob) -> str:
-    """The hash value: Go ``json.Marshal`` of upstream's struct, in struct order."""
+    """The hash value: Go ``json.Marshal`` of upstream's struct, in struct order.
+
+    ``OwnerUserId`` is always written, ``""`` for a job without owner, as v0.7 does.
+    """
     params = job.params
     return go_json_dumps(
         {
@@ -91,6 +103,7 @@ def encode_value(job: StoredJob) -> str:
                 "ServerName": params.server_name,
                 "LiveKitRoom": params.room,
                 "LiveKitIdentity": params.identity,
+                "OwnerUserId": params.owner_user_id or "",
             },
             "RestartedAt": format_rfc3339(job.restarted_at),
         }
@@ -215,6 +228,8 @@ _PARAM_FIELDS = {
     "servername": ("server_name", lambda v: _string(v, "ServerName")),
     "livekitroom": ("room", lambda v: _string(v, "LiveKitRoom")),
     "livekitidentity": ("identity", lambda v: _string(v, "LiveKitIdentity")),
+    # v0.7; Go-era records have none, which means no owner
+    "owneruserid": ("owner_user_id", lambda v: _string(v, "OwnerUserId")),
 }
 
 

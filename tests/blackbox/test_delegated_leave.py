@@ -65,13 +65,17 @@ def job_field(room: str, identity: str) -> bytes:
 
 
 def job_value(*, delay_id: str, timeout_ns: int, server_name: str, room: str, identity: str,
-              restarted_at: str) -> bytes:
-    """The record value exactly as Go's json.Marshal writes the stored-job struct."""
+              restarted_at: str, owner: str | None = None) -> bytes:
+    """The record value exactly as Go's json.Marshal writes the stored-job struct.
+
+    ``owner`` None: a Go-era record (no ``OwnerUserId``); a string: v0.7's member, last in Params.
+    """
+    owner_member = "" if owner is None else ',"OwnerUserId":%s' % go_string(owner)
     return (
-        '{"Params":{"DelayId":%s,"DelayTimeout":%d,"ServerName":%s,"LiveKitRoom":%s,"LiveKitIdentity":%s},'
+        '{"Params":{"DelayId":%s,"DelayTimeout":%d,"ServerName":%s,"LiveKitRoom":%s,"LiveKitIdentity":%s%s},'
         '"RestartedAt":%s}'
         % (go_string(delay_id), timeout_ns, go_string(server_name), go_string(room), go_string(identity),
-           go_string(restarted_at))
+           owner_member, go_string(restarted_at))
     ).encode("utf-8")
 
 
@@ -247,7 +251,7 @@ class LeaveCase(BlackBoxCase):
 
     def assert_record(self, records: dict, p: Participant, *, delay_id: str, delay_timeout_ms: int,
                       after: float | None = None, before: float | None = None) -> str:
-        """The record of ``p`` is upstream's exact bytes; return its RestartedAt."""
+        """The record of ``p`` is upstream v0.7's exact bytes (no owner: legacy route); return its RestartedAt."""
         field = job_field(p.room, p.identity)
         self.assertIn(field, records, self.describe())
         value = records[field]
@@ -255,7 +259,7 @@ class LeaveCase(BlackBoxCase):
         self.assertRegex(restarted_at, GO_TIME)
         self.assertEqual(value, job_value(delay_id=delay_id, timeout_ns=delay_timeout_ms * 1_000_000,
                                           server_name=p.server_name, room=p.room, identity=p.identity,
-                                          restarted_at=restarted_at))
+                                          restarted_at=restarted_at, owner=""))
         if after is not None:
             self.assertTrue(after - 1 <= parse_go_time(restarted_at) <= before + 1, (after, restarted_at, before))
         return restarted_at

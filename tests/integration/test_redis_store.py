@@ -110,7 +110,7 @@ class RoundTripTests(RedisTestBase):
                 b'["krj2dgxw2K6EOm9he4GfQJ6JsSVWfJ8a7BkyjZcSmxs","J+T45tGruxc+HrUOqJJlyQSV33m728Cme4+vt8/SWrU"]': (
                     b'{"Params":{"DelayId":"syd_integration_1","DelayTimeout":8000000000,'
                     b'"ServerName":"example.com","LiveKitRoom":"krj2dgxw2K6EOm9he4GfQJ6JsSVWfJ8a7BkyjZcSmxs",'
-                    b'"LiveKitIdentity":"J+T45tGruxc+HrUOqJJlyQSV33m728Cme4+vt8/SWrU"},'
+                    b'"LiveKitIdentity":"J+T45tGruxc+HrUOqJJlyQSV33m728Cme4+vt8/SWrU","OwnerUserId":""},'
                     b'"RestartedAt":"2026-07-23T10:15:30.123456Z"}'
                 )
             },
@@ -139,12 +139,13 @@ class RoundTripTests(RedisTestBase):
         self.assertEqual(ours, {"ping", "hset", "hdel", "hgetall"})
 
     @inlineCallbacks
-    def test_html_escaped_field_is_byte_exact(self):
+    def test_field_is_byte_exact_as_v07_writes_it(self):
         server = RedisServer(self)
         yield server.start()
         store = self.store(f"redis://127.0.0.1:{server.port}")
         yield store.put(job(room="<r&r>", identity="é\u2028"))
-        self.assertEqual(list(raw_hgetall(server.port)), ['["\\u003cr\\u0026r\\u003e","é\\u2028"]'.encode()])
+        # docs/redis-format.md#key-field-value: no HTML escaping since v0.7
+        self.assertEqual(list(raw_hgetall(server.port)), ['["<r&r>","é\u2028"]'.encode()])
         yield store.delete("<r&r>", "é\u2028")
         self.assertEqual(raw_hgetall(server.port), {})
 
@@ -168,6 +169,38 @@ class RoundTripTests(RedisTestBase):
         for field, value in UNPARSABLE.items():
             self.assertEqual(stored[field], value)
         self.assertEqual(self.count_logs("Skipping unparsable job record"), 2)
+
+    @inlineCallbacks
+    def test_v07_written_records_load_with_their_owner(self):
+        server = RedisServer(self)
+        yield server.start()
+        v07 = {
+            b'["room-o","ident-o"]': (
+                b'{"Params":{"DelayId":"syd_o","DelayTimeout":3600000000000,"ServerName":"example.com",'
+                b'"LiveKitRoom":"room-o","LiveKitIdentity":"ident-o","OwnerUserId":"@alice:example.com"},'
+                b'"RestartedAt":"2026-07-23T10:15:30.123456789Z"}'
+            ),
+            b'["room-l","ident-l"]': (
+                b'{"Params":{"DelayId":"syd_l","DelayTimeout":8000000000,"ServerName":"example.com",'
+                b'"LiveKitRoom":"room-l","LiveKitIdentity":"ident-l","OwnerUserId":""},'
+                b'"RestartedAt":"2026-07-23T10:15:30Z"}'
+            ),
+        }
+        for field, value in {**v07, **GO_VALUES}.items():
+            raw(server.port, "HSET", JOBS_KEY, field, value)
+        store = self.store(f"redis://127.0.0.1:{server.port}/0")
+        loaded = yield store.load_all()
+        owners = {j.params.delay_id: j.params.owner_user_id for j in loaded}
+        self.assertEqual(
+            owners, {"syd_o": "@alice:example.com", "syd_l": None, "syd_a": None, "syd_b": None, "syd_c": None}
+        )
+        # written back, each is v0.7's bytes again
+        owned = next(j for j in loaded if j.params.delay_id == "syd_o")
+        yield store.put(StoredJob(owned.params, T_2026 + 0.123456))
+        self.assertEqual(
+            raw_hgetall(server.port)[b'["room-o","ident-o"]'],
+            v07[b'["room-o","ident-o"]'].replace(b".123456789Z", b".123456Z"),
+        )
 
     @inlineCallbacks
     def test_a_restarted_service_loads_what_the_previous_one_wrote(self):

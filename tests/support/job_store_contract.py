@@ -29,8 +29,11 @@ def make_job(
     server_name: str = "example.com",
     delay_timeout_ns: int = 8_000_000_000,
     restarted_at: float = RESTARTED_AT,
+    owner_user_id: str | None = None,
 ) -> StoredJob:
-    return StoredJob(JobParams(delay_id, delay_timeout_ns, server_name, room, identity), restarted_at)
+    return StoredJob(
+        JobParams(delay_id, delay_timeout_ns, server_name, room, identity, owner_user_id), restarted_at
+    )
 
 
 def by_key(jobs: list[StoredJob]) -> dict[tuple[str, str], StoredJob]:
@@ -80,6 +83,19 @@ class JobStoreContract:
         yield store.put(newer)
         loaded = yield store.load_all()
         self.assertEqual(loaded, [newer])
+
+    @inlineCallbacks
+    def test_the_owner_loads_back_and_a_new_put_can_drop_it(self):
+        store = self.open_store()
+        owned = make_job(owner_user_id="@alice:example.com")
+        yield store.put(owned)
+        loaded = yield store.load_all()
+        self.assertEqual(loaded, [owned])
+        self.assertEqual(loaded[0].params.owner_user_id, "@alice:example.com")
+        yield store.put(make_job())
+        loaded = yield store.load_all()
+        self.assertEqual(loaded, [make_job()])
+        self.assertIsNone(loaded[0].params.owner_user_id)
 
     @inlineCallbacks
     def test_the_key_is_room_and_identity_together(self):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import attr
 import jwt as pyjwt
 from twisted.internet.defer import fail, succeed
 from twisted.internet.testing import MemoryReactorClock
@@ -472,8 +473,15 @@ class PolicyTests(AppTestCase):
         from rtcauthd.inbound.policy import AllowAll, IRequestPolicy
 
         self.assertTrue(verifyObject(IRequestPolicy, AllowAll()))
-        self.assertIsInstance(build_test_daemon(self.config).app._policy, AllowAll)
+        # With the per-client rate limit turned off (0), nothing else stands in the way.
+        unlimited = attr.evolve(self.config, ratelimit_per_second=0.0)
+        self.assertIsInstance(build_test_daemon(unlimited).app._policy, AllowAll)
         self.assertIsNone(AllowAll().check(object(), "get_token"))
+
+    def test_the_rate_limit_is_the_default_policy(self):
+        from rtcauthd.inbound.ratelimit import RateLimitPolicy
+
+        self.assertIsInstance(build_test_daemon(self.config).app._policy, RateLimitPolicy)
 
     def test_failing_policy_is_a_500(self):
         def broken(request, endpoint):

@@ -46,14 +46,22 @@ class StatusTests(SynchronousTestCase):
         )
         self.assertEqual(outcome.kind, OutcomeKind.NOT_FOUND)
 
+    def test_409_is_a_conflict(self) -> None:
+        # MSC4140: the event is already finalised the other way; any body, any headers
+        for body in (b'{"errcode":"M_UNKNOWN","error":"already cancelled"}', b"", b"not json"):
+            headers = Headers({b"Retry-After": [b"5"]})
+            outcome = classify_delayed_event_response(409, headers, body, 0.0)
+            self.assertEqual((outcome.kind, outcome.status, outcome.retry_after), (OutcomeKind.CONFLICT, 409, None))
+
     def test_5xx_is_transient_without_hint(self) -> None:
         for status in (500, 502, 503, 504, 599):
             outcome = classify_delayed_event_response(status, Headers(), b"", 0.0)
             self.assertEqual((outcome.kind, outcome.retry_after), (OutcomeKind.RETRY, None), status)
 
     def test_every_other_status_is_transient(self) -> None:
+        # 409 is no longer here: MSC4140 gives it a final meaning (test_409_is_a_conflict)
         for status in (100, 101, 201, 202, 203, 206, 301, 302, 307, 400, 401, 403, 408,
-                       409, 418, 421, 423, 425, 451):
+                       418, 421, 423, 425, 451):
             outcome = classify_delayed_event_response(status, Headers(), b"", 0.0)
             self.assertEqual(outcome.kind, OutcomeKind.RETRY, status)
             self.assertIsNone(outcome.retry_after, status)

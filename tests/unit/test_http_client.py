@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 from treq.testing import RequestTraversalAgent
 from twisted.internet.defer import fail
 from twisted.internet.error import ConnectionRefusedError
@@ -164,10 +166,16 @@ class GoRedirectTests(SynchronousTestCase):
             def __init__(self):
                 super().__init__()
                 self.seen = []
+                self.auth = []
 
             def render(self, request):
                 body = request.content.read()
                 self.seen.append((request.method, request.path, body))
+                self.auth.append((request.getHeader(b"host"), request.getHeader(b"authorization")))
+                if request.path.startswith(b"/away/"):
+                    request.setResponseCode(int(request.path.split(b"/")[2]))
+                    request.setHeader(b"Location", request.args[b"to"][0])
+                    return b""
                 if request.path.startswith(b"/old/"):
                     code = int(request.path.split(b"/")[2])
                     request.setResponseCode(code)
@@ -200,6 +208,21 @@ class GoRedirectTests(SynchronousTestCase):
             self.server.seen.clear()
             self.successResultOf(self.post(f"/old/{code}"))
             self.assertEqual(self.server.seen[-1], (b"GET", b"/new/x", b""))
+
+    def test_credentials_stay_with_their_origin(self):
+        token = b"Bearer as_token_SECRET"
+        same = ["http://127.0.0.1/new/x", "http://127.0.0.1:80/new/x", "/new/x", "HTTP://127.0.0.1/new/x"]
+        other = ["http://elsewhere.example/new/x", "https://127.0.0.1/new/x", "http://127.0.0.1:8080/new/x"]
+        for code in (302, 307):
+            for location, forwarded in [(loc, token) for loc in same] + [(loc, None) for loc in other]:
+                self.server.auth.clear()
+                d = self.http.request(
+                    b"POST", "http://127.0.0.1/away/%d?to=%s" % (code, quote(location, safe="")),
+                    headers={"Authorization": token.decode()}, body=b"{}",
+                )
+                self.agent.flush()
+                self.successResultOf(d)
+                self.assertEqual([a for _h, a in self.server.auth], [token, forwarded], (code, location))
 
     def test_gives_up_after_the_limit(self):
         error = self.failureResultOf(self.post("/loop"), OutboundError).value

@@ -32,6 +32,7 @@ W, C, D, A, R = (
 )
 OK = Outcome.ok(200)
 GONE = Outcome.not_found()
+FINALISED = Outcome.conflict()
 BUSY = Outcome.retry(status=503, detail="HTTP 503")
 PENDING = object()  # script entry: leave the call unanswered
 
@@ -605,6 +606,18 @@ class RestartProcedureTests(JobTestCase):
         self.assertIs(job.state, A)
         self.assertEqual(h.send.times, [])
 
+    def test_409_on_restart_is_final_and_aborts_without_send(self) -> None:
+        h = self.harness()
+        h.restart.answer(OK, FINALISED)
+        job = self.connected(h, timeout_s=1)
+        self.advance_to(0.8)
+        self.assertEqual(h.restart.times, [0.0, 0.8])
+        self.assertIs(job.state, A)
+        self.assertEqual(h.send.times, [])
+        self.assertEqual([(t, st) for _, t, st in h.done], [(0.8, A)])
+        self.clock.advance(100)
+        self.assertEqual(h.restart.times, [0.0, 0.8])
+
     def test_429_retry_after_honoured(self) -> None:
         h = self.harness()
         h.restart.answer(Outcome.retry(3.0, status=429), OK)
@@ -692,6 +705,15 @@ class SendProcedureTests(JobTestCase):
         job = self.connected(h)
         job.signal(Signal.ParticipantDisconnectedIntentionally)
         self.assertEqual(h.send.times, [0.0])  # exactly one send
+        self.assertEqual([st for _, _, st in h.done], [D])
+        self.clock.advance(100)
+        self.assertEqual(h.send.times, [0.0])
+
+    def test_409_on_send_is_final(self) -> None:
+        h = self.harness(send=FINALISED)
+        job = self.connected(h)
+        job.signal(Signal.ParticipantDisconnectedIntentionally)
+        self.assertEqual(h.send.times, [0.0])  # not retried within the window
         self.assertEqual([st for _, _, st in h.done], [D])
         self.clock.advance(100)
         self.assertEqual(h.send.times, [0.0])

@@ -71,3 +71,36 @@ class ObserverTests(SynchronousTestCase):
 
     def test_scrub_leaves_normal_text(self):
         self.assertEqual(scrub("hello world", ("secret",)), "hello world")
+
+
+class ForgedLineTests(SynchronousTestCase):
+    """Client-supplied field values cannot add, end or colour a log line (issue 12)."""
+
+    FORGED = "evil.example\n2026-12-02T00:00:00+0000 [critical] rtcauthd: forged\r\x1b[31m\u2028\x00"
+
+    def make(self, fmt):
+        stream = io.StringIO()
+        publisher = LogPublisher(RtcAuthObserver(stream, settings={"level": "debug", "format": fmt, "secrets": ()}))
+        return Logger(namespace="rtcauthd.test", observer=publisher), stream
+
+    def test_text_line_stays_one_line(self):
+        log, stream = self.make("text")
+        log.warn("lookup of {server_name} failed: {error}", server_name=self.FORGED, error=ValueError(self.FORGED))
+        text = stream.getvalue()
+        self.assertEqual(text.count("\n"), 1)
+        for char in "\r\x1b\u2028\x00":
+            self.assertNotIn(char, text)
+        self.assertIn("evil.example\\n2026-12-02T00:00:00+0000 [critical] rtcauthd: forged\\r\\x1b[31m\\u2028\\x00", text)
+
+    def test_json_line_stays_one_object_and_keeps_the_raw_field(self):
+        log, stream = self.make("json")
+        log.warn("lookup of {server_name} failed", server_name=self.FORGED)
+        [line] = stream.getvalue().splitlines()
+        record = json.loads(line)
+        self.assertEqual(record["server_name"], self.FORGED)  # the field is data, escaped by JSON
+        self.assertNotIn("\n", record["message"])
+
+    def test_format_specs_still_work(self):
+        log, stream = self.make("text")
+        log.info("waited {wait:.3f} s for {count} of {what}", wait=0.12345, count=3, what=object)
+        self.assertIn("waited 0.123 s for 3 of <class 'object'>", stream.getvalue())

@@ -361,6 +361,24 @@ class RestoreTests(ManagerTestCase):
         self.assertEqual(self.hs.of("restart", "d1"), [0.0])
         self.assertEqual([p.restarted_at for p in self.puts()], [T0])
 
+    def test_owner_survives_add_restart_and_restore(self) -> None:
+        owned = JobParams("d1", 10 * S, "example.com", "room", "alice", "@alice:example.com")
+        seen: List[JobParams] = []
+        restart = self.hs.restart
+        self.hs.restart = lambda p: (seen.append(p), restart(p))[1]
+        self.manager = self.make_manager()
+        self.successResultOf(self.manager.add(owned))
+        self.manager.route("room", "alice", "ParticipantConnected")
+        self.assertEqual([p.owner_user_id for p in seen], ["@alice:example.com"])
+        self.assertEqual([p.params.owner_user_id for p in self.puts()], ["@alice:example.com"] * 2)
+        # a new process: the stored owner drives the restored job's calls
+        self.manager.stop()
+        self.store = FakeStore([self.puts()[-1]])
+        self.manager = self.make_manager()
+        self.successResultOf(self.manager.restore(T0))
+        self.manager.route("room", "alice", "ParticipantConnected")
+        self.assertEqual([p.owner_user_id for p in seen], ["@alice:example.com"] * 2)
+
     def test_restore_load_failure_starts_empty(self) -> None:
         self.store.load_result = fail(StoreBroken("HGETALL failed"))
         self.assertEqual(self.successResultOf(self.manager.restore(T0)), 0)

@@ -31,6 +31,15 @@ SPEC_VALUE = (
     '"LiveKitIdentity":"J+T45tGruxc+HrUOqJJlyQSV33m728Cme4+vt8/SWrU"},'
     '"RestartedAt":"2026-07-23T10:15:30.123456789Z"}'
 )
+#: the same record as upstream v0.7 writes it: ``OwnerUserId`` last in Params, "" for no owner
+SPEC_VALUE_V07 = SPEC_VALUE.replace('/SWrU"},', '/SWrU","OwnerUserId":""},')
+#: docs/redis-format.md#key-field-value: a job registered by the application-service route
+OWNED_VALUE = (
+    '{"Params":{"DelayId":"syd_cs_1","DelayTimeout":3600000000000,"ServerName":"example.com",'
+    '"LiveKitRoom":"O8437W3+jmzMVjoIP3tNwbm+XxHQk2iKpOA7aqw3qSc",'
+    '"LiveKitIdentity":"M3VnsLXrkbxIDINXO64u8PZzFyD9ZYFiQULR2dshWYs","OwnerUserId":"@alice:example.com"},'
+    '"RestartedAt":"2026-12-01T10:15:30.123456789Z"}'
+)
 #: 2026-07-23T10:15:30Z, computed independently of the module under test
 T_2026 = calendar.timegm((2026, 7, 23, 10, 15, 30, 0, 0, 0))
 
@@ -49,8 +58,8 @@ def job(**overrides) -> StoredJob:
     return StoredJob(JobParams(**fields), restarted_at)
 
 
-def value_with(restarted_at: str) -> str:
-    return SPEC_VALUE.replace("2026-07-23T10:15:30.123456789Z", restarted_at)
+def value_with(restarted_at: str, base: str = SPEC_VALUE) -> str:
+    return base.replace("2026-07-23T10:15:30.123456789Z", restarted_at)
 
 
 class FieldTests(SynchronousTestCase):
@@ -66,21 +75,46 @@ class FieldTests(SynchronousTestCase):
             '["krj2dgxw2K6EOm9he4GfQJ6JsSVWfJ8a7BkyjZcSmxs","@alice:example.com:DEVICE123"]',
         )
 
-    def test_go_html_escaping_and_raw_unicode(self) -> None:
+    def test_v07_escaping_and_raw_unicode(self) -> None:
+        # v0.7 escapes only '"', '\\' and control characters; <, >, &, U+2028/9 stay raw
         self.assertEqual(
             encode_field("<a&b>", "é\u2028\u2029\"\\/"),
-            '["\\u003ca\\u0026b\\u003e","é\\u2028\\u2029\\"\\\\/"]',
+            '["<a&b>","é\u2028\u2029\\"\\\\/"]',
+        )
+
+    def test_v07_control_characters(self) -> None:
+        self.assertEqual(
+            encode_field("\b\f\n\r\t", "\x00\x1f\x7f"),
+            '["\\b\\f\\n\\r\\t","\\u0000\\u001f\x7f"]',
         )
 
 
 class EncodeTests(SynchronousTestCase):
     def test_spec_shape_with_microseconds(self) -> None:
-        self.assertEqual(encode_value(job()), value_with("2026-07-23T10:15:30.123456Z"))
+        self.assertEqual(encode_value(job()), value_with("2026-07-23T10:15:30.123456Z", SPEC_VALUE_V07))
 
     def test_whole_seconds_have_no_fraction(self) -> None:
         self.assertEqual(
-            encode_value(job(restarted_at=float(T_2026))), value_with("2026-07-23T10:15:30Z")
+            encode_value(job(restarted_at=float(T_2026))), value_with("2026-07-23T10:15:30Z", SPEC_VALUE_V07)
         )
+
+    def test_owner_is_written_last_in_params(self) -> None:
+        owned = StoredJob(
+            JobParams(
+                "syd_cs_1",
+                3600 * 10**9,
+                "example.com",
+                "O8437W3+jmzMVjoIP3tNwbm+XxHQk2iKpOA7aqw3qSc",
+                "M3VnsLXrkbxIDINXO64u8PZzFyD9ZYFiQULR2dshWYs",
+                owner_user_id="@alice:example.com",
+            ),
+            calendar.timegm((2026, 12, 1, 10, 15, 30, 0, 0, 0)) + 0.123456,
+        )
+        self.assertEqual(encode_value(owned), OWNED_VALUE.replace(".123456789Z", ".123456Z"))
+
+    def test_no_owner_is_written_as_empty_string(self) -> None:
+        self.assertIn('"OwnerUserId":""}', encode_value(job(owner_user_id=None)))
+        self.assertIn('"OwnerUserId":""}', encode_value(job(owner_user_id="")))
 
     def test_trailing_zeros_trimmed(self) -> None:
         self.assertEqual(format_rfc3339(T_2026 + 0.5), "2026-07-23T10:15:30.5Z")
@@ -115,6 +149,22 @@ class DecodeGoValuesTests(SynchronousTestCase):
         self.assertEqual(decoded.params.server_name, "example.com")
         self.assertEqual(decoded.key, (ROOM, IDENTITY))
         self.assertAlmostEqual(decoded.restarted_at, T_2026 + 0.123456789, places=6)
+
+    def test_go_era_record_has_no_owner(self) -> None:
+        self.assertIsNone(decode_value(SPEC_VALUE).params.owner_user_id)
+
+    def test_v07_records_with_and_without_owner(self) -> None:
+        self.assertEqual(decode_value(SPEC_VALUE_V07), decode_value(SPEC_VALUE))
+        decoded = decode_value(OWNED_VALUE)
+        self.assertEqual(decoded.params.owner_user_id, "@alice:example.com")
+        self.assertEqual(decoded.params.delay_timeout_ns, 3600 * 10**9)
+        self.assertEqual(decoded.key[1], "M3VnsLXrkbxIDINXO64u8PZzFyD9ZYFiQULR2dshWYs")
+
+    def test_owner_member_like_the_others(self) -> None:
+        self.assertEqual(decode_value('{"Params":{"owneruserid":"@a:b"}}').params.owner_user_id, "@a:b")
+        self.assertIsNone(decode_value('{"Params":{"OwnerUserId":null}}').params.owner_user_id)
+        with self.assertRaises(StoredJobError):
+            decode_value('{"Params":{"OwnerUserId":5}}')
 
     def test_bytes_as_read_from_redis(self) -> None:
         self.assertEqual(decode_value(SPEC_VALUE.encode()), decode_value(SPEC_VALUE))
@@ -254,9 +304,10 @@ class RoundTripTests(SynchronousTestCase):
     )
     def test_decode_inverts_encode(self, text: str, delay: int, micros: int) -> None:
         clean = text.encode("utf-8", "replace").decode("utf-8")  # no surrogates: not storable
-        original = StoredJob(JobParams(clean, delay, clean, clean + "r", "i" + clean), micros / 10**6)
+        original = StoredJob(JobParams(clean, delay, clean, clean + "r", "i" + clean, clean), micros / 10**6)
         decoded = decode_value(encode_value(original))
         self.assertEqual(decoded.key, original.key)
+        self.assertEqual(decoded.params.owner_user_id, original.params.owner_user_id)
         self.assertEqual((decoded.params.delay_id, decoded.params.delay_timeout_ns), (clean, delay))
         self.assertEqual(round(decoded.restarted_at * 10**6), round(original.restarted_at * 10**6))
 

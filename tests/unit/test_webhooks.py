@@ -268,9 +268,14 @@ class RejectionTests(VerifierMixin, SynchronousTestCase):
         # go-jose refuses iat > now + leeway as well
         self.assertRejected(webhooks.R_FUTURE_IAT, sign(claims_for(BODY, nbf=None, iat=NOW + 61)), BODY)
 
-    def test_time_claims_are_optional(self) -> None:
-        event = self.verify_signed(BODY, exp=None, nbf=None, iat=None)
+    def test_nbf_and_iat_are_optional(self) -> None:
+        event = self.verify_signed(BODY, nbf=None, iat=None)
         self.assertEqual(event.participant_identity, "i")
+
+    def test_exp_is_required_unlike_upstream(self) -> None:
+        # upstream (go-jose) accepts a token without exp; a captured one would then replay forever
+        self.assertRejected(webhooks.R_NO_EXPIRY, sign(claims_for(BODY, exp=None, nbf=None, iat=None)), BODY)
+        self.assertRejected(webhooks.R_NO_EXPIRY, sign(claims_for(BODY, exp=None)), BODY)
 
     def test_fractional_time_claims_truncate(self) -> None:
         self.assertEqual(self.verify_signed(BODY, exp=NOW - 60 + 0.9).event, "participant_joined")
