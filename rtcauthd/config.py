@@ -34,6 +34,15 @@ LOG_FORMATS = ("auto", "text", "json")
 #: systemd credential names (LoadCredential=livekit_key:..., livekit_secret:...)
 CREDENTIAL_KEY = "livekit_key"
 CREDENTIAL_SECRET = "livekit_secret"
+CREDENTIAL_AS_TOKEN = "livekit_as_token"
+CREDENTIAL_HS_TOKEN = "livekit_hs_token"
+
+#: upstream's start-up error when application-service mode is half configured
+APPSERVICE_ALL_OR_NONE = (
+    "The app service token(s) (LIVEKIT_AS_TOKEN/LIVEKIT_HS_TOKEN or LIVEKIT_AS_REGISTRATION_FILE) "
+    "and LIVEKIT_HS_SERVER_NAME must either all be set or all be left empty"
+)
+REGISTRATION_ERROR = "Could not parse app service registration file: "
 
 #: ``--dev``: LiveKit's own development credentials (``livekit-server --dev``).
 DEV_DEFAULTS = {
@@ -76,6 +85,10 @@ class Config:
     log_format: str
     metrics_listen: Optional[str]
     dev: bool
+    as_token: str = attr.ib(default="", repr=False)
+    hs_token: str = attr.ib(default="", repr=False)
+    hs_server_name: str = ""
+    can_update_own_metadata: bool = False
     ratelimit_per_second: float = 5.0
     ratelimit_burst: int = 50
     trusted_proxies: tuple[str, ...] = ("127.0.0.0/8", "::1/128")  # RTCAUTH_TRUSTED_PROXIES
@@ -84,6 +97,19 @@ class Config:
     federation_max_inflight: int = 256
     federation_max_per_server: int = 8
     warnings: tuple[str, ...] = ()
+
+    @property
+    def appservice(self) -> bool:
+        """Both tokens and the server name: AS mode (docs/configuration.md#application-service-mode)."""
+        return bool(self.as_token and self.hs_token and self.hs_server_name)
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """What the log scrubber must never let through."""
+        from rtcauthd.store.redis_url import redis_password
+
+        values = (self.api_secret, self.as_token, self.hs_token, redis_password(self.redis_url))
+        return tuple(s for s in values if s)
 
     def is_full_access(self, server_name: str) -> bool:
         """Exact, case-sensitive membership; a lone ``*`` admits everyone (docs/authorization.md#access-rules)."""
@@ -473,8 +499,117 @@ def _read_metrics_listen(r: _Reading, s: Setting) -> None:
     r.fields["metrics_listen"] = metrics_endpoint(raw) if raw.strip() else None
 
 
+def _yaml_error_text(error: Exception) -> str:
+    """PyYAML's message on one line, without the snippet of the file it quotes (a token)."""
+    import yaml
+
+    if isinstance(error, yaml.MarkedYAMLError):
+        parts = []
+        for text, mark in ((error.context, error.context_mark), (error.problem, error.problem_mark)):
+            if text:
+                where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+                parts.append(text + where)
+        return ": ".join(parts) or type(error).__name__
+    if isinstance(error, yaml.reader.ReaderError):
+        return f"unacceptable character #x{error.character:04x}: {error.reason} (position {error.position})"
+    return " ".join(str(error).split())
+
+
+def read_registration(text: str) -> tuple[str, str]:
+    """as_token and hs_token of a Synapse AS registration (docs/configuration.md#application-service-mode)."""
+    import yaml
+
+    try:
+        root = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(REGISTRATION_ERROR + _yaml_error_text(e)) from None
+    if not isinstance(root, dict):
+        raise ConfigError(REGISTRATION_ERROR + "invalid root element")
+    tokens = []
+    for key in ("as_token", "hs_token"):
+        if key not in root:
+            raise ConfigError(f"{REGISTRATION_ERROR}no {key} property")
+        value = root[key]
+        # an unquoted 12345 or yes is no string for upstream's YAML library either
+        if not isinstance(value, str):
+            raise ConfigError(f"{REGISTRATION_ERROR}invalid value for {key} property")
+        tokens.append(value.strip())
+    return tokens[0], tokens[1]
+
+
+def _token(r: _Reading, variable: str, credential: str) -> str:
+    """One token: ``<variable>_FROM_FILE`` over ``<variable>``; a systemd credential fills in."""
+    from_file = variable + "_FROM_FILE"
+    value = r.env.get(variable, "")
+    path = r.env.get(from_file, "")
+    if path:
+        value = _read_source(from_file, path, r.read_file)
+        if r.env.get(variable):
+            r.warnings.append(f"{from_file} is set, so {variable} is ignored")
+    credentials = r.env.get("CREDENTIALS_DIRECTORY", "")
+    if not value.strip() and credentials:
+        try:
+            value = r.read_file(os.path.join(credentials, credential))
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise ConfigError(
+                f"CREDENTIALS_DIRECTORY: cannot read credential {credential}: {e.strerror or e}"
+            ) from None
+    return value.strip()
+
+
+def _read_appservice(r: _Reading, s: Setting) -> None:
+    """LIVEKIT_AS_TOKEN and its group, in upstream's order (docs/configuration.md#application-service-mode)."""
+    server_name = r.env.get("LIVEKIT_HS_SERVER_NAME", "")  # verbatim, as upstream
+    registration = r.env.get("LIVEKIT_AS_REGISTRATION_FILE", "")
+    if registration:
+        as_token, hs_token = read_registration(
+            _read_source("LIVEKIT_AS_REGISTRATION_FILE", registration, r.read_file)
+        )
+        pair = ("LIVEKIT_AS_TOKEN", "LIVEKIT_AS_TOKEN_FROM_FILE", "LIVEKIT_HS_TOKEN", "LIVEKIT_HS_TOKEN_FROM_FILE")
+        ignored = [n for n in pair if r.env.get(n)]
+        if ignored:
+            r.warnings.append(f"LIVEKIT_AS_REGISTRATION_FILE is set, so {', '.join(ignored)} is ignored")
+    else:
+        as_token = _token(r, s.name, CREDENTIAL_AS_TOKEN)
+        hs_token = _token(r, "LIVEKIT_HS_TOKEN", CREDENTIAL_HS_TOKEN)
+    values = (as_token, hs_token, server_name)
+    if any(values) and not all(values):
+        raise ConfigError(APPSERVICE_ALL_OR_NONE)
+    r.fields.update(as_token=as_token, hs_token=hs_token, hs_server_name=server_name)
+
+
 def _read_redis_url(r: _Reading, s: Setting) -> None:
-    r.fields["redis_url"] = r.raw(s)
+    """LIVEKIT_REDIS_URL with LIVEKIT_REDIS_PASSWORD merged in (docs/configuration.md#redis-password)."""
+    from rtcauthd.store.redis_url import redis_password, url_syntax_error, with_password
+
+    url, password = r.raw(s), r.env.get("LIVEKIT_REDIS_PASSWORD", "")
+    if url == "":
+        if password:
+            r.warnings.append(
+                "LIVEKIT_REDIS_PASSWORD was set without setting LIVEKIT_REDIS_URL. Continuing without Redis support"
+            )
+        r.fields["redis_url"] = ""
+        return
+    problem = url_syntax_error(url)
+    if problem is not None:
+        raise ConfigError(f"Could not parse {s.name}: {problem}")
+    if password:
+        merged = with_password(url, password)
+        if merged is None:
+            raise ConfigError("LIVEKIT_REDIS_PASSWORD was set but couldn't be combined with LIVEKIT_REDIS_URL")
+        if redis_password(url):
+            r.warnings.append("LIVEKIT_REDIS_PASSWORD is set, so the password in LIVEKIT_REDIS_URL is ignored")
+        url = merged
+    r.fields["redis_url"] = url
+
+
+def _read_own_metadata(r: _Reading, s: Setting) -> None:
+    raw = r.raw(s)
+    r.fields["can_update_own_metadata"] = raw == "true"  # exactly; True, 1 or yes leave it off
+    if raw not in ("", "true", s.default):
+        r.warnings.append(f"{s.name} is set but not to true; canUpdateOwnMetadata is not granted")
 
 
 #: Every setting, in the order load_config reads them (so the first error reported, and the
@@ -499,8 +634,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "CREDENTIALS_DIRECTORY",
         "",
-        f"systemd credentials: {CREDENTIAL_KEY}, {CREDENTIAL_SECRET} fill in whatever the variables "
-        "above left empty",
+        f"systemd credentials: {CREDENTIAL_KEY}, {CREDENTIAL_SECRET}, {CREDENTIAL_AS_TOKEN}, "
+        f"{CREDENTIAL_HS_TOKEN} fill in whatever their variables left empty",
         documented=False,
     ),
     Setting(
@@ -518,6 +653,26 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "LIVEKIT_CS_API_URL_OVERRIDES", "", "server_name=https://client-api,... (skips .well-known)", _read_overrides
+    ),
+    Setting(
+        "LIVEKIT_AS_TOKEN",
+        "",
+        "application-service mode: token sent to the homeserver (as_token)",
+        _read_appservice,
+    ),
+    Setting("LIVEKIT_AS_TOKEN_FROM_FILE", "", "rtcauthd only: file holding the as_token (overrides LIVEKIT_AS_TOKEN)"),
+    Setting("LIVEKIT_HS_TOKEN", "", "application-service mode: token the homeserver sends (hs_token)"),
+    Setting("LIVEKIT_HS_TOKEN_FROM_FILE", "", "rtcauthd only: file holding the hs_token (overrides LIVEKIT_HS_TOKEN)"),
+    Setting(
+        "LIVEKIT_AS_REGISTRATION_FILE",
+        "",
+        "Synapse's registration YAML; its as_token and hs_token override the four above",
+    ),
+    Setting(
+        "LIVEKIT_HS_SERVER_NAME",
+        "",
+        "server_name of the homeserver this service is an application service of; with both "
+        "tokens it turns application-service mode on (all three or none)",
     ),
     Setting("RTCAUTH_CA_FILE", "", "PEM CA bundle trusted for outbound TLS (private PKI)", _read_ca_file),
     Setting(
@@ -582,6 +737,13 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "LIVEKIT_REDIS_URL", "", "redis://[:password@]host[:port][/db] for delegated-leave jobs", _read_redis_url
+    ),
+    Setting("LIVEKIT_REDIS_PASSWORD", "", "Redis password, replacing any in LIVEKIT_REDIS_URL"),
+    Setting(
+        "LIVEKIT_CAN_UPDATE_OWN_METADATA",
+        "false",
+        "exactly true grants canUpdateOwnMetadata in every token; anything else does not",
+        _read_own_metadata,
     ),
 )
 

@@ -88,7 +88,7 @@ def makeService(options: Mapping) -> "RtcAuthService":  # noqa: F821
     except ConfigError as e:
         fail_startup(str(e))
     rtc_logging.configure(
-        level=config.log_level, log_format=config.log_format, secrets=(config.api_secret,)
+        level=config.log_level, log_format=config.log_format, secrets=config.secrets
     )
     raise_open_file_limit()
     try:

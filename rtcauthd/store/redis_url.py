@@ -2,20 +2,31 @@
 
 The accepted forms, the ignored go-redis options and the error texts follow go-redis
 ``ParseURL`` so that an upstream configuration keeps working and fails the same way. The
-password never appears in a message or a ``repr``.
+password never appears in a message or a ``repr``. :func:`url_syntax_error` and
+:func:`with_password` are the start-up half (``LIVEKIT_REDIS_PASSWORD``,
+docs/configuration.md#redis-password).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Optional
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 import attr
 
 from rtcauthd.gojson import go_quote
 
-__all__ = ["DEFAULT_PORT", "RedisTarget", "RedisURLError", "parse_redis_url", "redact_url"]
+__all__ = [
+    "DEFAULT_PORT",
+    "RedisTarget",
+    "RedisURLError",
+    "parse_redis_url",
+    "redact_url",
+    "url_syntax_error",
+    "with_password",
+]
 
 DEFAULT_PORT = 6379
 
@@ -185,3 +196,99 @@ def parse_redis_url(url: str) -> RedisTarget:
         skip_verify=skip_verify and scheme == "rediss",
         redacted=redact_url(url),
     )
+
+
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
+# WHATWG forbidden host code points ("%" aside: it is allowed in an opaque host).
+_FORBIDDEN_HOST = frozenset("\x00\t\n\r #/<>?@[\\]^|")
+_SPECIAL_SCHEMES = frozenset({"http", "https", "ws", "wss", "ftp", "file"})
+# Kept literal in userinfo; everything else is percent-encoded (RFC 3986 sub-delims).
+_USERINFO_SAFE = "!$&'()*+,"
+
+
+def _authority(url: str) -> Optional[tuple[int, int]]:
+    """Start and end of the authority in ``scheme://authority/...``; None without ``//``."""
+    match = _SCHEME.match(url)
+    if match is None or not url.startswith("//", match.end()):
+        return None
+    start = match.end() + 2
+    end = len(url)
+    for stop in "/?#":
+        i = url.find(stop, start)
+        if i >= 0:
+            end = min(end, i)
+    return start, end
+
+
+def _split_host_port(hostport: str) -> tuple[str, Optional[str]]:
+    if hostport.startswith("["):
+        close = hostport.find("]")
+        if close < 0:
+            return hostport, None
+        rest = hostport[close + 1 :]
+        return hostport[: close + 1], rest[1:] if rest.startswith(":") else (rest or None)
+    host, sep, port = hostport.partition(":")
+    return host, port if sep else None
+
+
+def url_syntax_error(url: str) -> Optional[str]:
+    """Why ``url`` is not a URL at all (upstream parses it at start-up), else None.
+
+    Only syntax: whether it is a usable Redis URL is :func:`parse_redis_url`'s question, at
+    connect time as before. Texts are those of the URL parser upstream uses.
+    """
+    match = _SCHEME.match(url)
+    if match is None:
+        return "relative URL without a base"
+    span = _authority(url)
+    if span is None:
+        return None
+    authority = url[span[0] : span[1]]
+    hostport = authority[authority.rfind("@") + 1 :]
+    host, port = _split_host_port(hostport)
+    if host.startswith("["):
+        try:
+            if not host.endswith("]"):
+                raise ValueError
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            return "invalid IPv6 address"
+    elif any(ch in _FORBIDDEN_HOST for ch in host):
+        return "invalid domain character"
+    elif host == "" and match.group()[:-1].lower() in _SPECIAL_SCHEMES - {"file"}:
+        return "empty host"
+    if port is not None and port != "":
+        if not port.isascii() or not port.isdigit() or int(port) > 65535:
+            return "invalid port number"
+    return None
+
+
+def with_password(url: str, password: str) -> Optional[str]:
+    """``url`` with its password set to ``password`` (user name kept, old password
+    replaced), or None when the URL has no host to carry one (``unix:///path``).
+
+    Every character outside RFC 3986's unreserved and sub-delims is percent-encoded, ``%``
+    included, so :func:`parse_redis_url` hands Redis the password exactly as configured.
+    """
+    span = _authority(url)
+    if span is None:
+        return None
+    start, end = span
+    authority = url[start:end]
+    at = authority.rfind("@")
+    hostport = authority[at + 1 :]
+    host, _ = _split_host_port(hostport)
+    if host == "":
+        return None
+    username = authority[:at].partition(":")[0] if at >= 0 else ""
+    encoded = quote(password.encode("utf-8", "surrogateescape"), safe=_USERINFO_SAFE)
+    userinfo = f"{username}:{encoded}"
+    return f"{url[:start]}{userinfo}@{hostport}{url[end:]}"
+
+
+def redis_password(url: str) -> str:
+    """The password a Redis URL carries ("" without one), for the log scrubber."""
+    try:
+        return unquote(urlsplit(url).password or "")
+    except ValueError:
+        return ""
