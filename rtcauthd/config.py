@@ -76,6 +76,7 @@ class Config:
     log_format: str
     metrics_listen: Optional[str]
     dev: bool
+    can_update_own_metadata: bool = False
     warnings: tuple[str, ...] = ()
 
     def is_full_access(self, server_name: str) -> bool:

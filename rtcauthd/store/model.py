@@ -1,7 +1,7 @@
 """The persisted form of a delayed-leave job, byte-compatible with lk-jwt-service.
 
-An operator may swap rtcauthd and the Go service over one live Redis, so both the hash
-field and the value are produced exactly as Go's ``encoding/json`` writes them
+An operator may swap rtcauthd and lk-jwt-service over one live Redis, so the hash field
+is serialised as the v0.7 hashes are and the value as Go's ``encoding/json`` writes it
 (docs/redis-format.md#key-field-value), and read back with Go's leniency (docs/redis-format.md#reading-records): member names match
 case-insensitively, unknown members are ignored, missing members are zero values,
 ``DelayTimeout`` is a strict int64 and ``RestartedAt`` is RFC 3339.
@@ -18,6 +18,7 @@ from typing import Any
 import attr
 
 from rtcauthd.leave.record import JobParams
+from rtcauthd.livekit.naming import string_array_json
 from rtcauthd.gojson import (
     INT64_MAX,
     INT64_MIN,
@@ -74,10 +75,10 @@ class StoredJob:
 
 
 def encode_field(room: str, identity: str) -> str:
-    """The hash field: Go JSON of ``[room, identity]`` (HTML escaping included)."""
+    """The hash field: ``[room, identity]`` serialised as the hashes are (v0.7, no HTML escaping)."""
     if not isinstance(room, str) or not isinstance(identity, str):
         raise TypeError("a job field is made of two strings")
-    return go_json_dumps([room, identity])
+    return string_array_json([room, identity])
 
 
 def encode_value(job: StoredJob) -> str:
