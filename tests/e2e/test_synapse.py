@@ -33,7 +33,7 @@ from twisted.trial import unittest
 from twisted.trial.unittest import FailTest
 
 from tests.blackbox.fake_livekit import PROTOBUF, FakeLiveKit, twirp_error
-from tests.blackbox.harness import JOSE_HEADER_B64, BlackBoxCase, go_json_string_array, lk_hash, matrix_error_body
+from tests.blackbox.harness import JOSE_HEADER_B64, BlackBoxCase, lk_hash, matrix_error_body, string_array_json
 from tests.e2e.synapse import CALL_MEMBER, MatrixClient, MatrixUser, get_cluster, skip_reason
 
 SLOT_ID = "m.call#ROOM"
@@ -491,7 +491,7 @@ class CrashSafetyTests(E2ECase):
         daemon = yield daemon_started
         alias = lk_hash(room_id, SLOT_ID)
         identity = lk_hash(user.user_id, user.device_id, "mf")
-        field = go_json_string_array([alias, identity])
+        field = string_array_json([alias, identity])
 
         delay_id = yield self.join_call(client, user, room_id, delay_ms=self.DELAY_MS)
         mark = self.full.log_mark()
