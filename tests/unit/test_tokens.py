@@ -25,7 +25,7 @@ ALIAS = "O8437W3+jmzMVjoIP3tNwbm+XxHQk2iKpOA7aqw3qSc"
 LEGACY_IDENTITY = "J+T45tGruxc+HrUOqJJlyQSV33m728Cme4+vt8/SWrU"  # vector 3: legacy /get_token, DEVICE123
 REMOTE_IDENTITY = "g/+jGZ04o50vnFyXaZRVJY+9QYFlqTReInF862pteJE"  # @bob:remote.example, memberXYZ
 
-# The minimal worked example (docs/authorization.md#worked-example): every grant explicit but
+# The minimal worked example (docs/authorization.md#participant-token): every grant explicit but
 # without canPublishData, and the exact token it signs to.
 EXAMPLE_TOKEN = (
     "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJpc3MiOiJkZXZrZXkiLCJzdWIiOiJNM1Zuc0xYcmtieElESU5YTzY0"
