@@ -1,8 +1,8 @@
 """LiveKit access tokens: participant tokens and RoomService admin tokens (docs/authorization.md#livekit-tokens).
 
-PyJWT signs; the claims are serialised first as Go's encoding/json would (struct field
-order, Go's escaping), so that the token bytes equal upstream's and a worked example
-pins them. Time comes only from the injected clock.
+PyJWT signs; the claims are serialised first, in LiveKit's field order with Go's
+escaping, so that the token bytes are fixed and a worked example pins them. Time comes
+only from the injected clock.
 """
 
 from __future__ import annotations
