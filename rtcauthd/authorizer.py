@@ -154,8 +154,13 @@ class Authorizer:
         delegate = request.wants_delegation
         if delegate and not full_access:  # P3
             raise errors.bad_json(errors.E_DELEG)
-        try:  # P4
-            jwt = self._tokens.participant_token(identity, room)
+        try:  # P4; only this deployment's own users may publish media (docs/authorization.md#access-rules)
+            jwt = self._tokens.participant_token(
+                identity,
+                room,
+                can_publish=full_access,
+                can_update_own_metadata=self._config.can_update_own_metadata,
+            )
         except Exception:
             log.failure("{endpoint}: signing the LiveKit token failed", endpoint=endpoint)
             raise MatrixError(500, errors.M_UNKNOWN, errors.E_INTERNAL) from None

@@ -1,10 +1,10 @@
-"""Go ``encoding/json`` compatible encoding and strict decoding (docs/authorization.md#hash-function, docs/endpoints.md#response-bodies, docs/endpoints.md#request-bodies, docs/redis-format.md).
+"""Go ``encoding/json`` compatible encoding and strict decoding (docs/endpoints.md#response-bodies, docs/endpoints.md#request-bodies, docs/redis-format.md).
 
-Why not ``json.dumps``: LiveKit room aliases and identities are SHA-256 hashes of Go's
-``json.Marshal`` output, and the Redis job records are shared with the Go service, so
-the bytes have to match Go exactly. Go differs from Python in HTML escaping (``<``,
-``>``, ``&``, U+2028, U+2029 become ``\\u003c`` ...), in never ``\\u``-escaping other
-non-ASCII text, and it has no floats here that we would need. Dicts are encoded in
+Why not ``json.dumps``: response bodies, JWT claims and the Redis job values are written
+as the Go service writes them, so the bytes match Go exactly (the hashes and the job
+field follow v0.7 instead, see ``rtcauthd/livekit/naming.py``). Go differs from Python in
+HTML escaping (``<``, ``>``, ``&``, U+2028, U+2029 become ``\\u003c`` ...), in never
+``\\u``-escaping other non-ASCII text, and it has no floats here that we would need. Dicts are encoded in
 insertion order, which is how Go encodes *structs* (callers build them in struct
 order); Go sorts *map* keys, so callers encoding a Go map must sort themselves.
 """

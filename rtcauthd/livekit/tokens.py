@@ -1,8 +1,8 @@
 """LiveKit access tokens: participant tokens and RoomService admin tokens (docs/authorization.md#livekit-tokens).
 
-PyJWT signs; the claims are serialised first as Go's encoding/json would (struct field
-order, Go's escaping), so that the token bytes equal upstream's and a worked example
-pins them. Time comes only from the injected clock.
+PyJWT signs; the claims are serialised first, in LiveKit's field order with Go's
+escaping, so that the token bytes are fixed and a worked example pins them. Time comes
+only from the injected clock.
 """
 
 from __future__ import annotations
@@ -38,8 +38,19 @@ class TokenMinter:
         """Whole seconds since the epoch, as Go's ``time.Now().Unix()``."""
         return int(self._clock.seconds())
 
-    def participant_token(self, identity: str, room: str) -> str:
-        """The join token returned to clients as ``jwt`` (docs/authorization.md#participant-token), valid for one hour."""
+    def participant_token(
+        self,
+        identity: str,
+        room: str,
+        *,
+        can_publish: bool = True,
+        can_update_own_metadata: bool = False,
+    ) -> str:
+        """The join token returned to clients as ``jwt`` (docs/authorization.md#participant-token), valid for one hour.
+
+        Every grant is written, false ones included: LiveKit reads a missing
+        ``canPublish`` as true, so a subscribe-only token must say false.
+        """
         now = self.now()
         claims: dict[str, Any] = {"iss": self._api_key}
         if identity:  # Go's omitempty
@@ -49,12 +60,15 @@ class TokenMinter:
         claims["iat"] = now
         if identity:
             claims["identity"] = identity
-        video: dict[str, Any] = {"roomJoin": True}
+        # LiveKit's VideoGrant field order
+        video: dict[str, Any] = {"roomCreate": False, "roomJoin": True}
         if room:
             video["room"] = room
-        video["canPublish"] = True
+        video["canPublish"] = bool(can_publish)
         video["canSubscribe"] = True
-        video["canUpdateOwnMetadata"] = True
+        video["canPublishData"] = True  # as v0.7: data messages stay allowed without media
+        video["canUpdateOwnMetadata"] = bool(can_update_own_metadata)
+        video["hidden"] = False
         claims["video"] = video
         return self._sign(claims)
 

@@ -14,13 +14,13 @@ Times are kept as float unix seconds; they are converted by arithmetic rather th
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
 import attr
 
 from rtcauthd.leave.record import JobParams
+from rtcauthd.livekit.naming import string_array_json
 from rtcauthd.gojson import (
     INT64_MAX,
     INT64_MIN,
@@ -77,16 +77,10 @@ class StoredJob:
 
 
 def encode_field(room: str, identity: str) -> str:
-    """The hash field: ``[room, identity]`` as v0.7 writes it (docs/redis-format.md#key-field-value).
-
-    Only ``"``, ``\\`` and control characters are escaped; ``<``, ``>``, ``&``, U+2028,
-    U+2029 and all non-ASCII stay raw (Go's HTML escaping is gone since v0.7).
-    """
+    """The hash field: ``[room, identity]`` serialised as the hashes are (v0.7, no HTML escaping)."""
     if not isinstance(room, str) or not isinstance(identity, str):
         raise TypeError("a job field is made of two strings")
-    return json.dumps(
-        [scrub_surrogates(room), scrub_surrogates(identity)], ensure_ascii=False, separators=(",", ":")
-    )
+    return string_array_json([room, identity])
 
 
 def encode_value(job: StoredJob) -> str:

@@ -800,12 +800,17 @@ def go_json_string_array(items: Sequence[str]) -> bytes:
     return text.encode("utf-8")
 
 
+def string_array_json(items: Sequence[str]) -> bytes:
+    """A []string as lk-jwt-service v0.7 hashes and keys it: JSON without HTML escaping."""
+    return json.dumps(list(items), ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
 def lk_hash(*items: str) -> str:
-    """H(...) of docs/authorization.md#hash-function: unpadded standard base64 of SHA-256 of the Go JSON array."""
+    """H(...) of docs/authorization.md#hash-function: unpadded standard base64 of SHA-256 of the JSON array."""
     import base64
     import hashlib
 
-    digest = hashlib.sha256(go_json_string_array(items)).digest()
+    digest = hashlib.sha256(string_array_json(items)).digest()
     return base64.b64encode(digest).decode("ascii").rstrip("=")
 
 

@@ -34,6 +34,7 @@ from tests.blackbox.harness import (
     lk_hash,
     matrix_error_body,
     poll_until,
+    string_array_json,
 )
 from tests.blackbox.test_token_service import get_token_body, sfu_get_body
 
@@ -60,8 +61,8 @@ def go_string(text: str) -> str:
 
 
 def job_field(room: str, identity: str) -> bytes:
-    """The hash field: Go JSON of ``[room, identity]`` (docs/redis-format.md#key-field-value)."""
-    return go_json_string_array([room, identity])
+    """The hash field: ``[room, identity]`` as v0.7 writes it (docs/redis-format.md#key-field-value)."""
+    return string_array_json([room, identity])
 
 
 def job_value(*, delay_id: str, timeout_ns: int, server_name: str, room: str, identity: str,

@@ -233,7 +233,7 @@ class RunTimeTests(TokenAssertions, BlackBoxCase, unittest.TestCase):
         # 127.0.0.1:PORT is not "localhost": a restricted user, so ws://localhost:7880 is never called
         token = self.assert_token_response(result, "ws://localhost:7880")
         self.assert_participant_jwt(token, identity=lk_hash(user, DEVICE, MEMBER_ID), alias=lk_hash(ROOM_ID, SLOT_ID),
-                                    t0=t0, t1=time.time(), key="devkey", secret="secret")
+                                    t0=t0, t1=time.time(), key="devkey", secret="secret", can_publish=False)
 
     @defer.inlineCallbacks
     def test_invalid_log_level_warns_and_runs(self):

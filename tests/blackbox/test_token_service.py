@@ -81,8 +81,10 @@ class HashHelperTests(unittest.SynchronousTestCase):
         self.assertEqual(lk_hash("@alice:example.com", "DEVICE123", "memberABC"),
                          "J+T45tGruxc+HrUOqJJlyQSV33m728Cme4+vt8/SWrU")
         self.assertEqual(lk_hash(ROOM_ID, SLOT_ID), "krj2dgxw2K6EOm9he4GfQJ6JsSVWfJ8a7BkyjZcSmxs")
-        self.assertEqual(lk_hash("!a&b<c>d:example.com", SLOT_ID), "kLy9IEhXw6UjK3fnqQbqCARAeUkv7JNdMQEunyDUnec")
-        self.assertEqual(lk_hash("a\u2028b", SLOT_ID), "4ZLh54C2mOO5mDhNmffuJUUNhupFA98AVg1KPJsTORc")
+        # v0.7's serialisation: vectors 8 and 11 are no longer HTML-escaped
+        self.assertEqual(lk_hash("!a&b<c>d:example.com", SLOT_ID), "ziAFdEueqv1/nH7UcCdcviIljbbj3ddMMoKY5eXoylI")
+        self.assertEqual(lk_hash("a\u2028b", SLOT_ID), "9JGEmwE/UL2GPDK9QvVpDHBgK564rkE7DCD/o3QtVWU")
+        self.assertEqual(lk_hash("@alice:example.com", "memberABC"), "M3VnsLXrkbxIDINXO64u8PZzFyD9ZYFiQULR2dshWYs")
 
 
 class TokenAssertions:
@@ -111,7 +113,7 @@ class TokenAssertions:
         return obj["jwt"]
 
     def assert_participant_jwt(self, token: str, *, identity: str, alias: str, t0: float, t1: float,
-                               key: str | None = None, secret: str | None = None):
+                               key: str | None = None, secret: str | None = None, can_publish: bool = True):
         key = key or self.key
         secret = secret or self.secret
         self.assertEqual(token.split(".")[0], JOSE_HEADER_B64)
@@ -119,12 +121,18 @@ class TokenAssertions:
                             options={"require": ["exp", "nbf", "iat", "iss", "sub"]})
         self.assertEqual(set(claims), {"iss", "sub", "exp", "nbf", "iat", "identity", "video"})
         self.assertEqual((claims["sub"], claims["identity"]), (identity, identity))
+        # every grant explicit, false ones included (docs/authorization.md#participant-token)
+        self.assertEqual(list(claims["video"]), ["roomCreate", "roomJoin", "room", "canPublish", "canSubscribe",
+                                                 "canPublishData", "canUpdateOwnMetadata", "hidden"])
         self.assertEqual(claims["video"], {
+            "roomCreate": False,
             "roomJoin": True,
             "room": alias,
-            "canPublish": True,
+            "canPublish": can_publish,
             "canSubscribe": True,
-            "canUpdateOwnMetadata": True,
+            "canPublishData": True,
+            "canUpdateOwnMetadata": False,
+            "hidden": False,
         })
         self.assertEqual(claims["iat"], claims["nbf"])
         self.assertEqual(claims["exp"] - claims["nbf"], 3600)
@@ -133,9 +141,11 @@ class TokenAssertions:
         verified = TokenVerifier(key, secret).verify(token)
         self.assertEqual(verified.identity, identity)
         self.assertEqual(verified.video.room, alias)
-        self.assertTrue(verified.video.room_join and verified.video.can_publish and verified.video.can_subscribe)
-        self.assertTrue(verified.video.can_update_own_metadata)
-        self.assertFalse(verified.video.room_create)
+        self.assertTrue(verified.video.room_join and verified.video.can_subscribe and verified.video.can_publish_data)
+        self.assertIs(verified.video.can_publish, can_publish)
+        self.assertIs(verified.video.can_update_own_metadata, False)
+        self.assertIs(verified.video.room_create, False)
+        self.assertIs(verified.video.hidden, False)
         self.assertRaises(jwt.InvalidSignatureError, jwt.decode, token, secret + "x", algorithms=["HS256"])
 
     def assert_create_room(self, lk, alias: str, *, key: str | None = None, secret: str | None = None):
@@ -304,9 +314,9 @@ class RestrictedTests(TokenAssertions, BlackBoxCase, unittest.TestCase):
         t0 = time.time()
         result = yield daemon.post_json("/get_token", get_token_body(self.hs.server_name, self.token))
         token = self.assert_token_response(result, self.lk.url)
-        # the same grants as full access users (docs/authorization.md#access-rules)
+        # subscribe-only: users of other homeservers may not publish (docs/authorization.md#access-rules)
         self.assert_participant_jwt(token, identity=lk_hash(self.user, DEVICE, MEMBER_ID),
-                                    alias=lk_hash(ROOM_ID, SLOT_ID), t0=t0, t1=time.time())
+                                    alias=lk_hash(ROOM_ID, SLOT_ID), t0=t0, t1=time.time(), can_publish=False)
         self.assert_one_userinfo(self.hs, self.token)
         self.assertEqual(self.lk.calls, [])
 

@@ -33,7 +33,7 @@ from twisted.trial import unittest
 from twisted.trial.unittest import FailTest
 
 from tests.blackbox.fake_livekit import PROTOBUF, FakeLiveKit, twirp_error
-from tests.blackbox.harness import JOSE_HEADER_B64, BlackBoxCase, go_json_string_array, lk_hash, matrix_error_body
+from tests.blackbox.harness import JOSE_HEADER_B64, BlackBoxCase, lk_hash, matrix_error_body, string_array_json
 from tests.e2e.synapse import CALL_MEMBER, MatrixClient, MatrixUser, get_cluster, skip_reason
 
 SLOT_ID = "m.call#ROOM"
@@ -200,21 +200,24 @@ class E2ECase(BlackBoxCase, unittest.TestCase):
                                                  separators=(",", ":")).encode() + b"\n")
         return obj["jwt"]
 
-    def assert_participant_jwt(self, token: str, *, identity: str, alias: str, t0: float, t1: float) -> None:
+    def assert_participant_jwt(self, token: str, *, identity: str, alias: str, t0: float, t1: float,
+                               can_publish: bool = True) -> None:
         """docs/authorization.md#participant-token, with PyJWT and with LiveKit's own verifier."""
         self.assertEqual(token.split(".")[0], JOSE_HEADER_B64)
         claims = jwt.decode(token, self.secret, algorithms=["HS256"], issuer=self.key,
                             options={"require": ["exp", "nbf", "iat", "iss", "sub"]})
         self.assertEqual(set(claims), {"iss", "sub", "exp", "nbf", "iat", "identity", "video"})
         self.assertEqual((claims["sub"], claims["identity"]), (identity, identity))
-        self.assertEqual(claims["video"], {"roomJoin": True, "room": alias, "canPublish": True,
-                                           "canSubscribe": True, "canUpdateOwnMetadata": True})
+        self.assertEqual(claims["video"], {"roomCreate": False, "roomJoin": True, "room": alias,
+                                           "canPublish": can_publish, "canSubscribe": True, "canPublishData": True,
+                                           "canUpdateOwnMetadata": False, "hidden": False})
         self.assertEqual(claims["exp"] - claims["nbf"], 3600)
         self.assertEqual(claims["iat"], claims["nbf"])
         self.assertTrue(int(t0) - 1 <= claims["nbf"] <= t1 + 1, (t0, claims["nbf"], t1))
         verified = TokenVerifier(self.key, self.secret).verify(token)
         self.assertEqual((verified.identity, verified.video.room), (identity, alias))
-        self.assertFalse(verified.video.room_create)
+        self.assertIs(verified.video.room_create, False)
+        self.assertIs(verified.video.can_publish, can_publish)
 
     def assert_unauthorised(self, result) -> None:
         self.assertEqual((result.code, result.body), (401, UNAUTHORISED), self.daemon_logs())
@@ -318,9 +321,9 @@ class TokenTests(E2ECase):
         result = yield self.daemon.post_json("/get_token", get_token_body(openid, user, room_id, "m-1"))
         t1 = time.time()
         token = self.assert_token_response(result)
-        # the same grants as full access (docs/authorization.md#access-rules), but no room is created
+        # subscribe-only (docs/authorization.md#access-rules), and no room is created
         self.assert_participant_jwt(token, identity=lk_hash(user.user_id, user.device_id, "m-1"),
-                                    alias=lk_hash(room_id, SLOT_ID), t0=t0, t1=t1)
+                                    alias=lk_hash(room_id, SLOT_ID), t0=t0, t1=t1, can_publish=False)
         yield self.wait_access(self.restricted, mark, USERINFO, status=200)
 
         # nor may a restricted user delegate a (real) delayed leave
@@ -491,7 +494,7 @@ class CrashSafetyTests(E2ECase):
         daemon = yield daemon_started
         alias = lk_hash(room_id, SLOT_ID)
         identity = lk_hash(user.user_id, user.device_id, "mf")
-        field = go_json_string_array([alias, identity])
+        field = string_array_json([alias, identity])
 
         delay_id = yield self.join_call(client, user, room_id, delay_ms=self.DELAY_MS)
         mark = self.full.log_mark()

@@ -30,6 +30,26 @@ CORS = {
 }
 
 
+def grants(room, *, can_publish=True, can_update_own_metadata=False):
+    """The whole ``video`` claim of a participant token (docs/authorization.md#participant-token)."""
+    return {
+        "roomCreate": False,
+        "roomJoin": True,
+        "room": room,
+        "canPublish": can_publish,
+        "canSubscribe": True,
+        "canPublishData": True,
+        "canUpdateOwnMetadata": can_update_own_metadata,
+        "hidden": False,
+    }
+
+
+def jwt_claims(body):
+    return pyjwt.decode(
+        json.loads(body)["jwt"], SECRET, algorithms=["HS256"], options={"verify_exp": False, "verify_nbf": False}
+    )
+
+
 class OpenIDError(Exception):
     """Stands in for the federation client's failure (the authorizer only reads step/detail)."""
 
@@ -108,6 +128,9 @@ def token_body(**changes):
 
 
 class AppTestCase(SynchronousTestCase):
+    #: Config fields a test class sets differently (attr.evolve of the loaded Config).
+    config_changes: dict = {}
+
     def setUp(self):
         self.clock = MemoryReactorClock()
         self.clock.advance(1785000000)
@@ -120,6 +143,8 @@ class AppTestCase(SynchronousTestCase):
                 "RTCAUTH_MAX_BODY_BYTES": "4096",
             }
         )
+        if self.config_changes:
+            self.config = attr.evolve(self.config, **self.config_changes)
         self.homeservers = FakeHomeservers(
             {
                 ("example.com", "good-token"): "@alice:example.com",
@@ -228,6 +253,7 @@ class GetTokenTests(AppTestCase):
         room = naming.room_alias("!room:example.com", "m.call#ROOM")
         self.assertEqual(claims["sub"], identity)
         self.assertEqual(claims["video"]["room"], room)
+        self.assertEqual(claims["video"], grants(room))
         self.assertEqual(self.rooms.created, [room])
         self.assertEqual(self.homeservers.calls, ["example.com"])
 
@@ -242,6 +268,10 @@ class GetTokenTests(AppTestCase):
         )
         self.assertEqual(response.code, 200)
         self.assertEqual(self.rooms.created, [])
+        # users of other homeservers may subscribe but not publish (upstream PR #222)
+        claims = jwt_claims(body)
+        self.assertEqual(claims["sub"], naming.identity("@bob:other.org", "DEVICE", "member-1"))
+        self.assertEqual(claims["video"], grants(naming.room_alias("!room:example.com", "m.call#ROOM"), can_publish=False))
 
     def test_unknown_token_401(self):
         response, body = self.request("POST", "/get_token", token_body(openid_token={"access_token": "forged"}))
@@ -298,7 +328,7 @@ class GetTokenTests(AppTestCase):
         self.assertMatrixError(response, body, 500, "M_UNKNOWN", errors.E_CREATE)
 
     def test_signing_failure_is_500_internal(self):
-        def broken(identity, room):
+        def broken(identity, room, **grants):
             raise ValueError("no key")
 
         self.tokens.participant_token = broken
@@ -344,7 +374,20 @@ class LegacyTests(AppTestCase):
         claims = pyjwt.decode(json.loads(body)["jwt"], SECRET, algorithms=["HS256"], options={"verify_exp": False, "verify_nbf": False})
         self.assertEqual(claims["sub"], "@alice:example.com:DEVICE123")
         self.assertEqual(claims["video"]["room"], "krj2dgxw2K6EOm9he4GfQJ6JsSVWfJ8a7BkyjZcSmxs")
+        self.assertEqual(claims["video"], grants("krj2dgxw2K6EOm9he4GfQJ6JsSVWfJ8a7BkyjZcSmxs"))
         self.assertEqual(self.rooms.created, ["krj2dgxw2K6EOm9he4GfQJ6JsSVWfJ8a7BkyjZcSmxs"])
+
+    def test_restricted_may_not_publish(self):
+        response, body = self.request(
+            "POST",
+            "/sfu/get",
+            self.legacy(openid_token={"access_token": "remote-token", "matrix_server_name": "other.org"}),
+        )
+        self.assertEqual(response.code, 200)
+        claims = jwt_claims(body)
+        self.assertEqual(claims["sub"], "@bob:other.org:DEVICE123")
+        self.assertEqual(claims["video"], grants("krj2dgxw2K6EOm9he4GfQJ6JsSVWfJ8a7BkyjZcSmxs", can_publish=False))
+        self.assertEqual(self.rooms.created, [])
 
     def test_missing_device_gives_trailing_colon(self):
         response, body = self.request("POST", "/sfu/get", self.legacy(device_id=None))
@@ -386,6 +429,40 @@ class DelegateTests(AppTestCase):
         response, body = self.request("POST", "/delegate_delayed_leave", token_body())
         self.assertMatrixError(response, body, 400, "M_BAD_JSON", errors.E_DELAY)
         self.assertEqual(self.homeservers.calls, [])
+
+
+class MetadataOptInTests(AppTestCase):
+    """LIVEKIT_CAN_UPDATE_OWN_METADATA=true grants canUpdateOwnMetadata on every token, nothing else."""
+
+    config_changes = {"can_update_own_metadata": True}
+
+    def test_full_access_and_restricted_on_both_endpoints(self):
+        room = naming.room_alias("!room:example.com", "m.call#ROOM")
+        legacy_room = naming.legacy_room_alias("!room:example.com")
+        restricted = {"openid_token": {"access_token": "remote-token", "matrix_server_name": "other.org"}}
+        cases = [
+            ("/get_token", token_body(), grants(room, can_update_own_metadata=True)),
+            (
+                "/get_token",
+                token_body(member={"claimed_user_id": "@bob:other.org"}, **restricted),
+                grants(room, can_publish=False, can_update_own_metadata=True),
+            ),
+            (
+                "/sfu/get",
+                {"room": "!room:example.com", "device_id": "D", "openid_token": token_body()["openid_token"]},
+                grants(legacy_room, can_update_own_metadata=True),
+            ),
+            (
+                "/sfu/get",
+                {"room": "!room:example.com", "device_id": "D", "openid_token": restricted["openid_token"]},
+                grants(legacy_room, can_publish=False, can_update_own_metadata=True),
+            ),
+        ]
+        for path, body, video in cases:
+            response, answer = self.request("POST", path, body)
+            self.assertEqual(response.code, 200, (path, answer))
+            self.assertEqual(jwt_claims(answer)["video"], video, path)
+        self.assertEqual(self.rooms.created, [room, legacy_room])
 
 
 class RecordingPolicy:

@@ -15,10 +15,12 @@ from rtcauthd.store.model import encode_field as job_field  # the Redis field of
 from rtcauthd.livekit.naming import (
     LEGACY_SLOT_ID,
     H,
+    appservice_identity,
     identity,
     legacy_identity,
     legacy_room_alias,
     room_alias,
+    string_array_json,
 )
 
 # docs/authorization.md#worked-examples: (input, exact bytes hashed, sha256 hex, H)
@@ -65,11 +67,11 @@ VECTORS = [
         "78879ff7c749704c69eb3ec0b25341c26a17576bb18177db430c4766ca4eea44",
         "eIef98dJcExp6z7AslNBwmoXV2uxgXfbQwxHZspO6kQ",
     ),
-    (  # 8
+    (  # 8: v0.7 value (was the Go-escaped one below)
         ["!a&b<c>d:example.com", "m.call#ROOM"],
-        b'["!a\\u0026b\\u003cc\\u003ed:example.com","m.call#ROOM"]',
-        "90bcbd204857c3a5232b77e7a906ea08044079492fec935d31012e9f20d49de7",
-        "kLy9IEhXw6UjK3fnqQbqCARAeUkv7JNdMQEunyDUnec",
+        b'["!a&b<c>d:example.com","m.call#ROOM"]',
+        "ce2005744b9eaafd7f9c7ed470275cbe22258db6e3ddd74c328298e5e5e8ca52",
+        "ziAFdEueqv1/nH7UcCdcviIljbbj3ddMMoKY5eXoylI",
     ),
     (  # 9
         ["!r\u00e4um:example.com", "m.call#ROOM"],
@@ -83,18 +85,37 @@ VECTORS = [
         "5fe4f9224ffeefe0c201a67255cbc8b81d59c2da4fc668bff0c59cef5b4d5189",
         "X+T5Ik/+7+DCAaZyVcvIuB1ZwtpPxmi/8MWc71tNUYk",
     ),
-    (  # 11
+    (  # 11: v0.7 value (was the Go-escaped one below)
         ["a\u2028b", "m.call#ROOM"],
-        b'["a\\u2028b","m.call#ROOM"]',
-        "e192e1e780b698e3b998384d99f7ee25450d86ea4503df00560d4a3c9b133917",
-        "4ZLh54C2mOO5mDhNmffuJUUNhupFA98AVg1KPJsTORc",
+        b'["a\xe2\x80\xa8b","m.call#ROOM"]',
+        "f491849b013f50bd863c32bd42f5690c70602b9eb8ae413b0c20ffa3742d5565",
+        "9JGEmwE/UL2GPDK9QvVpDHBgK564rkE7DCD/o3QtVWU",
+    ),
+    (  # 12: the MSC4195 appendix identity, as the application-service routes derive it
+        ["@alice:example.com", "memberABC"],
+        b'["@alice:example.com","memberABC"]',
+        "337567b0b5eb91bc480c83573bae2ef0f6731720fd6581624142d1d9db21598b",
+        "M3VnsLXrkbxIDINXO64u8PZzFyD9ZYFiQULR2dshWYs",
+    ),
+    (  # 13
+        ["@alice:example.com", "member-1"],
+        b'["@alice:example.com","member-1"]',
+        "a0282f4e2fe52c7ccb5c8f344c05ed5f9fef544e02d37726cd81f78b23049ae6",
+        "oCgvTi/lLHzLXI80TAXtX5/vVE4C03cmzYH3iyMEmuY",
+    ),
+    (  # 14
+        ["@bob:remote.example", "memberXYZ"],
+        b'["@bob:remote.example","memberXYZ"]',
+        "83ffa3199d38a39d2f9c5c97699455258fbd418165a9345e22717ceb6a6d7891",
+        "g/+jGZ04o50vnFyXaZRVJY+9QYFlqTReInF862pteJE",
     ),
 ]
 
-# Canonical JSON (no HTML escaping) results: wrong for rtcauthd (docs/authorization.md#worked-examples).
-CANONICAL_WRONG = {
-    8: "ziAFdEueqv1/nH7UcCdcviIljbbj3ddMMoKY5eXoylI",
-    11: "9JGEmwE/UL2GPDK9QvVpDHBgK564rkE7DCD/o3QtVWU",
+# What the Go service derived (HTML escaping: \u0026\u003c\u003e, \u2028): no longer produced
+# (docs/authorization.md#worked-examples).
+GO_ERA = {
+    8: (b'["!a\\u0026b\\u003cc\\u003ed:example.com","m.call#ROOM"]', "kLy9IEhXw6UjK3fnqQbqCARAeUkv7JNdMQEunyDUnec"),
+    11: (b'["a\\u2028b","m.call#ROOM"]', "4ZLh54C2mOO5mDhNmffuJUUNhupFA98AVg1KPJsTORc"),
 }
 
 H_SHAPE = re.compile(r"\A[A-Za-z0-9+/]{43}\Z")
@@ -110,11 +131,6 @@ _REF_TABLE = {
     0x09: b"\\t",
     0x08: b"\\b",
     0x0C: b"\\f",
-    0x3C: b"\\u003c",
-    0x3E: b"\\u003e",
-    0x26: b"\\u0026",
-    0x2028: b"\\u2028",
-    0x2029: b"\\u2029",
 }
 
 
@@ -149,7 +165,7 @@ any_id = st.lists(any_char, max_size=24).map("".join)
 class VectorTests(SynchronousTestCase):
     def test_bytes_hashed(self) -> None:
         for n, (parts, exact, _sha, _h) in enumerate(VECTORS, 1):
-            self.assertEqual(go_json_dumps(parts).encode("utf-8"), exact, f"vector {n}")
+            self.assertEqual(string_array_json(parts).encode("utf-8"), exact, f"vector {n}")
 
     def test_sha256(self) -> None:
         for n, (_parts, exact, sha, _h) in enumerate(VECTORS, 1):
@@ -174,15 +190,31 @@ class VectorTests(SynchronousTestCase):
         self.assertEqual(legacy_room_alias("!room:example.com"), VECTORS[3][3])
         self.assertEqual(legacy_room_alias("testRoom"), VECTORS[6][3])
 
-    def test_canonical_json_values_are_not_produced(self) -> None:
-        for n, wrong in CANONICAL_WRONG.items():
+    def test_go_era_values_are_not_produced(self) -> None:
+        for n, (go_bytes, wrong) in GO_ERA.items():
             parts = VECTORS[n - 1][0]
             self.assertNotEqual(H(*parts), wrong, f"vector {n}")
-            # and they really are what canonical JSON would give (so the negative is meaningful)
-            canonical = json.dumps(parts, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+            # and they really are the hashes of Go's HTML-escaped bytes (so the negative is meaningful)
+            self.assertEqual(go_json_dumps(parts).encode("utf-8"), go_bytes, f"vector {n}")
             self.assertEqual(
-                base64.b64encode(hashlib.sha256(canonical).digest()).decode().rstrip("="), wrong
+                base64.b64encode(hashlib.sha256(go_bytes).digest()).decode().rstrip("="), wrong
             )
+
+    def test_matrix_canonical_json_for_string_arrays(self) -> None:
+        # MSC4195 names canonical JSON; for arrays of strings it is exactly these bytes
+        for n, (parts, exact, _sha, _h) in enumerate(VECTORS, 1):
+            canonical = json.dumps(parts, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+            self.assertEqual(canonical, exact, f"vector {n}")
+
+    def test_appservice_identity(self) -> None:
+        self.assertEqual(appservice_identity("@alice:example.com", "memberABC"), VECTORS[11][3])
+        self.assertEqual(appservice_identity("@alice:example.com", "member-1"), VECTORS[12][3])
+        self.assertEqual(appservice_identity("@bob:remote.example", "memberXYZ"), VECTORS[13][3])
+        # the legacy identity of the same user and member is a different participant
+        self.assertNotEqual(
+            appservice_identity("@alice:example.com", "memberABC"),
+            identity("@alice:example.com", "DEVICE123", "memberABC"),
+        )
 
 
 class LegacyIdentityTests(SynchronousTestCase):
@@ -207,9 +239,10 @@ class JobFieldTests(SynchronousTestCase):
             '["krj2dgxw2K6EOm9he4GfQJ6JsSVWfJ8a7BkyjZcSmxs","@alice:example.com:DEVICE123"]',
         )
 
-    def test_not_html_escaped_since_v07(self) -> None:
-        # docs/redis-format.md#key-field-value: v0.7 writes <, >, & raw
-        self.assertEqual(job_field("r", "@a<b>:x&y:D"), '["r","@a<b>:x&y:D"]')
+    def test_not_html_escaped(self) -> None:
+        # the hashes' serialisation (docs/redis-format.md#key-field-value), no longer Go's
+        self.assertEqual(job_field("r", "@a<b>:x&y:D\u2028"), '["r","@a<b>:x&y:D\u2028"]')
+        self.assertEqual(job_field("r", 'a"\\\n\x01'), '["r","a\\"\\\\\\n\\u0001"]')
 
 
 class TypeTests(SynchronousTestCase):
@@ -238,6 +271,13 @@ class PropertyTests(SynchronousTestCase):
         self.assertEqual(ident, identity(user_id, device_id, member_id))
 
     @settings(max_examples=200, deadline=None)
+    @given(any_id, any_id)
+    def test_appservice_identity_matches_reference(self, user_id: str, member_id: str) -> None:
+        ident = appservice_identity(user_id, member_id)
+        self.assertEqual(ident, reference_h(user_id, member_id))
+        self.assertRegex(ident, H_SHAPE)
+
+    @settings(max_examples=200, deadline=None)
     @given(any_id, any_id, any_id, any_id, any_id)
     def test_identity_and_alias_domains_are_separate(self, u, d, m, r, s) -> None:
         self.assertNotEqual(identity(u, d, m), room_alias(r, s))
@@ -251,4 +291,5 @@ class PropertyTests(SynchronousTestCase):
         field.encode("utf-8")
         decoded = json.loads(field)
         self.assertEqual(len(decoded), 2)
+        self.assertEqual(field, string_array_json(decoded))
         self.assertEqual(field, json.dumps(decoded, ensure_ascii=False, separators=(",", ":")))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import datetime
+import hashlib
+import hmac
 import json
 import time
 import warnings
@@ -16,23 +18,41 @@ from twisted.trial.unittest import SynchronousTestCase
 from rtcauthd.livekit.tokens import TokenMinter
 
 NOW = 1785000000
-IDENTITY = "J+T45tGruxc+HrUOqJJlyQSV33m728Cme4+vt8/SWrU"  # docs/authorization.md#worked-examples vector 3
-ALIAS = "O8437W3+jmzMVjoIP3tNwbm+XxHQk2iKpOA7aqw3qSc"  # docs/authorization.md#worked-examples vector 1
+# docs/authorization.md#worked-examples: the application-service identity of @alice:example.com,
+# member memberABC (MSC4195's vector), and alias vector 1
+IDENTITY = "M3VnsLXrkbxIDINXO64u8PZzFyD9ZYFiQULR2dshWYs"
+ALIAS = "O8437W3+jmzMVjoIP3tNwbm+XxHQk2iKpOA7aqw3qSc"
+LEGACY_IDENTITY = "J+T45tGruxc+HrUOqJJlyQSV33m728Cme4+vt8/SWrU"  # vector 3: legacy /get_token, DEVICE123
+REMOTE_IDENTITY = "g/+jGZ04o50vnFyXaZRVJY+9QYFlqTReInF862pteJE"  # @bob:remote.example, memberXYZ
 
+# The minimal worked example (docs/authorization.md#participant-token): every grant explicit but
+# without canPublishData, and the exact token it signs to.
 EXAMPLE_TOKEN = (
-    "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJpc3MiOiJkZXZrZXkiLCJzdWIiOiJKK1Q0NXRHcnV4YytIclVP"
-    "cUpKbHlRU1YzM203MjhDbWU0K3Z0OC9TV3JVIiwiZXhwIjoxNzg1MDAzNjAwLCJuYmYiOjE3ODUwMDAwMDAsImlh"
-    "dCI6MTc4NTAwMDAwMCwiaWRlbnRpdHkiOiJKK1Q0NXRHcnV4YytIclVPcUpKbHlRU1YzM203MjhDbWU0K3Z0OC9T"
-    "V3JVIiwidmlkZW8iOnsicm9vbUpvaW4iOnRydWUsInJvb20iOiJPODQzN1czK2ptek1Wam9JUDN0TndibStYeEhR"
-    "azJpS3BPQTdhcXczcVNjIiwiY2FuUHVibGlzaCI6dHJ1ZSwiY2FuU3Vic2NyaWJlIjp0cnVlLCJjYW5VcGRhdGVP"
-    "d25NZXRhZGF0YSI6dHJ1ZX19.Rlnvqwg4Kv9NsctP_IFAKk7_KGSMgbfuPLSQ6gteo6E"
+    "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJpc3MiOiJkZXZrZXkiLCJzdWIiOiJNM1Zuc0xYcmtieElESU5YTzY0"
+    "dThQWnpGeUQ5WllGaVFVTFIyZHNoV1lzIiwiZXhwIjoxNzg1MDAzNjAwLCJuYmYiOjE3ODUwMDAwMDAsImlhdCI6MTc4"
+    "NTAwMDAwMCwiaWRlbnRpdHkiOiJNM1Zuc0xYcmtieElESU5YTzY0dThQWnpGeUQ5WllGaVFVTFIyZHNoV1lzIiwidmlk"
+    "ZW8iOnsicm9vbUNyZWF0ZSI6ZmFsc2UsInJvb21Kb2luIjp0cnVlLCJyb29tIjoiTzg0MzdXMytqbXpNVmpvSVAzdE53"
+    "Ym0rWHhIUWsyaUtwT0E3YXF3M3FTYyIsImNhblB1Ymxpc2giOnRydWUsImNhblN1YnNjcmliZSI6dHJ1ZSwiY2FuVXBk"
+    "YXRlT3duTWV0YWRhdGEiOmZhbHNlLCJoaWRkZW4iOmZhbHNlfX0.MvQWkVM_GthF6kIiU5iZAcZkVrDcvdyIvHrcJLZJzaA"
 )
 EXAMPLE_PAYLOAD = (
-    b'{"iss":"devkey","sub":"J+T45tGruxc+HrUOqJJlyQSV33m728Cme4+vt8/SWrU","exp":1785003600,'
-    b'"nbf":1785000000,"iat":1785000000,"identity":"J+T45tGruxc+HrUOqJJlyQSV33m728Cme4+vt8/SWrU",'
-    b'"video":{"roomJoin":true,"room":"O8437W3+jmzMVjoIP3tNwbm+XxHQk2iKpOA7aqw3qSc",'
-    b'"canPublish":true,"canSubscribe":true,"canUpdateOwnMetadata":true}}'
+    b'{"iss":"devkey","sub":"M3VnsLXrkbxIDINXO64u8PZzFyD9ZYFiQULR2dshWYs","exp":1785003600,'
+    b'"nbf":1785000000,"iat":1785000000,"identity":"M3VnsLXrkbxIDINXO64u8PZzFyD9ZYFiQULR2dshWYs",'
+    b'"video":{"roomCreate":false,"roomJoin":true,"room":"O8437W3+jmzMVjoIP3tNwbm+XxHQk2iKpOA7aqw3qSc",'
+    b'"canPublish":true,"canSubscribe":true,"canUpdateOwnMetadata":false,"hidden":false}}'
 )
+# What rtcauthd mints for it: the same, plus canPublishData in LiveKit's field order.
+MINTED_PAYLOAD = EXAMPLE_PAYLOAD.replace(
+    b'"canSubscribe":true,', b'"canSubscribe":true,"canPublishData":true,'
+)
+
+
+def _video(room: str = ALIAS, *, can_publish: bool = True, can_update_own_metadata: bool = False) -> bytes:
+    return (
+        b'"video":{"roomCreate":false,"roomJoin":true,"room":"%s","canPublish":%s,"canSubscribe":true,'
+        b'"canPublishData":true,"canUpdateOwnMetadata":%s,"hidden":false}}'
+        % (room.encode(), b"true" if can_publish else b"false", b"true" if can_update_own_metadata else b"false")
+    )
 
 
 # Short test secrets (the docs/authorization.md#participant-token example uses "devsecret") make PyJWT >= 2.10 warn.
@@ -64,13 +84,21 @@ def _minter(now: float = NOW, key: str = "devkey", secret: str = "devsecret") ->
 
 
 class ParticipantTokenTests(_QuietTestCase):
-    def test_worked_example_byte_exact(self) -> None:
-        self.assertEqual(_minter().participant_token(IDENTITY, ALIAS), EXAMPLE_TOKEN)
-
-    def test_header_and_payload_bytes(self) -> None:
+    def test_worked_example_payload_bytes(self) -> None:
         token = _minter().participant_token(IDENTITY, ALIAS)
         self.assertEqual(_segment(token, 0), b'{"alg":"HS256","typ":"JWT"}')
-        self.assertEqual(_segment(token, 1), EXAMPLE_PAYLOAD)
+        self.assertEqual(_segment(token, 1), MINTED_PAYLOAD)
+
+    def test_worked_example_token_byte_exact(self) -> None:
+        # the signer turns the worked example's claims into exactly its token
+        minter = _minter()
+        self.assertEqual(minter._sign(json.loads(EXAMPLE_PAYLOAD)), EXAMPLE_TOKEN)
+        # and the minted token is that signer's output for the minted claims
+        token = minter.participant_token(IDENTITY, ALIAS)
+        self.assertEqual(token, minter._sign(json.loads(MINTED_PAYLOAD)))
+        signing_input, _, signature = token.rpartition(".")
+        expected = hmac.new(b"devsecret", signing_input.encode(), hashlib.sha256).digest()
+        self.assertEqual(signature, base64.urlsafe_b64encode(expected).rstrip(b"=").decode())
 
     def test_pyjwt_verifies_signature(self) -> None:
         token = _minter().participant_token(IDENTITY, ALIAS)
@@ -83,7 +111,8 @@ class ParticipantTokenTests(_QuietTestCase):
 
     def test_fractional_clock_truncated(self) -> None:
         token = _minter(NOW + 0.999).participant_token(IDENTITY, ALIAS)
-        self.assertEqual(token, EXAMPLE_TOKEN)
+        self.assertEqual(token, _minter().participant_token(IDENTITY, ALIAS))
+        self.assertEqual(_segment(token, 1), MINTED_PAYLOAD)
 
     def test_times_follow_the_clock(self) -> None:
         clock = Clock()
@@ -113,8 +142,10 @@ class ParticipantTokenTests(_QuietTestCase):
         self.assertEqual(video.room, ALIAS)
         self.assertIs(video.can_publish, True)
         self.assertIs(video.can_subscribe, True)
-        self.assertIs(video.can_update_own_metadata, True)
-        self.assertIsNone(video.room_create)
+        self.assertIs(video.can_publish_data, True)
+        self.assertIs(video.can_update_own_metadata, False)
+        self.assertIs(video.room_create, False)
+        self.assertIs(video.hidden, False)
         self.assertIsNone(video.room_admin)
         self.assertEqual((claims.name, claims.metadata, claims.kind), ("", "", ""))
 
@@ -132,6 +163,55 @@ class ParticipantTokenTests(_QuietTestCase):
         for key, secret in (("", "s"), ("k", ""), ("", "")):
             e = self.assertRaises(ValueError, TokenMinter, api_key=key, api_secret=secret, clock=clock)
             self.assertEqual(str(e), "LiveKit API key and secret must both be non-empty")
+
+
+class GrantTests(_QuietTestCase):
+    """The grant matrix and claim encoding (docs/authorization.md#participant-token)."""
+
+    def video(self, token: str) -> bytes:
+        payload = _segment(token, 1)
+        return payload[payload.index(b'"video":'):]
+
+    def test_defaults_publish_without_metadata_updates(self) -> None:
+        self.assertEqual(self.video(_minter().participant_token(IDENTITY, ALIAS)), _video())
+
+    def test_subscribe_only_says_false_explicitly(self) -> None:
+        # LiveKit reads a missing canPublish as true
+        token = _minter().participant_token(REMOTE_IDENTITY, ALIAS, can_publish=False)
+        self.assertEqual(self.video(token), _video(can_publish=False))
+        self.assertIn(b'"sub":"g/+jGZ04o50vnFyXaZRVJY+9QYFlqTReInF862pteJE"', _segment(token, 1))
+
+    def test_metadata_updates_opt_in(self) -> None:
+        token = _minter().participant_token(IDENTITY, ALIAS, can_update_own_metadata=True)
+        self.assertEqual(self.video(token), _video(can_update_own_metadata=True))
+        token = _minter().participant_token(IDENTITY, ALIAS, can_publish=False, can_update_own_metadata=True)
+        self.assertEqual(self.video(token), _video(can_publish=False, can_update_own_metadata=True))
+
+    def test_legacy_worked_examples(self) -> None:
+        minter = _minter()
+        head = (
+            b'{"iss":"devkey","sub":"%s","exp":1785003600,"nbf":1785000000,"iat":1785000000,"identity":"%s",'
+            % (LEGACY_IDENTITY.encode(), LEGACY_IDENTITY.encode())
+        )
+        for grants, video in (
+            ({}, _video()),  # full access, default flag
+            ({"can_publish": False}, _video(can_publish=False)),  # restricted
+            ({"can_update_own_metadata": True}, _video(can_update_own_metadata=True)),  # opt-in
+        ):
+            self.assertEqual(_segment(minter.participant_token(LEGACY_IDENTITY, ALIAS, **grants), 1), head + video, grants)
+
+    def test_grants_are_keyword_only(self) -> None:
+        self.assertRaises(TypeError, _minter().participant_token, IDENTITY, ALIAS, False)
+
+    def test_official_verifier_reads_subscribe_only(self) -> None:
+        minter = _minter(now=time.time(), key="k", secret="s")
+        video = TokenVerifier("k", "s").verify(minter.participant_token(IDENTITY, ALIAS, can_publish=False)).video
+        self.assertIs(video.can_publish, False)
+        self.assertIs(video.can_subscribe, True)
+        self.assertIs(video.can_publish_data, True)
+        self.assertIs(video.room_join, True)
+        video = TokenVerifier("k", "s").verify(minter.participant_token(IDENTITY, ALIAS, can_update_own_metadata=True)).video
+        self.assertIs(video.can_update_own_metadata, True)
 
 
 class AdminTokenTests(_QuietTestCase):
