@@ -129,6 +129,7 @@ class Daemon:
     reactor: Any
     service: Any  # RtcAuthService: what twistd runs
     app: Any  # RtcAuthApp: the routes
+    appservice: Optional[Any]  # the application-service routes, mounted only in AS mode
     site: Any  # RtcAuthSite serving the app
     metrics_site: Optional[Any]
     authorizer: Any
@@ -260,7 +261,7 @@ def build_daemon(
         is_trusted=config.is_named_full_access,
         overrides=config.cs_api_url_overrides,
     )
-    delayed_events = DelayedEventClient(clock=reactor, resolver=cs_api, metrics=metrics)
+    delayed_events = DelayedEventClient(clock=reactor, resolver=cs_api, metrics=metrics, as_token=config.as_token)
     lookups = DeferredSemaphore(MAX_CONCURRENT_LOOKUPS)
     manager = JobManager(
         clock=reactor,
@@ -300,8 +301,27 @@ def build_daemon(
     if policy is None:
         policy = request_policy(config, reactor, metrics)
     app = RtcAuthApp(authorizer=authorizer, clock=reactor, webhooks=delegation, policy=policy)
+    root = app.resource()
+    appservice = None
+    if config.appservice:
+        # Synapse's proxied MSC4195 routes (docs/appservice.md). plain_http verifies TLS and
+        # follows no redirect, so the as_token cannot travel anywhere else.
+        from rtcauthd.inbound.appservice import appservice_resource, build_appservice_app
+
+        appservice = build_appservice_app(
+            config=config,
+            clock=reactor,
+            http=plain_http,
+            resolve_cs_api=cs_api.resolve,
+            tokens=tokens,
+            rooms=rooms,
+            leave_jobs=delegation,
+            lookup_delay=delayed_events.lookup_delay,
+            metrics=metrics,
+        )
+        root = appservice_resource(root, appservice)
     site = RtcAuthSite(
-        UTF8URLsOnly(app.resource()),
+        UTF8URLsOnly(root),
         max_body=config.max_body_bytes,
         reactor=reactor,
         clock=reactor,
@@ -337,6 +357,7 @@ def build_daemon(
         reactor=reactor,
         service=service,
         app=app,
+        appservice=appservice,
         site=site,
         metrics_site=stats_site,
         authorizer=authorizer,

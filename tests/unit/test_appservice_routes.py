@@ -693,16 +693,7 @@ class DelegationTests(Harness):
 class WiringTests(SynchronousTestCase):
     def test_defaults_are_the_shared_names(self):
         """With the other parts of the v0.7 work merged, the defaults build what the routes need."""
-        from rtcauthd.leave import record
-
         from rtcauthd.matrix import csapi
-
-        if (
-            "owner_user_id" not in attr_fields(record.JobParams)
-            or not hasattr(naming, "appservice_identity")
-            or not hasattr(csapi, "DelayedEventUnknown")
-        ):
-            raise __import__("unittest").SkipTest("JobParams.owner_user_id / naming.appservice_identity not merged yet")
         from rtcauthd.appservice_authorizer import _default_delay_unknown, _default_identity, _default_job
 
         self.assertEqual(_default_delay_unknown(), (csapi.DelayedEventUnknown,))
@@ -715,10 +706,30 @@ class WiringTests(SynchronousTestCase):
         self.assertEqual(job.owner_user_id, "@alice:example.com")
 
 
-def attr_fields(cls):
-    import attr
+    def test_build_daemon_mounts_the_routes_only_in_appservice_mode(self):
+        from twisted.internet.testing import MemoryReactorClock
 
-    return attr.fields_dict(cls)
+        from tests.support.daemon import SiteClient, build_test_daemon
+
+        env = {
+            "LIVEKIT_URL": "wss://sfu.example.com",
+            "LIVEKIT_KEY": "devkey",
+            "LIVEKIT_SECRET": "secret-secret-secret-secret-secret",
+            "LIVEKIT_FULL_ACCESS_HOMESERVERS": "example.com",
+        }
+        as_env = dict(env, LIVEKIT_AS_TOKEN="as-token-123456", LIVEKIT_HS_TOKEN="hs-token-123456",
+                      LIVEKIT_HS_SERVER_NAME="example.com")
+        headers = {"Authorization": ["Bearer hs-token-123456"], "Content-Type": ["application/json"]}
+        for environment, mounted in ((env, False), (as_env, True)):
+            daemon = build_test_daemon(environment, MemoryReactorClock())
+            self.assertEqual(daemon.appservice is not None, mounted)
+            client = SiteClient(daemon.site)
+            response, body = self.successResultOf(
+                client.request("POST", "http://localhost/_matrix/app/v1/ping", b"{}", headers=headers)
+            )
+            self.assertEqual(response.code, 200 if mounted else 404, body)
+            response, _ = self.successResultOf(client.request("GET", "http://localhost/healthz"))
+            self.assertEqual(response.code, 200)  # the legacy routes stay
 
 
 class BuiltAppTests(SynchronousTestCase):
