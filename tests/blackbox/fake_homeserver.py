@@ -9,6 +9,13 @@ any path prefix), which behave like Synapse 1.163 (docs/delegated-leave.md#msc41
 needed, 200 ``{}`` while the delayed event is scheduled, 404 once it was sent or
 cancelled or if it never existed; answers can be scripted per delay ID (e.g. a 429 with
 ``Retry-After``).
+
+For application-service mode (docs/appservice.md#homeserver-calls) it also plays the
+homeserver behind the AS: ``/_matrix/client/versions`` (``unstable_features`` set by the
+test), MSC4502 ``is_joined`` (stable and unstable forms, from membership tables),
+MSC4512 ``fed_proxy`` (the remote server's answer scripted by the test), the MSC4140
+single-event look-up and the stable management paths; every such call is recorded with
+the bearer token and ``user_id`` it carried.
 """
 
 from __future__ import annotations
@@ -41,6 +48,22 @@ DELAYED_EVENTS_RE = (
     r"(?P<prefix>(?:/[^/]+)*?)/_matrix/client/unstable/org\.matrix\.msc4140/delayed_events/"
     r"(?P<segment>[^/]*)/(?P<action>[^/]*)"
 )
+#: MSC4140 stable management form (``/_matrix/client/v1/delayed_events/<id>/<action>``).
+STABLE_DELAYED_EVENTS_RE = (
+    r"(?P<prefix>(?:/[^/]+)*?)/_matrix/client/v1/delayed_events/(?P<segment>[^/]*)/(?P<action>[^/]*)"
+)
+#: MSC4140 single delayed event (the look-up), both forms.
+DELAYED_EVENT_LOOKUP_RE = (
+    r"(?P<prefix>(?:/[^/]+)*?)/_matrix/client/(?P<form>unstable/org\.matrix\.msc4140|v1)/delayed_events/"
+    r"(?P<segment>[^/]*)"
+)
+VERSIONS_PATH = "/_matrix/client/versions"
+IS_JOINED_RE = (
+    r"/_matrix/client/(?P<form>v3|unstable/io\.element\.msc4502)/rooms/(?P<room>[^/]*)/is_joined"
+)
+FED_PROXY_RE = r"/_matrix/client/(?P<form>unstable/io\.element\.msc4512|v1)/appservice/fed_proxy"
+#: What Synapse answers an application service that is not registered (wrong as_token).
+SYNAPSE_UNKNOWN_AS_TOKEN = (401, {"errcode": "M_UNKNOWN_TOKEN", "error": "Unrecognised access token"})
 #: What Synapse answers for an unknown or already processed delay ID.
 SYNAPSE_DELAYED_EVENT_NOT_FOUND = (404, {"errcode": "M_NOT_FOUND", "error": "Delayed event not found"})
 
@@ -98,6 +121,48 @@ class DelayedEventCall:
     at: float
     status: int
     request: RecordedRequest
+    #: "unstable" or "stable" (``/_matrix/client/v1/delayed_events``)
+    form: str = "unstable"
+
+    @property
+    def bearer(self) -> Optional[str]:
+        return _bearer(self.request)
+
+    @property
+    def user_id(self) -> Optional[list]:
+        return self.request.query.get("user_id")
+
+
+def _bearer(recorded: RecordedRequest) -> Optional[str]:
+    values = recorded.headers.get("authorization") or []
+    if len(values) == 1 and values[0].startswith("Bearer "):
+        return values[0][len("Bearer "):]
+    return None
+
+
+@attr.s(auto_attribs=True, frozen=True)
+class AppserviceCall:
+    """One as_token call: ``kind`` is "is_joined", "fed_proxy" or "lookup"; ``form`` the path form."""
+
+    kind: str
+    form: str
+    status: int
+    request: RecordedRequest
+    #: is_joined: the room ID from the path; lookup: the delay ID
+    subject: str = ""
+
+    @property
+    def bearer(self) -> Optional[str]:
+        return _bearer(self.request)
+
+
+@attr.s(auto_attribs=True)
+class DelayedEventInfo:
+    """What the homeserver knows of one scheduled delayed event (for the look-up)."""
+
+    room_id: str = "!room:example.com"
+    user_id: Optional[str] = None
+    delay_ms: int = 3_600_000
 
 
 #: Life cycle of a delayed event on the fake (what Synapse would know about it).
@@ -138,6 +203,23 @@ class FakeHomeserver(FakeServer):
         self._well_known_client: Optional[Answer] = None
         self.add_route("GET", re.escape(WELL_KNOWN_CLIENT_PATH), self._well_known)
         self.add_route("POST", DELAYED_EVENTS_RE, self._delayed_event)
+        self.add_route("POST", STABLE_DELAYED_EVENTS_RE, self._stable_delayed_event)
+        # -- application-service mode
+        #: ``unstable_features`` of /versions; None: /versions answers 404.
+        self.unstable_features: Optional[dict] = {"io.element.msc4502": True}
+        #: the as_token the homeserver accepts on is_joined / fed_proxy / look-up (None: any)
+        self.as_token: Optional[str] = None
+        #: room ID → joined user IDs / joined server names
+        self.joined_users: dict[str, set] = {}
+        self.joined_servers: dict[str, set] = {}
+        self.delayed_event_info: dict[str, DelayedEventInfo] = {}
+        #: the fed_proxy answer: (HTTP status, JSON) of the homeserver itself
+        self.fed_proxy_answer: Answer = Answer.json(200, {"status": 404, "content": UNRECOGNIZED})
+        self.appservice_calls: list[AppserviceCall] = []
+        self.add_route("GET", re.escape(VERSIONS_PATH), self._versions)
+        self.add_route("GET", IS_JOINED_RE, self._is_joined)
+        self.add_route("POST", FED_PROXY_RE, self._fed_proxy)
+        self.add_route("GET", DELAYED_EVENT_LOOKUP_RE, self._lookup_delayed_event)
 
     # -- set-up -------------------------------------------------------------------------
 
@@ -207,9 +289,13 @@ class FakeHomeserver(FakeServer):
 
     # -- delayed events (MSC4140) -------------------------------------------------------
 
-    def schedule_delayed_event(self, delay_id: str) -> None:
-        """The client scheduled a delayed event with this ID: restart/send now succeed."""
+    def schedule_delayed_event(self, delay_id: str, *, user_id: Optional[str] = None,
+                               room_id: str = "!room:example.com", delay_ms: int = 3_600_000) -> None:
+        """The client scheduled a delayed event with this ID: restart/send now succeed, and
+        the look-up made as ``user_id`` (when given) finds it in ``room_id``."""
         self.delayed_events[delay_id] = SCHEDULED
+        if user_id is not None:
+            self.delayed_event_info[delay_id] = DelayedEventInfo(room_id=room_id, user_id=user_id, delay_ms=delay_ms)
 
     def fire_delayed_event(self, delay_id: str) -> None:
         """The homeserver sent the event by itself (timeout): further calls get 404."""
@@ -230,6 +316,29 @@ class FakeHomeserver(FakeServer):
 
     def sends(self, delay_id: str) -> list[DelayedEventCall]:
         return self.delayed_calls(delay_id, "send")
+
+    # -- application-service mode ---------------------------------------------------------
+
+    def join(self, room_id: str, *members: str) -> None:
+        """Users (``@…``) and servers (anything else) joined to ``room_id``."""
+        for member in members:
+            table = self.joined_users if member.startswith("@") else self.joined_servers
+            table.setdefault(room_id, set()).add(member)
+
+    def answer_fed_proxy(self, status: int, content, *, http_status: int = 200) -> None:
+        """The remote answered ``status`` / ``content`` (Synapse wraps it in a 200); with
+        another ``http_status`` the homeserver itself fails with ``content`` as its body."""
+        if http_status == 200:
+            self.fed_proxy_answer = Answer.json(200, {"status": status, "content": content})
+        else:
+            self.fed_proxy_answer = Answer.json(http_status, content)
+
+    def as_calls(self, kind: Optional[str] = None) -> list[AppserviceCall]:
+        return [c for c in self.appservice_calls if kind is None or c.kind == kind]
+
+    @property
+    def versions_requests(self) -> list[RecordedRequest]:
+        return [r for r in self.requests if r.path == VERSIONS_PATH]
 
     # -- views --------------------------------------------------------------------------
 
@@ -254,7 +363,62 @@ class FakeHomeserver(FakeServer):
             return Answer.json(404, UNRECOGNIZED)
         return self._well_known_client
 
-    def _delayed_event(self, request, match, recorded: RecordedRequest) -> Answer:
+    def _as_refusal(self, recorded: RecordedRequest) -> Optional[Answer]:
+        if self.as_token is not None and _bearer(recorded) != self.as_token:
+            return Answer.json(*SYNAPSE_UNKNOWN_AS_TOKEN)
+        return None
+
+    def _versions(self, request, match, recorded: RecordedRequest) -> Answer:
+        if self.unstable_features is None:
+            return Answer.json(404, UNRECOGNIZED)
+        return Answer.json(200, {"versions": ["v1.11", "v1.12"], "unstable_features": self.unstable_features})
+
+    def _is_joined(self, request, match, recorded: RecordedRequest) -> Answer:
+        room_id = unquote(match.group("room"))
+        form = "stable" if match.group("form") == "v3" else "unstable"
+        answer = self._as_refusal(recorded)
+        if answer is None:
+            mxid = recorded.query.get("mxid")
+            server_name = recorded.query.get("server_name")
+            if mxid and not server_name:
+                joined = mxid[0] in self.joined_users.get(room_id, set())
+                answer = Answer.json(200, {"joined": joined})
+            elif server_name and not mxid:
+                joined = server_name[0] in self.joined_servers.get(room_id, set())
+                answer = Answer.json(200, {"joined": joined})
+            else:
+                answer = Answer.json(400, {"errcode": "M_INVALID_PARAM", "error": "mxid or server_name"})
+        self.appservice_calls.append(AppserviceCall("is_joined", form, answer.status, recorded, room_id))
+        return answer
+
+    def _fed_proxy(self, request, match, recorded: RecordedRequest) -> Answer:
+        form = "stable" if match.group("form") == "v1" else "unstable"
+        answer = self._as_refusal(recorded) or self.fed_proxy_answer
+        self.appservice_calls.append(AppserviceCall("fed_proxy", form, answer.status, recorded))
+        return answer
+
+    def _lookup_delayed_event(self, request, match, recorded: RecordedRequest) -> Answer:
+        delay_id = unquote(match.group("segment"), errors="replace")
+        form = "stable" if match.group("form") == "v1" else "unstable"
+        answer = self._as_refusal(recorded)
+        if answer is None:
+            info = self.delayed_event_info.get(delay_id)
+            asked_as = recorded.query.get("user_id", [None])[0]
+            if info is None or self.delayed_events.get(delay_id) != SCHEDULED or info.user_id != asked_as:
+                answer = Answer.json(*SYNAPSE_DELAYED_EVENT_NOT_FOUND)
+            else:
+                answer = Answer.json(200, {
+                    "delay_id": delay_id, "room_id": info.room_id, "type": "org.matrix.msc3401.call.member",
+                    "state_key": f"_{asked_as}_leave", "delay_ms": info.delay_ms,
+                    "delayed_since_ts": int(self.reactor.seconds() * 1000), "content": {},
+                })
+        self.appservice_calls.append(AppserviceCall("lookup", form, answer.status, recorded, delay_id))
+        return answer
+
+    def _stable_delayed_event(self, request, match, recorded: RecordedRequest) -> Answer:
+        return self._delayed_event(request, match, recorded, form="stable")
+
+    def _delayed_event(self, request, match, recorded: RecordedRequest, form: str = "unstable") -> Answer:
         segment, action = match.group("segment"), match.group("action")
         delay_id = unquote(segment, errors="replace")
         script = self._delayed_scripts.get(delay_id)
@@ -280,6 +444,7 @@ class FakeHomeserver(FakeServer):
                 at=self.reactor.seconds(),
                 status=answer.status,
                 request=recorded,
+                form=form,
             )
         )
         return answer
