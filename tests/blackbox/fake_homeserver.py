@@ -216,6 +216,8 @@ class FakeHomeserver(FakeServer):
         #: the fed_proxy answer: (HTTP status, JSON) of the homeserver itself
         self.fed_proxy_answer: Answer = Answer.json(200, {"status": 404, "content": UNRECOGNIZED})
         self.appservice_calls: list[AppserviceCall] = []
+        #: when set, every delayed-event look-up gets this answer
+        self.lookup_answer: Optional[Answer] = None
         self.add_route("GET", re.escape(VERSIONS_PATH), self._versions)
         self.add_route("GET", IS_JOINED_RE, self._is_joined)
         self.add_route("POST", FED_PROXY_RE, self._fed_proxy)
@@ -400,7 +402,7 @@ class FakeHomeserver(FakeServer):
     def _lookup_delayed_event(self, request, match, recorded: RecordedRequest) -> Answer:
         delay_id = unquote(match.group("segment"), errors="replace")
         form = "stable" if match.group("form") == "v1" else "unstable"
-        answer = self._as_refusal(recorded)
+        answer = self._as_refusal(recorded) or self.lookup_answer
         if answer is None:
             info = self.delayed_event_info.get(delay_id)
             asked_as = recorded.query.get("user_id", [None])[0]

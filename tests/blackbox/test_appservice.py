@@ -17,6 +17,7 @@ from twisted.internet import defer
 from twisted.internet import reactor as global_reactor
 from twisted.trial import unittest
 
+from tests.blackbox.fake_homeserver import Answer
 from tests.blackbox.harness import BlackBoxCase, lk_hash, matrix_error_body, poll_until
 from tests.blackbox.test_delegated_leave import (
     JOBS_KEY,
@@ -289,6 +290,27 @@ class ClientTokenTests(AppserviceCase, unittest.TestCase):
         self.assertEqual(self.lk.create_room_requests, [])
 
     @defer.inlineCallbacks
+    def test_bad_mxid_unresolvable_cs_api_and_sfu_failure(self):
+        # no override and no .well-known: our own client-server API cannot be found
+        yield self.start(LIVEKIT_CS_API_URL_OVERRIDES="")
+        alice = self.user("alice")
+        self.hs.join(ROOM_ID, alice)
+        result = yield self.proxied(CS + "/get_token", self.cs_body(), identity="alice")
+        self.assert_error(result, 400, "M_INVALID_PARAM", "Malformed user identifier")
+        result = yield self.proxied(CS + "/get_token", self.cs_body(), identity=alice)
+        self.assert_error(result, 400, "M_BAD_JSON", "Unable to resolve client-server API")
+        self.assertEqual(self.hs.as_calls(), [])
+        # once the homeserver publishes itself, the SFU refusing CreateRoom means no token
+        self.hs.publish_client_well_known({"m.homeserver": {"base_url": self.hs.client_api_url}})
+        self.lk.fail_with(500)
+        result = yield self.proxied(CS + "/get_token", self.cs_body(), identity=alice)
+        self.assert_error(result, 500, "M_UNKNOWN", "Unable to create room on SFU")
+        self.assertEqual(len(self.lk.create_room_requests), 1)
+        self.lk.succeed()
+        result = yield self.proxied(CS + "/get_token", self.cs_body(), identity=alice)
+        self.assert_jwt_answer(result)
+
+    @defer.inlineCallbacks
     def test_membership_unverifiable(self):
         self.hs.unstable_features = {}
         yield self.start()
@@ -417,8 +439,8 @@ class ServerTokenTests(AppserviceCase, unittest.TestCase):
         self.assertEqual(self.lk.create_room_requests, [])
 
 
-class DelegationTests(AppserviceCase, unittest.TestCase):
-    """C-S ``delegate_delayed_leave``: the job acts as the user (docs/appservice.md#procedures)."""
+class DelegationCase(AppserviceCase):
+    """Webhooks and the checks of calls made as the job's owner."""
 
     def wait_for(self, check, what: str, timeout: float = EFFECT_DEADLINE):
         return poll_until(global_reactor, check, timeout=timeout, what=what, describe=self.describe)
@@ -439,6 +461,11 @@ class DelegationTests(AppserviceCase, unittest.TestCase):
         self.assertEqual(call.bearer, AS_TOKEN)
         self.assertIsNone(req.access_token)
         self.assertEqual(req.body, b"{}")
+
+
+
+class DelegationTests(DelegationCase, unittest.TestCase):
+    """C-S ``delegate_delayed_leave``: the job acts as the user (docs/appservice.md#procedures)."""
 
     @defer.inlineCallbacks
     def run_cycle(self, *, form: str):
@@ -509,6 +536,51 @@ class DelegationTests(AppserviceCase, unittest.TestCase):
         self.assertEqual(records, {})
 
 
+class DelegationRecoveryTests(DelegationCase, unittest.TestCase):
+    """Owned jobs keep acting as the user after a restart (the as_token comes from the configuration);
+    a look-up that fails is the homeserver's problem (503), not an unknown delay."""
+
+    @defer.inlineCallbacks
+    def test_restored_job_acts_as_user(self):
+        yield self.start(redis=True)
+        alice = self.user("alice")
+        delay_id = "syd_restored"
+        self.hs.schedule_delayed_event(delay_id, user_id=alice, room_id=ROOM_ID, delay_ms=600_000)
+        result = yield self.proxied(CS + "/delegate_delayed_leave", self.cs_body(delay_id=delay_id), identity=alice)
+        self.assertEqual(result.code, 200, self.describe())
+        room, identity = lk_hash(ROOM_ID, SLOT_ID), lk_hash(alice, MEMBER_ID)
+        yield self.daemon.stop()
+        self.lk.set_present(room, identity)
+        yield self.daemon.restart()
+        yield self.daemon.wait_for_line("Restored 1 delegated-leave job")
+        yield self.webhook("participant_joined", room, identity)
+        yield self.wait_for(lambda: self.hs.restarts(delay_id), "a restart after recovery")
+        yield self.webhook("participant_left", room, identity, "CLIENT_INITIATED")
+        yield self.wait_for(lambda: self.hs.sends(delay_id), "the send after recovery")
+        yield self.daemon.stop()
+        self.assertEqual(len(self.hs.sends(delay_id)), 1)
+        for call in self.hs.delayed_event_calls:
+            self.assert_acting_as(call, call.action, delay_id, alice)
+
+    @defer.inlineCallbacks
+    def test_lookup_failures_are_503(self):
+        yield self.start(redis=True)
+        alice = self.user("alice")
+        self.hs.schedule_delayed_event("syd_x", user_id=alice, room_id=ROOM_ID)
+        for answer in (Answer.rate_limited(retry_after_ms=1000), Answer.json(500, {"errcode": "M_UNKNOWN"}),
+                       Answer(200, b"not json")):
+            self.hs.lookup_answer = answer
+            result = yield self.proxied(CS + "/delegate_delayed_leave", self.cs_body(delay_id="syd_x"), identity=alice)
+            self.assert_error(result, 503, "M_UNKNOWN", "Unable to look up the delayed event")
+        # a pending event without a usable delay is unknown
+        self.hs.lookup_answer = Answer.json(200, {"delay_id": "syd_x", "room_id": ROOM_ID, "delay_ms": 0})
+        result = yield self.proxied(CS + "/delegate_delayed_leave", self.cs_body(delay_id="syd_x"), identity=alice)
+        self.assert_error(result, 400, "M_INVALID_PARAM", E_DELAY_UNKNOWN)
+        self.assertEqual(len(self.hs.as_calls("lookup")), 4)
+        records = yield self.redis.hgetall(JOBS_KEY)
+        self.assertEqual(records, {})
+
+
 class WithoutAppserviceTests(BlackBoxCase, TokenAssertions, unittest.TestCase):
     """Without the AS settings the AS paths do not exist and the legacy routes are unchanged."""
 
@@ -557,4 +629,31 @@ class LegacyInAppserviceModeTests(AppserviceCase, unittest.TestCase):
             {"Content-Type": "application/json", "Authorization": f"Bearer {HS_TOKEN}",
              "X-Matrix-User-Identifier": alice})
         self.assertEqual(result.code, 401, result.body)
+        self.assertEqual(self.hs.as_calls(), [])
+
+    @defer.inlineCallbacks
+    def test_legacy_jobs_never_carry_the_as_token(self):
+        yield self.start()
+        alice = self.user("alice")
+        self.hs.add_token("syt_openid", alice)
+        self.hs.schedule_delayed_event("syd_legacy")
+        body = get_token_body(self.hs.server_name, "syt_openid", user_id=alice)
+        body.update(delay_id="syd_legacy", delay_timeout=10000)
+        result = yield self.daemon.post_json("/get_token", body)
+        self.assertEqual(result.code, 200, result.body)
+        room, identity = lk_hash(ROOM_ID, SLOT_ID), lk_hash(alice, "DEVICE", "member-1")
+        sig_body = webhook_body("participant_left", room, identity, "CLIENT_INITIATED")
+        joined = webhook_body("participant_joined", room, identity)
+        for data in (joined, sig_body):
+            result = yield self.daemon.request("POST", "/sfu_webhook", data, {
+                "Content-Type": "application/webhook+json", "Authorization": sign_webhook(data, self.key, self.secret)})
+            self.assertEqual(result.code, 200)
+        yield poll_until(global_reactor, lambda: self.hs.sends("syd_legacy"), timeout=EFFECT_DEADLINE,
+                         what="the legacy send", describe=self.describe)
+        yield self.daemon.stop()
+        self.assertTrue(self.hs.restarts("syd_legacy"))
+        for call in self.hs.delayed_event_calls:
+            self.assertEqual(call.form, "unstable")
+            self.assertNotIn("authorization", call.request.headers)
+            self.assertEqual(call.request.query, {})
         self.assertEqual(self.hs.as_calls(), [])
