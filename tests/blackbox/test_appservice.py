@@ -37,6 +37,8 @@ REMOTE = "remote.example"
 
 CS = "/_matrix/client/unstable/io.element.msc4195/rtc/livekit"
 SS = "/_matrix/federation/unstable/io.element.msc4195/rtc/livekit"
+SS_STABLE = "/_matrix/federation/v1/rtc/livekit"
+STABLE_FED_PROXY = "/_matrix/client/v1/appservice/fed_proxy"
 CS_STABLE = "/_matrix/client/v1/rtc/livekit"
 PING = "/_matrix/app/v1/ping"
 UNSTABLE_IS_JOINED = "/_matrix/client/unstable/io.element.msc4502/rooms/"
@@ -190,6 +192,15 @@ class PingTests(AppserviceCase, unittest.TestCase):
         self.assertEqual(self.hs.requests, [])
         for secret in (AS_TOKEN, HS_TOKEN):
             self.assertNotIn(secret, self.daemon.output)
+
+    @defer.inlineCallbacks
+    def test_transactions_acknowledged(self):
+        yield self.start()
+        result = yield self.proxied("/_matrix/app/v1/transactions/txn-1", {"events": []}, method="PUT")
+        self.assertEqual((result.code, result.body), (200, b"{}\n"))
+        result = yield self.proxied("/_matrix/app/v1/transactions/txn-2", {"events": []}, method="PUT", token="x")
+        self.assert_error(result, 401, "M_UNKNOWN_TOKEN", E_HS_WRONG, cors=False)
+        self.assertEqual(self.hs.requests, [])
 
     @defer.inlineCallbacks
     def test_token_routes_gate_on_hs_token_then_identity(self):
@@ -349,6 +360,21 @@ class ClientTokenTests(AppserviceCase, unittest.TestCase):
         })
 
     @defer.inlineCallbacks
+    def test_stable_fed_proxy_when_advertised(self):
+        self.hs.unstable_features = {"io.element.msc4502": True, "io.element.msc4512.stable": True}
+        yield self.start()
+        alice = self.user("alice")
+        self.hs.join(ROOM_ID, alice, REMOTE)
+        self.hs.answer_fed_proxy(200, {"jwt": "remote.jwt.value"})
+        result = yield self.proxied(CS + "/get_token", self.cs_body(server_name=REMOTE), identity=alice)
+        self.assertEqual(self.assert_jwt_answer(result), "remote.jwt.value")
+        [relay] = self.hs.as_calls("fed_proxy")
+        self.assert_as_call(relay, form="stable")
+        self.assertEqual(relay.request.path, STABLE_FED_PROXY)
+        # the relayed path stays the unstable S-S route every v0.7 peer serves
+        self.assertEqual(json.loads(relay.request.body)["path"], SS + "/get_token")
+
+    @defer.inlineCallbacks
     def test_relay_error_mapping(self):
         yield self.start()
         alice = self.user("alice")
@@ -412,11 +438,19 @@ class ServerTokenTests(AppserviceCase, unittest.TestCase):
         self.assert_is_joined(joined[1], ROOM_ID, mxid=bob)
         for call in joined:
             self.assert_as_call(call)
+        # the stable federation path form answers the same
+        result = yield self.proxied(SS_STABLE + "/get_token", self.ss_body(member_id="memberXYZ"), origin=REMOTE)
+        token = self.assert_jwt_answer(result)
+        self.assert_participant_jwt(token, identity=lk_hash(bob, "memberXYZ"), alias=alias, t0=t0,
+                                    t1=time.time(), can_publish=False)
+        self.assertEqual(len(self.lk.create_room_requests), 2)
 
     @defer.inlineCallbacks
     def test_refusals(self):
         yield self.start()
         bob = f"@bob:{REMOTE}"
+        result = yield self.proxied(SS + "/get_token", self.ss_body(user_id="bob"), origin=REMOTE)
+        self.assert_error(result, 400, "M_INVALID_PARAM", "Malformed user identifier", cors=False)
         # another server's user: refused before any homeserver call
         result = yield self.proxied(SS + "/get_token", self.ss_body(), origin="evil.example")
         self.assert_error(result, 403, "M_FORBIDDEN", E_FOREIGN_USER, cors=False)
