@@ -322,6 +322,29 @@ class ClientTokenTests(AppserviceCase, unittest.TestCase):
         self.assert_jwt_answer(result)
 
     @defer.inlineCallbacks
+    def test_room_id_is_one_path_segment(self):
+        yield self.start()
+        alice = self.user("alice")
+        room_id = "!a/b?c#d%e:example.com"
+        self.hs.join(room_id, alice)
+        result = yield self.proxied(CS + "/get_token", self.cs_body(room_id=room_id), identity=alice)
+        self.assert_jwt_answer(result)
+        [call] = self.hs.as_calls("is_joined")
+        self.assertEqual(call.subject, room_id)
+        self.assertEqual(call.request.path,
+                         UNSTABLE_IS_JOINED + "!a%2Fb%3Fc%23d%25e:example.com/is_joined")
+        self.assertEqual([c.name for c in self.lk.create_room_requests], [lk_hash(room_id, SLOT_ID)])
+
+    @defer.inlineCallbacks
+    def test_identity_header_not_ascii_is_missing(self):
+        yield self.start()
+        result = yield self.daemon.request("POST", CS + "/get_token", json.dumps(self.cs_body()).encode(), {
+            "Content-Type": "application/json", "Authorization": f"Bearer {HS_TOKEN}",
+            "X-Matrix-User-Identifier": "@\u00e4lice:example.com"})  # goes out as UTF-8 bytes
+        self.assert_error(result, 401, "M_UNAUTHORIZED", E_NO_USER)
+        self.assertEqual(self.hs.requests, [])
+
+    @defer.inlineCallbacks
     def test_membership_unverifiable(self):
         self.hs.unstable_features = {}
         yield self.start()
@@ -552,6 +575,27 @@ class DelegationTests(DelegationCase, unittest.TestCase):
     def test_cycle_stable_when_advertised(self):
         self.hs.unstable_features = {"io.element.msc4502": True, "org.matrix.msc4140.stable": True}
         return self.run_cycle(form="stable")
+
+    @defer.inlineCallbacks
+    def test_second_delegation_replaces_the_job(self):
+        yield self.start(redis=True)
+        alice = self.user("alice")
+        first, second = "syd/first?", "syd_second"
+        self.hs.schedule_delayed_event(first, user_id=alice, room_id=ROOM_ID, delay_ms=1_000_000)
+        self.hs.schedule_delayed_event(second, user_id=alice, room_id=ROOM_ID, delay_ms=2_000_000)
+        for delay_id in (first, second):
+            result = yield self.proxied(CS + "/delegate_delayed_leave", self.cs_body(delay_id=delay_id),
+                                        identity=alice)
+            self.assertEqual(result.code, 200, self.describe())
+        lookup = self.hs.as_calls("lookup")[0]
+        self.assertEqual((lookup.subject, lookup.request.path), (first, UNSTABLE_DELAYED + "syd%2Ffirst%3F"))
+        room, identity = lk_hash(ROOM_ID, SLOT_ID), lk_hash(alice, MEMBER_ID)
+        records = yield self.redis.hgetall(JOBS_KEY)
+        field = job_field(room, identity)
+        self.assertEqual(list(records), [field])
+        record = json.loads(records[field])["Params"]
+        self.assertEqual((record["DelayId"], record["DelayTimeout"], record["OwnerUserId"]),
+                         (second, 2_000_000 * 1_000_000, alice))
 
     @defer.inlineCallbacks
     def test_unknown_delay(self):
