@@ -96,6 +96,8 @@ class Config:
     max_connections: Optional[int] = None  # None: derived from the open-file limit at start
     federation_max_inflight: int = 256
     federation_max_per_server: int = 8
+    token_ttl: int = 3600  # RTCAUTH_TOKEN_TTL_SECONDS
+    max_delay_seconds: float = 86400.0  # RTCAUTH_MAX_DELAY_SECONDS
     warnings: tuple[str, ...] = ()
 
     @property
@@ -489,6 +491,14 @@ def _read_federation_max_per_server(r: _Reading, s: Setting) -> None:
     r.fields["federation_max_per_server"] = int(_positive_number(s.name, r.raw(s).strip(), int(s.default), int))
 
 
+def _read_token_ttl(r: _Reading, s: Setting) -> None:
+    r.fields["token_ttl"] = int(_positive_number(s.name, r.raw(s).strip(), int(s.default), int))
+
+
+def _read_max_delay(r: _Reading, s: Setting) -> None:
+    r.fields["max_delay_seconds"] = _positive_number(s.name, r.raw(s).strip(), float(s.default), float)
+
+
 def _read_trusted_proxies(r: _Reading, s: Setting) -> None:
     raw = r.raw(s)
     r.fields["trusted_proxies"] = parse_cidrs(s.name, raw if raw.strip() else s.default)
@@ -708,6 +718,18 @@ SETTINGS: tuple[Setting, ...] = (
         "8",
         "concurrent verifications against one such homeserver",
         _read_federation_max_per_server,
+    ),
+    Setting(
+        "RTCAUTH_TOKEN_TTL_SECONDS",
+        "3600",
+        "lifetime of the LiveKit join tokens handed to clients (upstream: 3600)",
+        _read_token_ttl,
+    ),
+    Setting(
+        "RTCAUTH_MAX_DELAY_SECONDS",
+        "86400",
+        "longest delayed-leave timeout a client may hand over; longer ones are refused with 400",
+        _read_max_delay,
     ),
     Setting(
         "RTCAUTH_REQUEST_TIMEOUT_SECONDS",
