@@ -54,6 +54,7 @@ TOKEN_INTERVAL = 0.25
 FULL_ACCESS_TOKEN = "full-access-token"
 
 ROOM_ID = "!bench:example.org"
+PROFILE = False
 
 
 def token_body(server_name: str, token: str) -> bytes:
@@ -338,10 +339,37 @@ def flood(port: int, names: list[str], sources: list[str]) -> defer.Deferred:
     return results, elapsed
 
 
+def file_logged_daemon(workdir: str, env: dict):
+    """The harness's DaemonProcess, but logging to ``<workdir>/daemon.log``: through a pipe, a
+    busy reader (this process, during the flood) would block the daemon's log writes."""
+    from tests.blackbox.harness import DaemonProcess, _Capture
+
+    class FileLogged(DaemonProcess):
+        def spawn(self) -> None:
+            self.exit_code = self.exit_signal = None
+            self._alive = True
+            self.starts += 1
+            with open(os.path.join(self.workdir, "daemon.log"), "ab") as log_file:
+                self._transport = self.reactor.spawnProcess(
+                    _Capture(self), self.argv[0], self.argv, env=self.env, path=self.cwd,
+                    childFDs={0: "w", 1: log_file.fileno(), 2: log_file.fileno()},
+                )
+
+    daemon = FileLogged(workdir=workdir, env=env)
+    if PROFILE:  # twistd's own cProfile of the whole run, for finding where the time goes
+        daemon.argv[2:2] = ["--profile", os.path.join(workdir, "profile.stats"), "--profiler", "cprofile",
+                            "--savestats"]
+    return daemon
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @defer.inlineCallbacks
 def scenario(label: str, helper: HelperProcess, fakes: dict, n: int, sources: list[str], workdir: str):
-    from tests.blackbox.harness import DaemonProcess
-
     env = {
         "LIVEKIT_URL": fakes["lk_url"],
         "LIVEKIT_KEY": "benchkey",
@@ -350,7 +378,7 @@ def scenario(label: str, helper: HelperProcess, fakes: dict, n: int, sources: li
         "RTCAUTH_CA_FILE": fakes["ca_file"],
         "RTCAUTH_FEDERATION_IP_RANGE_ALLOWLIST": "127.0.0.0/8",
     }
-    daemon = DaemonProcess(workdir=os.path.join(workdir, label), env=env)
+    daemon = file_logged_daemon(os.path.join(workdir, label), env)
     yield daemon.start(timeout=START_DEADLINE)
     try:
         names = [f"{address('127.1', i // 2)}:{fakes['sink_port']}" if i % 2 == 0
@@ -359,7 +387,9 @@ def scenario(label: str, helper: HelperProcess, fakes: dict, n: int, sources: li
         sampler.start()
         helper.transport.write(f"start:{daemon.port}\n".encode())
         yield task.deferLater(reactor, 1.0, lambda: None)  # a quiet baseline first
+        cpu_before = cpu_seconds(daemon.pid)
         results, elapsed = yield flood(daemon.port, names, sources)
+        cpu = cpu_seconds(daemon.pid) - cpu_before
         yield task.deferLater(reactor, 1.0, lambda: None)
         probe = yield helper.ask("stop")
         sampler.stop()
@@ -370,6 +400,7 @@ def scenario(label: str, helper: HelperProcess, fakes: dict, n: int, sources: li
               f"{len(set(sources))} source address(es)")
         print(f"flood answered in:          {elapsed:.2f} s  (answers: "
               + ", ".join(f"{k}×{v}" for k, v in sorted(statuses.items())) + ")")
+        print(f"daemon CPU for the flood:   {cpu:.2f} s ({cpu / n * 1000:.2f} ms a request)")
         print(f"flood request latency:      p50 {percentile(latencies, 50) * 1000:.0f} ms, "
               f"p99 {percentile(latencies, 99) * 1000:.0f} ms, max {max(latencies) * 1000:.0f} ms")
         print(f"peak outbound connections:  {peak['out_total']} (to strangers {peak['out_strangers']}, "
@@ -432,12 +463,15 @@ def run() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--scenarios", default="one,many")
+    parser.add_argument("--profile", action="store_true", help="run the daemon under cProfile (slower)")
     parser.add_argument("--helper", metavar="WORKDIR", help=argparse.SUPPRESS)
     parser.add_argument("--sink-addresses", type=int, default=1000, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.helper:
         helper_main(args.helper, args.sink_addresses)
         return
+    global PROFILE
+    PROFILE = args.profile
     failures = []
     task.react(lambda _r: main(args).addErrback(lambda f: failures.append(f) or f))
 
