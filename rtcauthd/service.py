@@ -26,7 +26,7 @@ DRAIN_SECONDS = 8.0  # systemd's default stop timeout is 90 s; upstream's suite 
 _DUAL_STACK_SUFFIX = ":interface=\\:\\:"
 #: Listen backlog for TCP endpoints that name none (the kernel caps it at net.core.somaxconn).
 #: Twisted's default of 50 drops SYNs under a burst, and a dropped SYN costs the client a
-#: 1 s (then 3 s, 7 s, ...) retransmission, /healthz probes included (docs/endpoints.md#listening).
+#: 1 s (then 3 s, 7 s, ...) retransmission, /healthz probes included (docs/endpoints.md#connection-limits).
 LISTEN_BACKLOG = 4096
 
 
