@@ -16,12 +16,11 @@ import re
 from collections import OrderedDict
 from typing import Optional
 
+import idna
 from OpenSSL import SSL
 from service_identity import VerificationError
 from service_identity.hazmat import DNS_ID, IPAddress_ID, verify_service_identity
 from service_identity.pyopenssl import extract_patterns
-from twisted.internet._idna import _idnaBytes
-from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.ssl import (
@@ -35,6 +34,8 @@ from twisted.python.compat import nativeString
 from twisted.python.failure import Failure
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
+
+from rtcauthd.twisted_private import system_and_bundle_trust
 
 log = Logger()
 
@@ -55,24 +56,6 @@ _INSECURE_BANNER = (
 
 class TLSConfigError(Exception):
     """The TLS configuration cannot be used; the message is one line naming the variable."""
-
-
-@implementer(IOpenSSLTrustRoot)
-class _SystemAndBundleTrust:
-    """Trust the platform's roots plus the certificates of a CA bundle.
-
-    Twisted has no public way to combine trust roots, so this delegates to the two
-    stock trust roots through the private-named IOpenSSLTrustRoot method that
-    ``CertificateOptions`` calls (unchanged since Twisted 14.0).
-    """
-
-    def __init__(self, bundle) -> None:
-        self._platform = platformTrust()
-        self._bundle = bundle
-
-    def _addCACertsToContext(self, context: SSL.Context) -> None:
-        self._platform._addCACertsToContext(context)
-        self._bundle._addCACertsToContext(context)
 
 
 def load_ca_bundle(path: str) -> list[Certificate]:
@@ -119,7 +102,7 @@ class VerifyingClientTLS:
     def __init__(self, options: CertificateOptions, name: str) -> None:
         self._options = options
         self._ip = is_ip_literal(name)
-        self._ascii = name if self._ip else _idnaBytes(name).decode("ascii")
+        self._ascii = name if self._ip else idna.encode(name).decode("ascii")
 
     def clientConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
         connection = SSL.Connection(self._options.getContext(), None)
@@ -159,7 +142,7 @@ class TLSPolicy:
         self._cache: "OrderedDict[str, object]" = OrderedDict()
         if ca_file:
             bundle = trustRootFromCertificates(load_ca_bundle(ca_file))
-            self._trust_root = _SystemAndBundleTrust(bundle)
+            self._trust_root = system_and_bundle_trust(bundle)
             log.info("Trusting the system CA roots plus {path}", path=ca_file)
         else:
             self._trust_root = platformTrust()
