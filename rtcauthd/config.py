@@ -308,16 +308,22 @@ def metrics_endpoint(value: str) -> str:
     return value
 
 
-def _positive_number(variable: str, value: str, default: float, kind: type) -> float:
+def _number(variable: str, value: str, default: float, kind: type, *, zero_allowed: bool = False) -> float:
+    """``value`` as ``kind``, ``default`` when empty; anything else is a one-line ConfigError."""
     if value == "":
         return default
     try:
         number = kind(value)
     except ValueError:
         number = -1
-    if not math.isfinite(number) or number <= 0:
-        raise ConfigError(f"{variable} must be a positive number, got {go_quote(value)}")
+    if not math.isfinite(number) or number < 0 or (number == 0 and not zero_allowed):
+        wanted = "a number >= 0" if zero_allowed else "a positive number"
+        raise ConfigError(f"{variable} must be {wanted}, got {go_quote(value)}")
     return number
+
+
+def _positive_number(variable: str, value: str, default: float, kind: type) -> float:
+    return _number(variable, value, default, kind)
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -455,15 +461,7 @@ def _read_max_body(r: _Reading, s: Setting) -> None:
 
 
 def _non_negative(variable: str, value: str, default: float, kind: type) -> float:
-    if value == "":
-        return default
-    try:
-        number = kind(value)
-    except ValueError:
-        number = -1
-    if not math.isfinite(number) or number < 0:
-        raise ConfigError(f"{variable} must be a number >= 0, got {go_quote(value)}")
-    return number
+    return _number(variable, value, default, kind, zero_allowed=True)
 
 
 def _read_ratelimit_rate(r: _Reading, s: Setting) -> None:
