@@ -19,6 +19,7 @@ from rtcauthd.errors import MatrixError
 from rtcauthd.inbound.models import LegacyTokenRequest, OpenIDToken, TokenRequest
 from rtcauthd.leave.record import NS_PER_MS, JobParams
 from rtcauthd.livekit import naming
+from rtcauthd.logging import LogSummary
 from rtcauthd.livekit.tokens import TokenMinter
 from rtcauthd.outbound.errors import OutboundError
 from rtcauthd.metrics import Metrics, reason_label
@@ -75,6 +76,8 @@ class Authorizer:
         self._tokens = tokens
         self._rooms = rooms
         self._leave_jobs = leave_jobs
+        # Under a flood, one line per kind of failure every few seconds (counts stay in metrics).
+        self._failure_log = LogSummary(clock)
 
     async def _verify(self, openid: OpenIDToken, endpoint: str) -> str:
         """P1: the user ID the homeserver vouches for, or 401 (cause logged, not answered)."""
@@ -93,13 +96,16 @@ class Authorizer:
             detail = getattr(e, "detail", str(e))
             lookup.labels(result="error").observe(self._clock.seconds() - started)
             self._metrics.openid_failures.labels(reason=reason_label(step)).inc()
-            log.warn(
-                "{endpoint}: OpenID verification against {server_name} failed at {step}: {detail}",
-                endpoint=endpoint,
-                server_name=server_name,
-                step=step,
-                detail=detail,
-            )
+            left_out = self._failure_log.allow((endpoint, reason_label(step)))
+            if left_out is not None:
+                log.warn(
+                    "{endpoint}: OpenID verification against {server_name} failed at {step}: {detail}{more}",
+                    endpoint=endpoint,
+                    server_name=server_name,
+                    step=step,
+                    detail=detail,
+                    more=f" ({left_out} more such failures not logged)" if left_out else "",
+                )
             raise errors.unauthorized() from None
         lookup.labels(result="ok").observe(self._clock.seconds() - started)
         return user_id

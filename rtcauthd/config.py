@@ -96,6 +96,8 @@ class Config:
     max_connections: Optional[int] = None  # None: derived from the open-file limit at start
     federation_max_inflight: int = 256
     federation_max_per_server: int = 8
+    token_ttl: int = 3600  # RTCAUTH_TOKEN_TTL_SECONDS
+    max_delay_seconds: float = 86400.0  # RTCAUTH_MAX_DELAY_SECONDS
     warnings: tuple[str, ...] = ()
 
     @property
@@ -306,16 +308,22 @@ def metrics_endpoint(value: str) -> str:
     return value
 
 
-def _positive_number(variable: str, value: str, default: float, kind: type) -> float:
+def _number(variable: str, value: str, default: float, kind: type, *, zero_allowed: bool = False) -> float:
+    """``value`` as ``kind``, ``default`` when empty; anything else is a one-line ConfigError."""
     if value == "":
         return default
     try:
         number = kind(value)
     except ValueError:
         number = -1
-    if not math.isfinite(number) or number <= 0:
-        raise ConfigError(f"{variable} must be a positive number, got {go_quote(value)}")
+    if not math.isfinite(number) or number < 0 or (number == 0 and not zero_allowed):
+        wanted = "a number >= 0" if zero_allowed else "a positive number"
+        raise ConfigError(f"{variable} must be {wanted}, got {go_quote(value)}")
     return number
+
+
+def _positive_number(variable: str, value: str, default: float, kind: type) -> float:
+    return _number(variable, value, default, kind)
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -453,15 +461,7 @@ def _read_max_body(r: _Reading, s: Setting) -> None:
 
 
 def _non_negative(variable: str, value: str, default: float, kind: type) -> float:
-    if value == "":
-        return default
-    try:
-        number = kind(value)
-    except ValueError:
-        number = -1
-    if not math.isfinite(number) or number < 0:
-        raise ConfigError(f"{variable} must be a number >= 0, got {go_quote(value)}")
-    return number
+    return _number(variable, value, default, kind, zero_allowed=True)
 
 
 def _read_ratelimit_rate(r: _Reading, s: Setting) -> None:
@@ -487,6 +487,14 @@ def _read_federation_max_inflight(r: _Reading, s: Setting) -> None:
 
 def _read_federation_max_per_server(r: _Reading, s: Setting) -> None:
     r.fields["federation_max_per_server"] = int(_positive_number(s.name, r.raw(s).strip(), int(s.default), int))
+
+
+def _read_token_ttl(r: _Reading, s: Setting) -> None:
+    r.fields["token_ttl"] = int(_positive_number(s.name, r.raw(s).strip(), int(s.default), int))
+
+
+def _read_max_delay(r: _Reading, s: Setting) -> None:
+    r.fields["max_delay_seconds"] = _positive_number(s.name, r.raw(s).strip(), float(s.default), float)
 
 
 def _read_trusted_proxies(r: _Reading, s: Setting) -> None:
@@ -708,6 +716,18 @@ SETTINGS: tuple[Setting, ...] = (
         "8",
         "concurrent verifications against one such homeserver",
         _read_federation_max_per_server,
+    ),
+    Setting(
+        "RTCAUTH_TOKEN_TTL_SECONDS",
+        "3600",
+        "lifetime of the LiveKit join tokens handed to clients (upstream: 3600)",
+        _read_token_ttl,
+    ),
+    Setting(
+        "RTCAUTH_MAX_DELAY_SECONDS",
+        "86400",
+        "longest delayed-leave timeout a client may hand over; longer ones are refused with 400",
+        _read_max_delay,
     ),
     Setting(
         "RTCAUTH_REQUEST_TIMEOUT_SECONDS",

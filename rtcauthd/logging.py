@@ -65,6 +65,33 @@ def scrub(text: str, secrets: Iterable[str]) -> str:
     return _JWT.sub("<jwt redacted>", text)
 
 
+class LogSummary:
+    """Says when a repeated kind of event may be logged again: once per ``window`` seconds
+    per key, with the count of those left out meanwhile — a flood of identical failures
+    is a line every few seconds, not a line per request. Keys are bounded in number."""
+
+    def __init__(self, clock, window: float = 10.0, max_keys: int = 1024) -> None:
+        self._clock = clock
+        self._window = window
+        self._max_keys = max_keys
+        self._seen: dict = {}  # key -> [next allowed time, suppressed count]
+
+    def allow(self, key) -> Optional[int]:
+        """None: leave this one out; else log it, noting the returned number left out before."""
+        now = self._clock.seconds()
+        entry = self._seen.get(key)
+        if entry is not None and now < entry[0]:
+            entry[1] += 1
+            return None
+        suppressed = entry[1] if entry is not None else 0
+        if entry is None and len(self._seen) >= self._max_keys:
+            self._seen = {k: v for k, v in self._seen.items() if now < v[0]}
+            if len(self._seen) >= self._max_keys:
+                self._seen = {}  # too many kinds at once: forget the counts, not the bound
+        self._seen[key] = [now + self._window, 0]
+        return suppressed
+
+
 def _wants_json(fmt: str) -> bool:
     if fmt == "json":
         return True

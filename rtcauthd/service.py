@@ -24,6 +24,10 @@ log = Logger()
 
 DRAIN_SECONDS = 8.0  # systemd's default stop timeout is 90 s; upstream's suite wants < 10 s
 _DUAL_STACK_SUFFIX = ":interface=\\:\\:"
+#: Listen backlog for TCP endpoints that name none (the kernel caps it at net.core.somaxconn).
+#: Twisted's default of 50 drops SYNs under a burst, and a dropped SYN costs the client a
+#: 1 s (then 3 s, 7 s, ...) retransmission, /healthz probes included (docs/endpoints.md#connection-limits).
+LISTEN_BACKLOG = 4096
 
 
 def sd_notify(message: str, environ=os.environ) -> bool:
@@ -50,6 +54,14 @@ def ipv4_fallback(description: str) -> Optional[str]:
         if port.isdigit():
             return f"tcp:{port}:interface=0.0.0.0"
     return None
+
+
+def with_backlog(description: str, backlog: int = LISTEN_BACKLOG) -> str:
+    """``tcp:``/``tcp6:`` endpoint strings get ``backlog=`` unless they set one."""
+    kind = description.split(":", 1)[0]
+    if kind not in ("tcp", "tcp6") or "backlog=" in description:
+        return description
+    return f"{description}:backlog={backlog}"
 
 
 class RtcAuthService(MultiService):
@@ -125,7 +137,7 @@ class RtcAuthService(MultiService):
 
     async def _listen(self, description: str, factory):
         try:
-            return await serverFromString(self._reactor, description).listen(factory)
+            return await serverFromString(self._reactor, with_backlog(description)).listen(factory)
         except CannotListenError as e:
             fallback = ipv4_fallback(description)
             if fallback is None or not _is_address_family_error(e):
@@ -135,7 +147,7 @@ class RtcAuthService(MultiService):
                 error=e.socketError,
                 fallback=fallback,
             )
-            return await serverFromString(self._reactor, fallback).listen(factory)
+            return await serverFromString(self._reactor, with_backlog(fallback)).listen(factory)
 
     def _fatal(self, failure) -> None:
         log.critical(

@@ -243,7 +243,9 @@ def build_daemon(
         timeout=config.outbound_timeout,
     )
     guarded_http = HTTPClient(clock=reactor, agent=agents.guarded, timeout=config.outbound_timeout)
-    tokens = TokenMinter(api_key=config.api_key, api_secret=config.api_secret, clock=reactor)
+    tokens = TokenMinter(
+        api_key=config.api_key, api_secret=config.api_secret, clock=reactor, participant_ttl=config.token_ttl
+    )
     if rooms is None:
         rooms = RoomServiceClient(
             livekit_url=config.livekit_url,
@@ -279,6 +281,7 @@ def build_daemon(
             resolver=cs_api,
             webhooks=WebhookVerifier(api_key=config.api_key, api_secret=config.api_secret, clock=reactor),
             metrics=metrics,
+            max_delay_seconds=config.max_delay_seconds,
         )
     if federation is None:
         federation = VerificationGate(

@@ -2,8 +2,9 @@
 
 Why one policy object: federation, well-known, client-server API and LiveKit calls must
 all trust the same roots and honour the same insecure switch. Connection settings are
-cached per certificate name because Twisted asks for them on every request, and
-building an OpenSSL context each time costs a noticeable share of a token request.
+cached per certificate name because Twisted asks for them on every request; all names
+share one OpenSSL context, because each context holds its own copy of the system trust
+store (~0.9 MiB) and the names are attacker-chosen (docs/federation.md#tls).
 
 With ``ca_file`` the system roots stay trusted and the bundle's certificates are added,
 so a private CA for one homeserver does not break federation with everyone else.
@@ -15,21 +16,26 @@ import re
 from collections import OrderedDict
 from typing import Optional
 
+import idna
 from OpenSSL import SSL
-from twisted.internet._sslverify import IOpenSSLTrustRoot
+from service_identity import VerificationError
+from service_identity.hazmat import DNS_ID, IPAddress_ID, verify_service_identity
+from service_identity.pyopenssl import extract_patterns
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.ssl import (
     Certificate,
     CertificateOptions,
-    optionsForClientTLS,
     platformTrust,
     trustRootFromCertificates,
 )
 from twisted.logger import Logger
 from twisted.python.compat import nativeString
+from twisted.python.failure import Failure
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
+
+from rtcauthd.twisted_private import system_and_bundle_trust
 
 log = Logger()
 
@@ -50,24 +56,6 @@ _INSECURE_BANNER = (
 
 class TLSConfigError(Exception):
     """The TLS configuration cannot be used; the message is one line naming the variable."""
-
-
-@implementer(IOpenSSLTrustRoot)
-class _SystemAndBundleTrust:
-    """Trust the platform's roots plus the certificates of a CA bundle.
-
-    Twisted has no public way to combine trust roots, so this delegates to the two
-    stock trust roots through the private-named IOpenSSLTrustRoot method that
-    ``CertificateOptions`` calls (unchanged since Twisted 14.0).
-    """
-
-    def __init__(self, bundle) -> None:
-        self._platform = platformTrust()
-        self._bundle = bundle
-
-    def _addCACertsToContext(self, context: SSL.Context) -> None:
-        self._platform._addCACertsToContext(context)
-        self._bundle._addCACertsToContext(context)
 
 
 def load_ca_bundle(path: str) -> list[Certificate]:
@@ -107,6 +95,39 @@ class UnverifiedClientTLS:
         return connection
 
 
+@implementer(IOpenSSLClientConnectionCreator)
+class VerifyingClientTLS:
+    """Verifies ``name`` per connection on a shared context (one trust store for all names)."""
+
+    def __init__(self, options: CertificateOptions, name: str) -> None:
+        self._options = options
+        self._ip = is_ip_literal(name)
+        self._ascii = name if self._ip else idna.encode(name).decode("ascii")
+
+    def clientConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
+        connection = SSL.Connection(self._options.getContext(), None)
+        connection.set_app_data(tlsProtocol)
+        if not self._ip:
+            connection.set_tlsext_host_name(self._ascii.encode("ascii"))
+        service = IPAddress_ID(self._ascii) if self._ip else DNS_ID(self._ascii)
+
+        def verify(conn, cert, errno, depth, ok) -> bool:
+            if depth != 0 or not ok:
+                return bool(ok)
+            try:
+                verify_service_identity(extract_patterns(cert), [service], [])
+            except VerificationError:
+                tlsProtocol.failVerification(Failure())
+                return False
+            except Exception:  # an exception inside an OpenSSL callback would be lost
+                log.failure("while verifying a certificate name")
+                return False
+            return True
+
+        connection.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, verify)
+        return connection
+
+
 def is_ip_literal(name: str) -> bool:
     """An IPv4 or (unbracketed) IPv6 address rather than a DNS name."""
     return isIPAddress(name) or isIPv6Address(name)
@@ -121,10 +142,11 @@ class TLSPolicy:
         self._cache: "OrderedDict[str, object]" = OrderedDict()
         if ca_file:
             bundle = trustRootFromCertificates(load_ca_bundle(ca_file))
-            self._trust_root = _SystemAndBundleTrust(bundle)
+            self._trust_root = system_and_bundle_trust(bundle)
             log.info("Trusting the system CA roots plus {path}", path=ca_file)
         else:
             self._trust_root = platformTrust()
+        self._verified = CertificateOptions(trustRoot=self._trust_root)  # context built on first use
         if insecure:
             self._unverified = CertificateOptions()
             log.warn(_INSECURE_BANNER)
@@ -143,7 +165,7 @@ class TLSPolicy:
         if self._insecure:
             options = UnverifiedClientTLS(self._unverified, name)
         else:
-            options = optionsForClientTLS(name, trustRoot=self._trust_root)
+            options = VerifyingClientTLS(self._verified, name)
         self._cache[name] = options
         if len(self._cache) > OPTIONS_CACHE_SIZE:
             self._cache.popitem(last=False)

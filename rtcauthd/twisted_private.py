@@ -7,8 +7,12 @@ that breaks one is caught in CI rather than as a noisy log or a wrong exit statu
 
 from __future__ import annotations
 
+from OpenSSL import SSL
+from twisted.internet import _sslverify
+from twisted.internet.ssl import platformTrust
 from twisted.web import client as _web_client
 from twisted.web.client import HTTPConnectionPool
+from zope.interface import implementer
 
 
 class _QuietClientFactory(_web_client._HTTP11ClientFactory):
@@ -34,3 +38,25 @@ def forget_exit_signal(reactor) -> None:
     """
     if getattr(reactor, "_exitSignal", None) is not None:
         reactor._exitSignal = None
+
+
+@implementer(_sslverify.IOpenSSLTrustRoot)
+class _SystemAndBundleTrust:
+    def __init__(self, bundle) -> None:
+        self._platform = platformTrust()
+        self._bundle = bundle
+
+    def _addCACertsToContext(self, context: SSL.Context) -> None:
+        self._platform._addCACertsToContext(context)
+        self._bundle._addCACertsToContext(context)
+
+
+def system_and_bundle_trust(bundle):
+    """Trust the platform's roots plus the certificates of a CA bundle (``RTCAUTH_CA_FILE``).
+
+    Twisted has no public way to combine trust roots: ``CertificateOptions`` calls the
+    private-named ``_addCACertsToContext`` of the private ``IOpenSSLTrustRoot`` (unchanged
+    since Twisted 14.0), so this delegates to the two stock roots through it.
+    """
+    return _SystemAndBundleTrust(bundle)
+

@@ -183,9 +183,15 @@ def _jwt_problems(ctx: Context, token: str, identity: str, room: str) -> list[st
     video = claims.get("video") if isinstance(claims.get("video"), dict) else {}
     if video.get("room") != room:
         problems.append(f"video.room is {video.get('room')!r}, expected the room alias {room}")
-    for grant in ("roomJoin", "canPublish", "canSubscribe"):
+    for grant in ("roomJoin", "canSubscribe"):
         if video.get(grant) is not True:
             problems.append(f"video.{grant} is not true")
+    if video.get("canPublish") is not True:
+        # Since v0.7 only users of full-access homeservers may publish (upstream #222).
+        problems.append(
+            "video.canPublish is not true: the service does not count this homeserver as full "
+            "access (LIVEKIT_FULL_ACCESS_HOMESERVERS), so its users could only listen"
+        )
     now = ctx.clock.seconds()
     exp, nbf = claims.get("exp"), claims.get("nbf")
     if not isinstance(exp, (int, float)) or exp <= now:

@@ -50,6 +50,14 @@ def error_body(error: MatrixError) -> bytes:
     return json_body(document)
 
 
+def send_error(request: IRequest, error: MatrixError) -> bytes:
+    """Status, ``Retry-After`` when the error carries a wait, and the JSON error body."""
+    request.setResponseCode(error.status)
+    if error.retry_after_ms is not None:
+        request.setHeader(b"Retry-After", str(max(1, math.ceil(error.retry_after_ms / 1000))).encode("ascii"))
+    return error_body(error)
+
+
 class WebhookSink:
     """Receives each raw LiveKit webhook (Authorization header and body, NOT yet verified).
 
@@ -160,10 +168,7 @@ class RtcAuthApp:
 
     @staticmethod
     def _error(request: IRequest, error: MatrixError) -> bytes:
-        request.setResponseCode(error.status)
-        if error.retry_after_ms is not None:
-            request.setHeader(b"Retry-After", str(max(1, math.ceil(error.retry_after_ms / 1000))).encode("ascii"))
-        return error_body(error)
+        return send_error(request, error)
 
     @classmethod
     def _answer(cls, request: IRequest, verdict: Verdict) -> bytes:

@@ -21,10 +21,11 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 from werkzeug.exceptions import NotFound
 
+from rtcauthd.inbound.ratelimit import TokenBuckets, limit_exceeded
 from rtcauthd import errors
 from rtcauthd.appservice_authorizer import AppserviceAuthorizer
 from rtcauthd.errors import MatrixError
-from rtcauthd.inbound.app import CORS_HEADERS, _is_canonical, _not_found, error_body, json_body
+from rtcauthd.inbound.app import CORS_HEADERS, _is_canonical, _not_found, json_body, send_error
 from rtcauthd.inbound.appservice_models import ClientDelegationRequest, ClientTokenRequest, ServerTokenRequest
 from rtcauthd.matrix.appservice import HomeserverAppservice
 
@@ -69,9 +70,8 @@ def _empty(request: IRequest, status: int) -> bytes:
 
 
 def _error(request: IRequest, error: MatrixError) -> bytes:
-    request.setResponseCode(error.status)
     request.setHeader(b"Content-Type", b"application/json")
-    return error_body(error)
+    return send_error(request, error)
 
 
 def _ok(request: IRequest, obj: dict) -> bytes:
@@ -108,6 +108,12 @@ def _gated(*, cors: bool, identity_header: bytes, missing_identity: str, decode:
             identity = header(request, identity_header)  # A5
             if not identity:
                 return _error(request, MatrixError(401, errors.M_UNAUTHORIZED, missing_identity))
+            # rtcauthd only: per Matrix user (S-S: the relayed user), as on the legacy routes per client
+            user = getattr(parsed, "user_id", None) or identity
+            if self._limits is not None:
+                wait = self._limits.take(user)
+                if wait > 0:
+                    return _error(request, limit_exceeded(wait))
 
             async def run() -> bytes:
                 try:
@@ -145,9 +151,10 @@ class AppserviceApp:
 
     app = Klein()
 
-    def __init__(self, *, authorizer: AppserviceAuthorizer, hs_token: str) -> None:
+    def __init__(self, *, authorizer: AppserviceAuthorizer, hs_token: str, limits: Optional[TokenBuckets] = None) -> None:
         self._authorizer = authorizer
         self._hs_token = hs_token
+        self._limits = limits  # per-user token buckets (RTCAUTH_RATELIMIT_*), None: no limit
 
     def __repr__(self) -> str:
         return "AppserviceApp(hs_token=<redacted>)"
@@ -253,7 +260,10 @@ def build_appservice_app(
         lookup_delay=lookup_delay,
         metrics=metrics,
     )
-    return AppserviceApp(authorizer=authorizer, hs_token=config.hs_token)
+    limits = None
+    if config.ratelimit_per_second > 0 and config.ratelimit_burst >= 1:
+        limits = TokenBuckets(clock, rate=config.ratelimit_per_second, burst=config.ratelimit_burst)
+    return AppserviceApp(authorizer=authorizer, hs_token=config.hs_token, limits=limits)
 
 
 def appservice_resource(legacy: IResource, app: AppserviceApp) -> IResource:

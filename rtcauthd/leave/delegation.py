@@ -16,7 +16,7 @@ from twisted.logger import Logger
 from rtcauthd import errors
 from rtcauthd.errors import MatrixError
 from rtcauthd.gojson import INT64_MAX
-from rtcauthd.leave.record import NS_PER_MS, JobParams
+from rtcauthd.leave.record import NS_PER_MS, NS_PER_SECOND, JobParams
 from rtcauthd.leave.manager import JobManager, ShuttingDown
 from rtcauthd.livekit.webhooks import WebhookRejected, WebhookVerifier, signal_for
 from rtcauthd.matrix.csapi import ClientAPIResolver
@@ -35,7 +35,9 @@ class DelegatedLeave:
         resolver: ClientAPIResolver,
         webhooks: WebhookVerifier,
         metrics: Optional[Metrics] = None,
+        max_delay_seconds: Optional[float] = None,
     ) -> None:
+        self._max_delay_ns = None if max_delay_seconds is None else int(max_delay_seconds * NS_PER_SECOND)
         self._metrics = metrics if metrics is not None else Metrics()
         self._manager = manager
         self._resolver = resolver
@@ -52,6 +54,15 @@ class DelegatedLeave:
                 errors.bad_json(
                     "invalid delay timeout for delayed event job: "
                     f"{job.delay_timeout_ns // NS_PER_MS}ms overflows a 64-bit duration"
+                )
+            )
+        if self._max_delay_ns is not None and job.delay_timeout_ns > self._max_delay_ns:
+            # rtcauthd only (RTCAUTH_MAX_DELAY_SECONDS): a days-long job is a resource held for days.
+            return fail(
+                errors.bad_json(
+                    "invalid delay timeout for delayed event job: "
+                    f"{job.delay_timeout_ns // NS_PER_MS}ms is longer than the "
+                    f"{self._max_delay_ns // NS_PER_SECOND}s this service accepts"
                 )
             )
         try:

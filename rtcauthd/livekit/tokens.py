@@ -22,13 +22,16 @@ ADMIN_TTL = 6 * 3600  # the LiveKit SDK's default validity, used for RoomService
 class TokenMinter:
     """Mints HS256 LiveKit JWTs with upstream's exact claims, grants and lifetimes."""
 
-    def __init__(self, *, api_key: str, api_secret: str, clock: IReactorTime) -> None:
+    def __init__(
+        self, *, api_key: str, api_secret: str, clock: IReactorTime, participant_ttl: int = PARTICIPANT_TTL
+    ) -> None:
         if not api_key or not api_secret:
             # Upstream fails to sign with an empty key or secret; refuse early instead.
             raise ValueError("LiveKit API key and secret must both be non-empty")
         self._api_key = api_key
         self._secret = secret_bytes(api_secret)
         self._clock = clock
+        self._participant_ttl = participant_ttl
 
     @property
     def api_key(self) -> str:
@@ -46,7 +49,8 @@ class TokenMinter:
         can_publish: bool = True,
         can_update_own_metadata: bool = False,
     ) -> str:
-        """The join token returned to clients as ``jwt`` (docs/authorization.md#participant-token), valid for one hour.
+        """The join token returned to clients as ``jwt`` (docs/authorization.md#participant-token), valid for an hour
+        (upstream's lifetime) unless ``RTCAUTH_TOKEN_TTL_SECONDS`` says otherwise.
 
         Every grant is written, false ones included: LiveKit reads a missing
         ``canPublish`` as true, so a subscribe-only token must say false.
@@ -55,7 +59,7 @@ class TokenMinter:
         claims: dict[str, Any] = {"iss": self._api_key}
         if identity:  # Go's omitempty
             claims["sub"] = identity
-        claims["exp"] = now + PARTICIPANT_TTL
+        claims["exp"] = now + self._participant_ttl
         claims["nbf"] = now
         claims["iat"] = now
         if identity:

@@ -176,6 +176,7 @@ class Harness(SynchronousTestCase):
         legacy = build_test_daemon(
             {"LIVEKIT_URL": LIVEKIT_URL, "LIVEKIT_KEY": "devkey", "LIVEKIT_SECRET": "s", "LIVEKIT_FULL_ACCESS_HOMESERVERS": "example.com"}, self.clock
         ).app.resource()
+        self.authorizer = authorizer
         app = AppserviceApp(authorizer=authorizer, hs_token=HS_TOKEN)
         site = RtcAuthSite(appservice_resource(legacy, app), max_body=4096, reactor=self.clock, clock=self.clock)
         self.client = SiteClient(site)
@@ -756,6 +757,8 @@ class BuiltAppTests(SynchronousTestCase):
             hs_server_name="example.com",
             livekit_url=LIVEKIT_URL,
             can_update_own_metadata=False,
+            ratelimit_per_second=5.0,
+            ratelimit_burst=50,
         )
         tokens, rooms = FakeTokens(), FakeRooms()
         app = build_appservice_app(
@@ -795,3 +798,25 @@ class BuiltAppTests(SynchronousTestCase):
                 ),
             ],
         )
+
+
+class PerUserRateLimitTests(Harness):
+    """The AS routes are limited per Matrix user (issue 12), after the hs_token and identity gates."""
+
+    def test_a_user_over_the_limit_gets_429_with_cors_another_user_does_not(self):
+        from rtcauthd.inbound.ratelimit import TokenBuckets
+
+        app = AppserviceApp(authorizer=self.authorizer, hs_token=HS_TOKEN, limits=TokenBuckets(self.clock, rate=1.0, burst=2))
+        site = RtcAuthSite(app.resource(), max_body=4096, reactor=self.clock, clock=self.clock)
+        self.client = SiteClient(site)
+        codes = [self.post(CS + "/get_token", cs_body())[0].code for _ in range(2)]
+        self.assertEqual(codes, [200, 200])
+        response, body = self.post(CS + "/get_token", cs_body())
+        self.assertEqual(response.code, 429)
+        self.assertEqual(json.loads(body), {"errcode": "M_LIMIT_EXCEEDED", "error": "Too many requests", "retry_after_ms": 1000})
+        self.assertEqual(response.headers.getRawHeaders(b"Retry-After"), [b"1"])
+        self.assertEqual(response.headers.getRawHeaders(b"Access-Control-Allow-Origin"), [b"*"])
+        response, _ = self.post(CS + "/get_token", cs_body(), user="@bob:example.com")
+        self.assertNotEqual(response.code, 429)
+        response, body = self.post(CS + "/get_token", cs_body(), token="wrong")  # the hs_token gate comes first
+        self.assertNotEqual(response.code, 429)

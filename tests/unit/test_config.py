@@ -7,6 +7,7 @@ import re
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.support.config_loading import BASE, ConfigLoading
 from tests.support.files import files
 from rtcauthd.config import (
     KNOWN_VARIABLES,
@@ -19,29 +20,9 @@ from rtcauthd.config import (
     settings_help,
 )
 
-BASE = {
-    "LIVEKIT_URL": "wss://sfu.example.com",
-    "LIVEKIT_KEY": "devkey",
-    "LIVEKIT_SECRET": "s3cr3t-value",
-    "LIVEKIT_FULL_ACCESS_HOMESERVERS": "example.com",
-}
 
 
-class LoadConfigTests(SynchronousTestCase):
-    def load(self, overrides=None, remove=(), **kwargs):
-        env = dict(BASE)
-        env.update(overrides or {})
-        for name in remove:
-            env.pop(name, None)
-        kwargs.setdefault("read_file", files({}))
-        return load_config(env, **kwargs)
-
-    def assertConfigError(self, message, overrides=None, remove=(), **kwargs):
-        with self.assertRaises(ConfigError) as cm:
-            self.load(overrides, remove, **kwargs)
-        self.assertEqual(str(cm.exception), message)
-        self.assertNotIn("\n", str(cm.exception))
-
+class LoadConfigTests(ConfigLoading, SynchronousTestCase):
     def test_defaults_match_upstream(self):
         c = self.load()
         self.assertEqual(c.livekit_url, "wss://sfu.example.com")

@@ -11,14 +11,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from rtcauthd.config import APPSERVICE_ALL_OR_NONE, ConfigError, load_config, settings_help
 from rtcauthd.logging import scrub
 from rtcauthd.store.redis_url import RedisURLError, parse_redis_url
+from tests.support.config_loading import BASE, ConfigLoading
 from tests.support.files import files
 
-BASE = {
-    "LIVEKIT_URL": "wss://sfu.example.com",
-    "LIVEKIT_KEY": "devkey",
-    "LIVEKIT_SECRET": "s3cr3t-value",
-    "LIVEKIT_FULL_ACCESS_HOMESERVERS": "example.com",
-}
 AS_TOKEN = "as-token-0123456789abcdef"
 HS_TOKEN = "hs-token-fedcba9876543210"
 REG = "/etc/rtcauthd/registration.yaml"
@@ -41,21 +36,7 @@ io.element.msc4512.proxy_url: "http://127.0.0.1:8080"
 REGISTRATION_ERROR = "Could not parse app service registration file: "
 
 
-class _Loading(SynchronousTestCase):
-    def load(self, overrides=None, remove=(), **kwargs):
-        env = dict(BASE)
-        env.update(overrides or {})
-        for name in remove:
-            env.pop(name, None)
-        kwargs.setdefault("read_file", files({}))
-        return load_config(env, **kwargs)
-
-    def assertConfigError(self, message, overrides=None, remove=(), **kwargs):
-        with self.assertRaises(ConfigError) as cm:
-            self.load(overrides, remove, **kwargs)
-        self.assertEqual(str(cm.exception), message)
-        return str(cm.exception)
-
+class _Loading(ConfigLoading, SynchronousTestCase):
     def registration(self, text, **overrides):
         """Load with LIVEKIT_AS_REGISTRATION_FILE holding ``text``."""
         env = {"LIVEKIT_AS_REGISTRATION_FILE": REG, "LIVEKIT_HS_SERVER_NAME": "example.com", **overrides}

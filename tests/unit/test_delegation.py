@@ -123,3 +123,28 @@ class DelegatedLeaveTests(SynchronousTestCase):
         body = b'{"event":"room_started","room":{"name":"R"}}'
         self.delegation.handle(sign_webhook(body), body)
         self.assertEqual(self.manager.routed, [])
+
+
+class DelayCapTests(SynchronousTestCase):
+    """RTCAUTH_MAX_DELAY_SECONDS (issue 12): longer delays are a 400 and register nothing."""
+
+    def setUp(self):
+        self.manager = FakeManager()
+        self.delegation = DelegatedLeave(
+            manager=self.manager,
+            resolver=None,
+            webhooks=WebhookVerifier(api_key="devkey", api_secret="devsecret", clock=Clock()),
+            max_delay_seconds=86400,
+        )
+
+    def job(self, ms):
+        return JobParams(delay_id="d", delay_timeout_ns=ms * NS_PER_MS, server_name="example.com", room="R", identity="I")
+
+    def test_at_the_cap_is_accepted_beyond_is_400(self):
+        self.successResultOf(self.delegation.add_job(self.job(86_400_000)))
+        error = self.failureResultOf(self.delegation.add_job(self.job(86_400_001)), MatrixError).value
+        self.assertEqual((error.status, error.errcode), (400, "M_BAD_JSON"))
+        self.assertEqual(
+            error.message, "invalid delay timeout for delayed event job: 86400001ms is longer than the 86400s this service accepts"
+        )
+        self.assertEqual(len(self.manager.added), 1)

@@ -89,3 +89,28 @@ class FindingTests(SynchronousTestCase):
         d = ctx.finding(find)
         ctx.cancel()
         self.failureResultOf(d)
+
+
+class TokenClaimTests(SynchronousTestCase):
+    """What the doctor says about the token it got (the v0.7 grant matrix)."""
+
+    def token(self, **video) -> str:
+        import jwt
+
+        grants = {"roomJoin": True, "room": "ALIAS", "canPublish": True, "canSubscribe": True}
+        grants.update(video)
+        return jwt.encode({"sub": "ID", "video": grants, "exp": 10**10}, "x" * 32, algorithm="HS256")
+
+    def problems(self, token):
+        from rtcauthd.doctor.check_token_flow import _jwt_problems
+
+        return _jwt_problems(context(ScriptedHTTP({})), token, "ID", "ALIAS")
+
+    def test_a_full_token_has_no_problem(self):
+        self.assertEqual(self.problems(self.token()), [])
+
+    def test_a_subscribe_only_token_names_the_full_access_setting(self):
+        [problem] = self.problems(self.token(canPublish=False))
+        self.assertIn("LIVEKIT_FULL_ACCESS_HOMESERVERS", problem)
+        [problem] = self.problems(self.token(canSubscribe=False))
+        self.assertEqual(problem, "video.canSubscribe is not true")

@@ -104,3 +104,36 @@ class ForgedLineTests(SynchronousTestCase):
         log, stream = self.make("text")
         log.info("waited {wait:.3f} s for {count} of {what}", wait=0.12345, count=3, what=object)
         self.assertIn("waited 0.123 s for 3 of <class 'object'>", stream.getvalue())
+
+
+class LogSummaryTests(SynchronousTestCase):
+    """A flood of one kind of failure is a line per window, with the count left out."""
+
+    def test_one_line_per_window_per_key_with_the_count(self):
+        from twisted.internet.task import Clock
+
+        from rtcauthd.logging import LogSummary
+
+        clock = Clock()
+        summary = LogSummary(clock, window=10)
+        self.assertEqual(summary.allow("a"), 0)
+        self.assertEqual([summary.allow("a") for _ in range(5)], [None] * 5)
+        self.assertEqual(summary.allow("b"), 0)  # another kind is not held back
+        clock.advance(10)
+        self.assertEqual(summary.allow("a"), 5)
+        self.assertIsNone(summary.allow("a"))
+
+    def test_keys_are_bounded(self):
+        from twisted.internet.task import Clock
+
+        from rtcauthd.logging import LogSummary
+
+        clock = Clock()
+        summary = LogSummary(clock, window=10, max_keys=10)
+        for i in range(100):
+            summary.allow(i)
+            clock.advance(1)
+            self.assertLessEqual(len(summary._seen), 10)
+        for i in range(100):  # all within one window
+            summary.allow(f"burst-{i}")
+            self.assertLessEqual(len(summary._seen), 10)

@@ -12,7 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from rtcauthd.config import ConfigError, load_config
 from rtcauthd.inbound.site import RtcAuthSite
-from rtcauthd.service import RtcAuthService, ipv4_fallback, sd_notify
+from rtcauthd.service import LISTEN_BACKLOG, RtcAuthService, ipv4_fallback, sd_notify, with_backlog
 from rtcauthd.tap import Options, build_daemon
 from tests.support.daemon import build_test_daemon
 
@@ -62,15 +62,17 @@ class BuildTests(SynchronousTestCase):
     def test_default_bind_is_one_dual_stack_listener(self):
         reactor, service = self.start()
         self.successResultOf(service.when_ready())
-        [(port, _factory, _backlog, interface)] = reactor.tcpServers
+        [(port, _factory, backlog, interface)] = reactor.tcpServers
         self.assertEqual((port, interface), (8080, "::"))
+        self.assertEqual(backlog, LISTEN_BACKLOG)  # not Twisted's 50: a burst must not drop SYNs
         self.successResultOf(service.stopService())
 
     def test_ipv4_only_host_falls_back(self):
         reactor, service = self.start(reactor=Reactor(ipv6=False))
         self.successResultOf(service.when_ready())
-        [(port, _f, _b, interface)] = reactor.tcpServers
+        [(port, _f, backlog, interface)] = reactor.tcpServers
         self.assertEqual((port, interface), (8080, "0.0.0.0"))
+        self.assertEqual(backlog, LISTEN_BACKLOG)
         self.flushLoggedErrors()
         self.successResultOf(service.stopService())
 
@@ -205,6 +207,13 @@ class HelperTests(SynchronousTestCase):
         self.assertEqual(ipv4_fallback("tcp6:8080:interface=\\:\\:"), "tcp:8080:interface=0.0.0.0")
         self.assertIsNone(ipv4_fallback("tcp6:8080:interface=\\:\\:1"))
         self.assertIsNone(ipv4_fallback("tcp:8080"))
+
+    def test_with_backlog_only_where_none_is_set(self):
+        self.assertEqual(with_backlog("tcp:8080:interface=127.0.0.1"), f"tcp:8080:interface=127.0.0.1:backlog={LISTEN_BACKLOG}")
+        self.assertEqual(with_backlog("tcp6:8080:interface=\\:\\:"), f"tcp6:8080:interface=\\:\\::backlog={LISTEN_BACKLOG}")
+        self.assertEqual(with_backlog("tcp:8080:backlog=10"), "tcp:8080:backlog=10")
+        self.assertEqual(with_backlog("systemd:domain=INET:index=0"), "systemd:domain=INET:index=0")
+        self.assertEqual(with_backlog("unix:/run/rtcauthd.sock"), "unix:/run/rtcauthd.sock")
 
     def test_sd_notify_datagram(self):
         path = self.mktemp()

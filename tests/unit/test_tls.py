@@ -88,6 +88,15 @@ class CacheTests(SynchronousTestCase):
         self.assertIs(policy.options_for("a.test"), a)
         self.assertEqual(list(policy._cache), ["c.test", "a.test"])
 
+    def test_all_names_share_one_context(self) -> None:
+        """Names are attacker-chosen; a context per name costs a trust store each (~0.9 MiB)."""
+        policy = TLSPolicy()
+        a = policy.options_for("a.test").clientConnectionForTLS(None)
+        b = policy.options_for("127.1.2.3").clientConnectionForTLS(None)
+        self.assertIs(a.get_context(), b.get_context())
+        self.assertEqual(a.get_servername(), b"a.test")
+        self.assertIsNone(b.get_servername())
+
     def test_insecure_cached_too(self) -> None:
         events: list[dict] = []
         self.patch(tls_module, "log", Logger(observer=events.append))
@@ -180,6 +189,17 @@ class HandshakeTests(TestCase):
     def test_wrong_name_refused(self):
         port, _sni = self.serve(self.ca.issue(["other.test"]))
         error = yield self.assertFailure(self.get(TLSPolicy(ca_file=self.ca_file), f"https://127.0.0.1:{port}/"), OutboundError)
+        self.assertIn("VerificationError", error.detail)
+
+    @defer.inlineCallbacks
+    def test_names_verified_per_connection_on_the_shared_context(self):
+        port, _sni = self.serve(self.ca.issue(["127.0.0.1"]))
+        policy = TLSPolicy(ca_file=self.ca_file)
+        error = yield self.assertFailure(self.get(policy, f"https://localhost:{port}/"), OutboundError)
+        self.assertIn("VerificationError", error.detail)
+        result = yield self.get(policy, f"https://127.0.0.1:{port}/")
+        self.assertEqual(result, (200, b"hello"))
+        error = yield self.assertFailure(self.get(policy, f"https://localhost:{port}/"), OutboundError)
         self.assertIn("VerificationError", error.detail)
 
     @defer.inlineCallbacks

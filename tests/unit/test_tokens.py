@@ -278,3 +278,28 @@ class PyJWTKeyRulesTests(SynchronousTestCase):
             signing_input, _, signature = token.rpartition(".")
             expected = hmac.new(secret.encode(), signing_input.encode(), hashlib.sha256).digest()
             self.assertEqual(signature, base64.urlsafe_b64encode(expected).rstrip(b"=").decode(), secret)
+
+
+class TokenLifetimeTests(SynchronousTestCase):
+    """RTCAUTH_TOKEN_TTL_SECONDS (issue 12): short-lived join tokens; admin tokens unchanged."""
+
+    def test_participant_ttl_from_the_config(self):
+        from rtcauthd.config import load_config
+
+        env = {"LIVEKIT_URL": "wss://x", "LIVEKIT_KEY": "k", "LIVEKIT_SECRET": "s" * 32,
+               "LIVEKIT_FULL_ACCESS_HOMESERVERS": "a"}
+        self.assertEqual(load_config(env).token_ttl, 3600)
+        config = load_config(dict(env, RTCAUTH_TOKEN_TTL_SECONDS="300"))
+        clock = Clock()
+        clock.advance(NOW)
+        minter = TokenMinter(api_key="k", api_secret="s" * 32, clock=clock, participant_ttl=config.token_ttl)
+        claims = jwt.decode(minter.participant_token("id", "room"), "s" * 32, algorithms=["HS256"],
+                            options={"verify_exp": False, "verify_nbf": False, "verify_iat": False})
+        self.assertEqual((claims["nbf"], claims["exp"]), (NOW, NOW + 300))
+        admin = jwt.decode(minter.create_room_token(), "s" * 32, algorithms=["HS256"],
+                           options={"verify_exp": False, "verify_nbf": False, "verify_iat": False})
+        self.assertEqual(admin["exp"] - admin["nbf"], 6 * 3600)
+        for bad in ("0", "-5", "x"):
+            with self.assertRaises(Exception) as cm:
+                load_config(dict(env, RTCAUTH_TOKEN_TTL_SECONDS=bad))
+            self.assertIn("RTCAUTH_TOKEN_TTL_SECONDS", str(cm.exception))

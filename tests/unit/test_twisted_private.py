@@ -32,6 +32,17 @@ class PrivateNamesStillExist(unittest.TestCase):
         )
 
 
+    def test_trust_roots_are_added_through_the_private_method(self):
+        from twisted.internet import _sslverify
+        from twisted.internet.ssl import platformTrust
+
+        self.assertTrue(hasattr(_sslverify, "IOpenSSLTrustRoot"), "twisted.internet._sslverify.IOpenSSLTrustRoot is gone")
+        self.assertTrue(
+            hasattr(platformTrust(), "_addCACertsToContext"),
+            "trust roots no longer have _addCACertsToContext: RTCAUTH_CA_FILE would break",
+        )
+
+
 class Behaviour(unittest.TestCase):
     def test_quiet_pool_factory_is_not_noisy(self):
         pool = twisted_private.make_pool_quiet(HTTPConnectionPool(Clock()))
