@@ -659,6 +659,31 @@ class DelegationRecoveryTests(DelegationCase, unittest.TestCase):
         self.assertEqual(records, {})
 
 
+class RateLimitTests(AppserviceCase, unittest.TestCase):
+    """The AS routes count per Matrix user, not per address (every request comes from Synapse)."""
+
+    @defer.inlineCallbacks
+    def test_one_user_limited_another_served(self):
+        yield self.start(RTCAUTH_RATELIMIT_BURST="3", RTCAUTH_RATELIMIT_PER_SECOND="0.01")
+        alice, bob = self.user("alice"), self.user("bob")
+        self.hs.join(ROOM_ID, alice, bob)
+        codes = []
+        for _ in range(5):
+            result = yield self.proxied(CS + "/get_token", self.cs_body(), identity=alice)
+            codes.append(result.code)
+        self.assertEqual(codes[:3], [200, 200, 200], self.describe())
+        self.assertEqual(result.code, 429, self.describe())
+        self.assertEqual(json.loads(result.body)["errcode"], "M_LIMIT_EXCEEDED")
+        self.assertIsNotNone(result.header("Retry-After"))
+        self.assert_cors(result)
+        # from the same address, another user is not limited
+        result = yield self.proxied(CS + "/get_token", self.cs_body(), identity=bob)
+        self.assert_jwt_answer(result)
+        # a limited user costs the homeserver and the SFU nothing
+        self.assertEqual(len(self.lk.create_room_requests), 4)
+        self.assertEqual(len(self.hs.as_calls("is_joined")), 4)
+
+
 class WithoutAppserviceTests(BlackBoxCase, TokenAssertions, unittest.TestCase):
     """Without the AS settings the AS paths do not exist and the legacy routes are unchanged."""
 
