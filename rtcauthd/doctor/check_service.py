@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 from rtcauthd.doctor.answers import DOCTOR_ORIGIN, errcode_of, status_text, transport_fix
 from rtcauthd.doctor.check_discovery import find_focus
 from rtcauthd.doctor.context import Context, gather
 from rtcauthd.doctor.net import parse_url
 from rtcauthd.doctor.report import Result, Status
 from rtcauthd.outbound.client import HTTPResponse, OutboundError
+from rtcauthd.tls import is_ip_literal
 
 
 def _cors_problems(response: HTTPResponse, *, preflight: bool) -> list[str]:
@@ -52,6 +55,9 @@ async def check_service(ctx: Context) -> list[Result]:
             Result("service-cors", cors_title, Status.SKIP, "the service is unreachable"),
         ]
     results = [_health_result(base, health)]
+    proxy_warning = _shared_bucket_warning(base, health)
+    if proxy_warning is not None:
+        results.append(proxy_warning)
     if health.code != 200:
         results.append(Result("service-cors", cors_title, Status.SKIP, "the service does not answer /healthz"))
         return results
@@ -127,6 +133,30 @@ async def check_service(ctx: Context) -> list[Result]:
             )
         )
     return results
+
+
+def _shared_bucket_warning(base: str, response: HTTPResponse):
+    """A public URL whose callers all look like one local address: the reverse proxy does not
+    pass the client address on, so every client shares one rate-limit bucket."""
+    seen = response.header("X-Rtcauth-Client-Address")
+    host = parse_url(base).host
+    if seen is None or host is None or is_ip_literal(host) or host == "localhost":
+        return None
+    try:
+        address = ipaddress.ip_address(seen)
+    except ValueError:
+        return None
+    if not address.is_loopback:
+        return None
+    return Result(
+        "service-client-address",
+        "Client address",
+        Status.WARN,
+        f"{base} sees this doctor as {seen}: the reverse proxy does not pass the client address on, "
+        "so all clients share one rate-limit bucket",
+        fix=["nginx: proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; (Caddy sends it by "
+             "default). The proxy's address must be in RTCAUTH_TRUSTED_PROXIES (default: this host)."],
+    )
 
 
 def _health_result(base: str, response: HTTPResponse) -> Result:

@@ -25,6 +25,7 @@ from rtcauthd.authorizer import Authorizer
 from rtcauthd.errors import MatrixError
 from rtcauthd.gojson import go_json_dumps
 from rtcauthd.inbound.models import LegacyTokenRequest, TokenRequest
+from rtcauthd.inbound.client_address import ATTRIBUTE as CLIENT_ATTRIBUTE, CLIENT_ADDRESS_HEADER
 from rtcauthd.inbound.policy import AllowAll, IRequestPolicy, Verdict
 
 log = Logger()
@@ -219,6 +220,11 @@ class RtcAuthApp:
     def healthz(self, request: IRequest) -> bytes:
         if request.method not in (b"GET", b"HEAD"):
             request.setResponseCode(405)
+        client = getattr(request, CLIENT_ATTRIBUTE, None)
+        if client is not None:
+            # The address the rate limit counts this caller as: lets an operator (and the
+            # doctor) see whether the reverse proxy passes the client address on.
+            request.setHeader(CLIENT_ADDRESS_HEADER, client.encode("ascii", "replace"))
         return b""
 
     @app.handle_errors(NotFound)

@@ -25,6 +25,8 @@ IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 DEFAULT_TRUSTED_PROXIES = ("127.0.0.0/8", "::1/128")
 #: The request attribute the resolved address is kept in, for the access log.
 ATTRIBUTE = "rtcauth_client"
+#: /healthz answers with the address the rate limit uses for the caller (docs/endpoints.md#rate-limits).
+CLIENT_ADDRESS_HEADER = b"X-Rtcauth-Client-Address"
 #: Forwarding chains longer than this are cut from the left (a proxy appends on the right).
 MAX_HOPS = 32
 

@@ -114,3 +114,26 @@ class TokenClaimTests(SynchronousTestCase):
         self.assertIn("LIVEKIT_FULL_ACCESS_HOMESERVERS", problem)
         [problem] = self.problems(self.token(canSubscribe=False))
         self.assertEqual(problem, "video.canSubscribe is not true")
+
+
+class SharedBucketTests(SynchronousTestCase):
+    """The doctor notices a reverse proxy that does not pass the client address on (issue 12)."""
+
+    def warning(self, base, seen):
+        from rtcauthd.doctor.check_service import _shared_bucket_warning
+
+        headers = Headers({b"X-Rtcauth-Client-Address": [seen.encode()]} if seen is not None else {})
+        return _shared_bucket_warning(base, HTTPResponse(code=200, headers=headers, body=b""))
+
+    def test_a_public_url_seeing_loopback_is_a_warning(self):
+        result = self.warning("https://rtc.example.com/livekit/jwt", "127.0.0.1")
+        self.assertEqual((result.check, result.status.value), ("service-client-address", "warn"))
+        self.assertIn("proxy_set_header X-Forwarded-For", result.fix[0])
+        self.assertIsNotNone(self.warning("https://rtc.example.com", "::1"))
+
+    def test_otherwise_nothing(self):
+        self.assertIsNone(self.warning("https://rtc.example.com", "203.0.113.5"))  # the proxy forwards
+        self.assertIsNone(self.warning("https://rtc.example.com", None))  # limit off, or lk-jwt-service
+        self.assertIsNone(self.warning("https://127.0.0.1:8443", "127.0.0.1"))  # reached directly
+        self.assertIsNone(self.warning("https://localhost:8443", "127.0.0.1"))
+        self.assertIsNone(self.warning("https://rtc.example.com", "garbage"))

@@ -231,3 +231,16 @@ class ConfigTests(SynchronousTestCase):
             with self.subTest(name=name, value=value), self.assertRaises(Exception) as cm:
                 load_config(dict(base, **{name: value}))
             self.assertIn(name, str(cm.exception))
+
+
+class HealthzClientAddressTests(SynchronousTestCase):
+    def test_healthz_names_the_address_the_limit_uses(self) -> None:
+        client = SiteClient(build_test_daemon(ENV, MemoryReactorClock()).site)
+        response, _ = self.successResultOf(
+            client.request("GET", "http://localhost/healthz", headers={"X-Forwarded-For": ["198.51.100.7"]})
+        )
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.headers.getRawHeaders(b"X-Rtcauth-Client-Address"), [b"198.51.100.7"])
+        quiet = SiteClient(build_test_daemon(dict(ENV, RTCAUTH_RATELIMIT_BURST="0"), MemoryReactorClock()).site)
+        response, _ = self.successResultOf(quiet.request("GET", "http://localhost/healthz"))
+        self.assertIsNone(response.headers.getRawHeaders(b"X-Rtcauth-Client-Address"))
