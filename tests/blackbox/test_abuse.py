@@ -12,7 +12,8 @@ import json
 import socket
 import time
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.task import deferLater
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
@@ -22,7 +23,7 @@ from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from rtcauthd.outbound.client import BytesProducer
-from tests.blackbox.harness import BlackBoxCase
+from tests.blackbox.harness import BlackBoxCase, free_port
 from tests.blackbox.test_token_service import get_token_body
 
 
@@ -117,3 +118,68 @@ class AbuseTests(BlackBoxCase, unittest.TestCase):
         lines = self.daemon.lines_since(mark)
         self.assertFalse([line for line in lines if "rtcauthd.forged" in line and not line.startswith("20")], lines)
         self.assertFalse([line for line in lines if line.startswith("2026-12-02T00:00:00+0000 [critical]")], lines)
+
+
+class _Sink(protocol.Protocol):
+    """Accepts and never answers: the homeserver that hangs."""
+
+    def connectionMade(self):
+        self.factory.open += 1
+        self.factory.peak = max(self.factory.peak, self.factory.open)
+
+    def connectionLost(self, reason):
+        self.factory.open -= 1
+
+
+class FanOutTests(BlackBoxCase, unittest.TestCase):
+    """Many made-up homeservers that hang: outbound stays within the caps, the operator's
+    user still gets a token, and the requests over the caps are answered at once."""
+
+    NAMES = 40
+    CONCURRENT = 120
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        yield super().setUp()
+        self.hs = self.make_homeserver()
+        self.lk = self.make_livekit()
+        self.hs.add_token("good-token", f"@alice:{self.hs.server_name}")
+        self.sink = protocol.Factory.forProtocol(_Sink)
+        self.sink.open = self.sink.peak = 0
+        self.sink_port = free_port("127.1.0.1")
+        for k in range(1, self.NAMES + 1):
+            port = reactor.listenTCP(self.sink_port, self.sink, interface=f"127.1.0.{k}")
+            self.addCleanup(port.stopListening)
+        self.daemon = yield self.start_daemon(
+            self.service_env(
+                livekit_url=self.lk.url,
+                full_access=self.hs.server_name,
+                RTCAUTH_RATELIMIT_PER_SECOND="0",  # this test is about the outbound caps
+                RTCAUTH_FEDERATION_MAX_INFLIGHT="10",
+                RTCAUTH_FEDERATION_MAX_INFLIGHT_PER_SERVER="2",
+                RTCAUTH_FEDERATION_IP_RANGE_ALLOWLIST="127.1.0.0/16",
+                RTCAUTH_OUTBOUND_TIMEOUT_SECONDS="3",
+            )
+        )
+
+    @defer.inlineCallbacks
+    def test_made_up_names_stay_within_the_caps(self):
+        flood, answered = [], []
+        for i in range(self.CONCURRENT):
+            name = f"127.1.0.{i % self.NAMES + 1}:{self.sink_port}"
+            d = self.daemon.post_json("/get_token", get_token_body(name, "t"), timeout=20)
+            d.addBoth(lambda result: answered.append(result) or result)
+            flood.append(d)
+        yield deferLater(reactor, 0.5, lambda: None)
+        ours = yield self.daemon.post_json("/get_token", get_token_body(self.hs.server_name, "good-token"))
+        self.assertEqual(ours.code, 200, ours.body)
+        # served while the strangers' verifications still hang (they end at the 3 s bound)
+        self.assertLess(len(answered), self.CONCURRENT)
+        answers = yield defer.gatherResults(flood)
+        codes = sorted({a.code for a in answers})
+        self.assertEqual(codes, [401, 503])
+        busy = [a for a in answers if a.code == 503]
+        self.assertGreaterEqual(len(busy), self.CONCURRENT - 10)
+        self.assertEqual(busy[0].headers.getRawHeaders(b"Retry-After"), [b"1"])
+        self.assertLessEqual(self.sink.peak, 10)
+        self.assertGreater(self.sink.peak, 0)
