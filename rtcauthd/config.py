@@ -7,21 +7,39 @@ an operator can swap services without touching their environment file. Additions
 ``RTCAUTH_`` and are all optional.
 
 Every variable is one row of :data:`SETTINGS` (name, default, reader, help), which also
-feeds ``twistd rtcauth --help`` and the check of debian/rtcauthd.env. Longer than most
-modules because the table and the readers it names belong together.
+feeds ``twistd rtcauth --help`` and the check of debian/rtcauthd.env. The files behind
+the values are read in :mod:`rtcauthd.config_sources`, single values checked in
+:mod:`rtcauthd.config_values`; the table and the readers it names stay here together.
 """
 
 from __future__ import annotations
 
-import ipaddress
-import math
-import os
 import re
 import textwrap
 from typing import Callable, Mapping, Optional
 
 import attr
 
+from rtcauthd.config_sources import (
+    CREDENTIAL_AS_TOKEN,
+    CREDENTIAL_HS_TOKEN,
+    CREDENTIAL_KEY,
+    CREDENTIAL_SECRET,
+    ConfigError,
+    key_and_secret,
+    parse_env_file,
+    read_registration,
+    read_source,
+    read_text_file,
+    read_token,
+)
+from rtcauthd.config_values import (
+    number,
+    bind_to_endpoints,
+    metrics_endpoint,
+    parse_cidrs,
+    parse_cs_api_overrides,
+)
 from rtcauthd.gojson import INT64_MAX, go_quote
 
 INSECURE_MAGIC = "YES_I_KNOW_WHAT_I_AM_DOING"
@@ -32,17 +50,11 @@ LOG_LEVELS = {"debug": "debug", "info": "info", "warn": "warn", "warning": "warn
 LOG_FORMATS = ("auto", "text", "json")
 
 #: systemd credential names (LoadCredential=livekit_key:..., livekit_secret:...)
-CREDENTIAL_KEY = "livekit_key"
-CREDENTIAL_SECRET = "livekit_secret"
-CREDENTIAL_AS_TOKEN = "livekit_as_token"
-CREDENTIAL_HS_TOKEN = "livekit_hs_token"
-
 #: upstream's start-up error when application-service mode is half configured
 APPSERVICE_ALL_OR_NONE = (
     "The app service token(s) (LIVEKIT_AS_TOKEN/LIVEKIT_HS_TOKEN or LIVEKIT_AS_REGISTRATION_FILE) "
     "and LIVEKIT_HS_SERVER_NAME must either all be set or all be left empty"
 )
-REGISTRATION_ERROR = "Could not parse app service registration file: "
 
 #: ``--dev``: LiveKit's own development credentials (``livekit-server --dev``).
 DEV_DEFAULTS = {
@@ -51,15 +63,6 @@ DEV_DEFAULTS = {
     "LIVEKIT_SECRET": "secret",
     "LIVEKIT_FULL_ACCESS_HOMESERVERS": "localhost",
 }
-
-class ConfigError(Exception):
-    """A start-up configuration problem; ``str()`` is the single line to print."""
-
-
-def _trim_secret(value: str) -> str:
-    """Upstream trims spaces, CR and LF only (tabs survive), whatever the source."""
-    return value.strip(" \r\n")
-
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
 class Config:
@@ -124,206 +127,13 @@ class Config:
         return server_name != "*" and server_name in self.full_access_homeservers
 
 
-def read_text_file(path: str) -> str:
-    """File content as os.environ holds values: undecodable bytes kept as surrogates, so a
-    secret that is not UTF-8 still signs with its exact bytes (``encode(..., "surrogateescape")``)."""
-    with open(path, "rb") as f:
-        return f.read().decode("utf-8", errors="surrogateescape")
+def _numeric(field: str, kind: type, *, zero_allowed: bool = False):
+    """The reader of a plain number setting: ``Config.<field>``, the row's default when unset."""
 
+    def read(r: "_Reading", s: "Setting") -> None:
+        r.fields[field] = number(s.name, r.raw(s).strip(), kind(s.default), kind, zero_allowed=zero_allowed)
 
-def _env_file_value(raw: str) -> str:
-    """A value as systemd's EnvironmentFile= reads it, so ``--config`` and the unit agree.
-
-    Unquoted: ``\\x`` is ``x``, trailing blanks dropped. ``'…'``: literal. ``"…"``: only
-    ``\\"``, ``\\\\``, ``\\$`` and ``\\``` lose their backslash. Pieces concatenate.
-    """
-    out: list[str] = []
-    i, n = 0, len(raw)
-    trailing_blanks = 0
-    while i < n:
-        ch = raw[i]
-        if ch == "'":
-            end = raw.find("'", i + 1)
-            end = n if end < 0 else end
-            out.append(raw[i + 1 : end])
-            i, trailing_blanks = end + 1, 0
-        elif ch == '"':
-            i += 1
-            while i < n and raw[i] != '"':
-                if raw[i] == "\\" and i + 1 < n and raw[i + 1] in '"\\`$':
-                    i += 1
-                out.append(raw[i])
-                i += 1
-            i, trailing_blanks = i + 1, 0
-        elif ch == "\\" and i + 1 < n:
-            out.append(raw[i + 1])
-            i, trailing_blanks = i + 2, 0
-        else:
-            out.append(ch)
-            trailing_blanks = trailing_blanks + 1 if ch in " \t" else 0
-            i += 1
-    value = "".join(out)
-    return value[: len(value) - trailing_blanks] if trailing_blanks else value
-
-
-def parse_env_file(text: str) -> dict[str, str]:
-    """``KEY=value`` lines with systemd EnvironmentFile= rules (comments, quotes, escapes)."""
-    result: dict[str, str] = {}
-    for lineno, raw in enumerate(text.splitlines(), 1):
-        line = raw.lstrip()
-        if not line.strip() or line.startswith(("#", ";")):
-            continue
-        if line.startswith("export "):
-            line = line[len("export ") :].lstrip()
-        name, sep, value = line.partition("=")
-        name = name.strip()
-        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-            raise ConfigError(f"--config: line {lineno} is not KEY=value")
-        result[name] = _env_file_value(value.lstrip(" \t"))
-    return result
-
-
-def _read_source(variable: str, path: str, read_file: Callable[[str], str]) -> str:
-    try:
-        return read_file(path)
-    except OSError as e:
-        reason = e.strerror or str(e)
-        raise ConfigError(f"{variable}: cannot read {path}: {reason}") from None
-
-
-def _key_and_secret(
-    env: Mapping[str, str], read_file: Callable[[str], str], warnings: list[str]
-) -> tuple[str, str, str, str]:
-    """Key/secret sources in upstream's precedence (docs/configuration.md#key-and-secret), plus systemd credentials."""
-    key, secret = env.get("LIVEKIT_KEY", ""), env.get("LIVEKIT_SECRET", "")
-    key_source = "LIVEKIT_KEY" if key else ""
-    secret_source = "LIVEKIT_SECRET" if secret else ""
-    key_file = env.get("LIVEKIT_KEY_FILE", "")
-    if key_file:
-        ignored = [
-            n
-            for n in ("LIVEKIT_KEY", "LIVEKIT_SECRET", "LIVEKIT_KEY_FROM_FILE", "LIVEKIT_SECRET_FROM_FILE")
-            if env.get(n)
-        ]
-        if ignored:
-            warnings.append(f"LIVEKIT_KEY_FILE is set, so {', '.join(ignored)} is ignored")
-        parts = _read_source("LIVEKIT_KEY_FILE", key_file, read_file).split(":")
-        if len(parts) != 2:
-            raise ConfigError("LIVEKIT_KEY_FILE: invalid key secret file format!")
-        key, secret = parts
-        key_source = secret_source = f"LIVEKIT_KEY_FILE ({key_file})"
-    else:
-        for variable, is_key in (("LIVEKIT_KEY_FROM_FILE", True), ("LIVEKIT_SECRET_FROM_FILE", False)):
-            path = env.get(variable, "")
-            if not path:
-                continue
-            value = _read_source(variable, path, read_file)
-            plain = "LIVEKIT_KEY" if is_key else "LIVEKIT_SECRET"
-            if env.get(plain):
-                warnings.append(f"{variable} is set, so {plain} is ignored")
-            if is_key:
-                key, key_source = value, f"{variable} ({path})"
-            else:
-                secret, secret_source = value, f"{variable} ({path})"
-    credentials = env.get("CREDENTIALS_DIRECTORY", "")
-    if credentials:
-        for name, is_key in ((CREDENTIAL_KEY, True), (CREDENTIAL_SECRET, False)):
-            if (key if is_key else secret):
-                continue
-            path = os.path.join(credentials, name)
-            try:
-                value = read_file(path)
-            except FileNotFoundError:
-                continue
-            except OSError as e:
-                raise ConfigError(
-                    f"CREDENTIALS_DIRECTORY: cannot read credential {name}: {e.strerror or e}"
-                ) from None
-            if is_key:
-                key, key_source = value, f"systemd credential {name}"
-            else:
-                secret, secret_source = value, f"systemd credential {name}"
-    return _trim_secret(key), _trim_secret(secret), key_source, secret_source
-
-
-def parse_cs_api_overrides(value: str) -> dict[str, str]:
-    """``server=url`` entries separated by commas; any malformed entry is fatal (docs/delegated-leave.md#client-server-api)."""
-    overrides: dict[str, str] = {}
-    if value == "":
-        return overrides
-    for entry in value.split(","):
-        server, sep, url = entry.partition("=")
-        server, url = server.strip(), url.strip()
-        if not sep or not server or not url:
-            raise ConfigError(
-                f"failed parsing LIVEKIT_CS_API_URL_OVERRIDES: invalid entry {go_quote(entry)}, "
-                "expected server_name=url"
-            )
-        overrides[server] = url
-    return overrides
-
-
-def parse_cidrs(variable: str, value: str) -> tuple[str, ...]:
-    """Comma-separated CIDRs (bare addresses allowed); one bad entry is fatal."""
-    from rtcauthd.matrix.ipfilter import parse_cidr_list
-
-    try:
-        return tuple(parse_cidr_list(value, variable))
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-
-
-def bind_to_endpoints(bind: str, variable: str = "LIVEKIT_JWT_BIND") -> tuple[str, ...]:
-    """Map a Go listen address (``host:port``, ``:port``, ``[v6]:port``) onto endpoint strings.
-
-    ``:port`` means every interface of both families, so it becomes a dual-stack ``::``
-    listener (the listener service falls back to IPv4 ``0.0.0.0`` on IPv4-only hosts).
-    ``localhost`` binds 127.0.0.1, the address Go's listener picks for it.
-    """
-    host, sep, port = bind.rpartition(":")
-    if not sep or not re.fullmatch(r"[0-9]{1,5}", port) or int(port) > 65535:
-        raise ConfigError(f"{variable}: {go_quote(bind)} is not host:port")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if host in ("", "::"):
-        return (f"tcp6:{port}:interface=\\:\\:",)
-    if host == "localhost":
-        return (f"tcp:{port}:interface=127.0.0.1",)
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        raise ConfigError(
-            f"{variable}: {go_quote(bind)}: the host must be an IP address, localhost or empty"
-        ) from None
-    if address.version == 6:
-        return (f"tcp6:{port}:interface={str(address).replace(':', chr(92) + ':')}",)
-    return (f"tcp:{port}:interface={address}",)
-
-
-def metrics_endpoint(value: str) -> str:
-    """``RTCAUTH_METRICS_LISTEN``: a port alone means loopback; anything else is an endpoint."""
-    value = value.strip()
-    if re.fullmatch(r"[0-9]{1,5}", value):
-        return f"tcp:{value}:interface=127.0.0.1"
-    return value
-
-
-def _number(variable: str, value: str, default: float, kind: type, *, zero_allowed: bool = False) -> float:
-    """``value`` as ``kind``, ``default`` when empty; anything else is a one-line ConfigError."""
-    if value == "":
-        return default
-    try:
-        number = kind(value)
-    except ValueError:
-        number = -1
-    if not math.isfinite(number) or number < 0 or (number == 0 and not zero_allowed):
-        wanted = "a number >= 0" if zero_allowed else "a positive number"
-        raise ConfigError(f"{variable} must be {wanted}, got {go_quote(value)}")
-    return number
-
-
-def _positive_number(variable: str, value: str, default: float, kind: type) -> float:
-    return _number(variable, value, default, kind)
+    return read
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -378,7 +188,7 @@ def _read_insecure(r: _Reading, s: Setting) -> None:
 
 
 def _read_livekit(r: _Reading, s: Setting) -> None:
-    key, secret, key_source, secret_source = _key_and_secret(r.env, r.read_file, r.warnings)
+    key, secret, key_source, secret_source = key_and_secret(r.env, r.read_file, r.warnings)
     livekit_url = r.raw(s)
     if not key or not secret or not livekit_url:
         raise ConfigError("LIVEKIT_KEY* / LIVEKIT_SECRET* and LIVEKIT_URL must be set")
@@ -452,49 +262,18 @@ def _read_allowlist(r: _Reading, s: Setting) -> None:
     r.fields["ip_allowlist"] = parse_cidrs(s.name, r.raw(s))
 
 
-def _read_timeout(r: _Reading, s: Setting) -> None:
-    r.fields["outbound_timeout"] = _positive_number(s.name, r.raw(s).strip(), float(s.default), float)
 
 
-def _read_max_body(r: _Reading, s: Setting) -> None:
-    r.fields["max_body_bytes"] = int(_positive_number(s.name, r.raw(s).strip(), int(s.default), int))
 
-
-def _non_negative(variable: str, value: str, default: float, kind: type) -> float:
-    return _number(variable, value, default, kind, zero_allowed=True)
-
-
-def _read_ratelimit_rate(r: _Reading, s: Setting) -> None:
-    r.fields["ratelimit_per_second"] = _non_negative(s.name, r.raw(s).strip(), float(s.default), float)
-
-
-def _read_ratelimit_burst(r: _Reading, s: Setting) -> None:
-    r.fields["ratelimit_burst"] = int(_non_negative(s.name, r.raw(s).strip(), int(s.default), int))
-
-
-def _read_request_timeout(r: _Reading, s: Setting) -> None:
-    r.fields["request_timeout"] = _non_negative(s.name, r.raw(s).strip(), float(s.default), float)
 
 
 def _read_max_connections(r: _Reading, s: Setting) -> None:
     raw = r.raw(s).strip()
-    r.fields["max_connections"] = int(_positive_number(s.name, raw, 0, int)) if raw else None
+    r.fields["max_connections"] = number(s.name, raw, 0, int) if raw else None
 
 
-def _read_federation_max_inflight(r: _Reading, s: Setting) -> None:
-    r.fields["federation_max_inflight"] = int(_positive_number(s.name, r.raw(s).strip(), int(s.default), int))
 
 
-def _read_federation_max_per_server(r: _Reading, s: Setting) -> None:
-    r.fields["federation_max_per_server"] = int(_positive_number(s.name, r.raw(s).strip(), int(s.default), int))
-
-
-def _read_token_ttl(r: _Reading, s: Setting) -> None:
-    r.fields["token_ttl"] = int(_positive_number(s.name, r.raw(s).strip(), int(s.default), int))
-
-
-def _read_max_delay(r: _Reading, s: Setting) -> None:
-    r.fields["max_delay_seconds"] = _positive_number(s.name, r.raw(s).strip(), float(s.default), float)
 
 
 def _read_trusted_proxies(r: _Reading, s: Setting) -> None:
@@ -507,81 +286,21 @@ def _read_metrics_listen(r: _Reading, s: Setting) -> None:
     r.fields["metrics_listen"] = metrics_endpoint(raw) if raw.strip() else None
 
 
-def _yaml_error_text(error: Exception) -> str:
-    """PyYAML's message on one line, without the snippet of the file it quotes (a token)."""
-    import yaml
-
-    if isinstance(error, yaml.MarkedYAMLError):
-        parts = []
-        for text, mark in ((error.context, error.context_mark), (error.problem, error.problem_mark)):
-            if text:
-                where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-                parts.append(text + where)
-        return ": ".join(parts) or type(error).__name__
-    if isinstance(error, yaml.reader.ReaderError):
-        return f"unacceptable character #x{error.character:04x}: {error.reason} (position {error.position})"
-    return " ".join(str(error).split())
-
-
-def read_registration(text: str) -> tuple[str, str]:
-    """as_token and hs_token of a Synapse AS registration (docs/configuration.md#application-service-mode)."""
-    import yaml
-
-    try:
-        root = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(REGISTRATION_ERROR + _yaml_error_text(e)) from None
-    if not isinstance(root, dict):
-        raise ConfigError(REGISTRATION_ERROR + "invalid root element")
-    tokens = []
-    for key in ("as_token", "hs_token"):
-        if key not in root:
-            raise ConfigError(f"{REGISTRATION_ERROR}no {key} property")
-        value = root[key]
-        # an unquoted 12345 or yes is no string for upstream's YAML library either
-        if not isinstance(value, str):
-            raise ConfigError(f"{REGISTRATION_ERROR}invalid value for {key} property")
-        tokens.append(value.strip())
-    return tokens[0], tokens[1]
-
-
-def _token(r: _Reading, variable: str, credential: str) -> str:
-    """One token: ``<variable>_FROM_FILE`` over ``<variable>``; a systemd credential fills in."""
-    from_file = variable + "_FROM_FILE"
-    value = r.env.get(variable, "")
-    path = r.env.get(from_file, "")
-    if path:
-        value = _read_source(from_file, path, r.read_file)
-        if r.env.get(variable):
-            r.warnings.append(f"{from_file} is set, so {variable} is ignored")
-    credentials = r.env.get("CREDENTIALS_DIRECTORY", "")
-    if not value.strip() and credentials:
-        try:
-            value = r.read_file(os.path.join(credentials, credential))
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            raise ConfigError(
-                f"CREDENTIALS_DIRECTORY: cannot read credential {credential}: {e.strerror or e}"
-            ) from None
-    return value.strip()
-
-
 def _read_appservice(r: _Reading, s: Setting) -> None:
     """LIVEKIT_AS_TOKEN and its group, in upstream's order (docs/configuration.md#application-service-mode)."""
     server_name = r.env.get("LIVEKIT_HS_SERVER_NAME", "")  # verbatim, as upstream
     registration = r.env.get("LIVEKIT_AS_REGISTRATION_FILE", "")
     if registration:
         as_token, hs_token = read_registration(
-            _read_source("LIVEKIT_AS_REGISTRATION_FILE", registration, r.read_file)
+            read_source("LIVEKIT_AS_REGISTRATION_FILE", registration, r.read_file)
         )
         pair = ("LIVEKIT_AS_TOKEN", "LIVEKIT_AS_TOKEN_FROM_FILE", "LIVEKIT_HS_TOKEN", "LIVEKIT_HS_TOKEN_FROM_FILE")
         ignored = [n for n in pair if r.env.get(n)]
         if ignored:
             r.warnings.append(f"LIVEKIT_AS_REGISTRATION_FILE is set, so {', '.join(ignored)} is ignored")
     else:
-        as_token = _token(r, s.name, CREDENTIAL_AS_TOKEN)
-        hs_token = _token(r, "LIVEKIT_HS_TOKEN", CREDENTIAL_HS_TOKEN)
+        as_token = read_token(r.env, r.read_file, r.warnings, s.name, CREDENTIAL_AS_TOKEN)
+        hs_token = read_token(r.env, r.read_file, r.warnings, "LIVEKIT_HS_TOKEN", CREDENTIAL_HS_TOKEN)
     values = (as_token, hs_token, server_name)
     if any(values) and not all(values):
         raise ConfigError(APPSERVICE_ALL_OR_NONE)
@@ -694,47 +413,47 @@ SETTINGS: tuple[Setting, ...] = (
         "RTCAUTH_FEDERATION_IP_RANGE_ALLOWLIST", "", "CIDRs exempt from the blocklist (wins over it)", _read_allowlist
     ),
     Setting(
-        "RTCAUTH_OUTBOUND_TIMEOUT_SECONDS", f"{DEFAULT_OUTBOUND_TIMEOUT:g}", "bound on every outbound call", _read_timeout
+        "RTCAUTH_OUTBOUND_TIMEOUT_SECONDS", f"{DEFAULT_OUTBOUND_TIMEOUT:g}", "bound on every outbound call", _numeric("outbound_timeout", float)
     ),
-    Setting("RTCAUTH_MAX_BODY_BYTES", str(DEFAULT_MAX_BODY_BYTES), "request body limit, answered 413", _read_max_body),
+    Setting("RTCAUTH_MAX_BODY_BYTES", str(DEFAULT_MAX_BODY_BYTES), "request body limit, answered 413", _numeric("max_body_bytes", int)),
     Setting(
         "RTCAUTH_RATELIMIT_PER_SECOND",
         "5",
         "token requests per second per client (/get_token, /sfu/get, /delegate_delayed_leave); 0 = no limit",
-        _read_ratelimit_rate,
+        _numeric("ratelimit_per_second", float, zero_allowed=True),
     ),
-    Setting("RTCAUTH_RATELIMIT_BURST", "50", "requests a client may make at once; 0 = no limit", _read_ratelimit_burst),
+    Setting("RTCAUTH_RATELIMIT_BURST", "50", "requests a client may make at once; 0 = no limit", _numeric("ratelimit_burst", int, zero_allowed=True)),
     Setting(
         "RTCAUTH_FEDERATION_MAX_INFLIGHT",
         "256",
         "concurrent OpenID verifications against homeservers outside the full-access list (the "
         "full-access ones have a budget of their own); over it, 503 + Retry-After",
-        _read_federation_max_inflight,
+        _numeric("federation_max_inflight", int),
     ),
     Setting(
         "RTCAUTH_FEDERATION_MAX_INFLIGHT_PER_SERVER",
         "8",
         "concurrent verifications against one such homeserver",
-        _read_federation_max_per_server,
+        _numeric("federation_max_per_server", int),
     ),
     Setting(
         "RTCAUTH_TOKEN_TTL_SECONDS",
         "3600",
         "lifetime of the LiveKit join tokens handed to clients (upstream: 3600)",
-        _read_token_ttl,
+        _numeric("token_ttl", int),
     ),
     Setting(
         "RTCAUTH_MAX_DELAY_SECONDS",
         "86400",
         "longest delayed-leave timeout a client may hand over; longer ones are refused with 400",
-        _read_max_delay,
+        _numeric("max_delay_seconds", float),
     ),
     Setting(
         "RTCAUTH_REQUEST_TIMEOUT_SECONDS",
         "10",
         "a request must arrive whole (headers and body) within this many seconds, else the "
         "connection is dropped; 0 = off",
-        _read_request_timeout,
+        _numeric("request_timeout", float, zero_allowed=True),
     ),
     Setting(
         "RTCAUTH_MAX_CONNECTIONS",
@@ -811,7 +530,7 @@ def load_config(
     """Build the Config: defaults < ``--config`` file < environment < command line."""
     env: dict[str, str] = {}
     if config_file:
-        env.update(parse_env_file(_read_source("--config", config_file, read_file)))
+        env.update(parse_env_file(read_source("--config", config_file, read_file)))
     env.update(environ)
     warnings: list[str] = []
     if dev:

@@ -192,8 +192,9 @@ def targets_from_environment(
     the same words. The daemon's ``--listen`` options are not visible here: pass the URL.
     """
     # Imported here: plain `rtcauth healthcheck URL` needs none of the daemon's modules.
-    from rtcauthd.config import ConfigError, DEFAULT_BIND, bind_to_endpoints, parse_env_file
-    from rtcauthd.config import read_text_file
+    from rtcauthd.config import DEFAULT_BIND
+    from rtcauthd.config_sources import ConfigError, parse_env_file, read_text_file
+    from rtcauthd.config_values import bind_to_endpoints
 
     env: dict[str, str] = {}
     if config_file:
