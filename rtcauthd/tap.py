@@ -173,6 +173,7 @@ def build_daemon(
     from rtcauthd.livekit.webhooks import WebhookVerifier
     from rtcauthd.matrix.csapi import ClientAPIResolver, DelayedEventClient
     from rtcauthd.inbound.app import RtcAuthApp
+    from rtcauthd.inbound.admission import DEFAULT_BATCH
     from rtcauthd.inbound.site import RtcAuthSite, UTF8URLsOnly
     from rtcauthd.outbound.client import GoRedirectAgent, HTTPClient, connection_pool
     from rtcauthd.livekit.tokens import TokenMinter
@@ -331,6 +332,7 @@ def build_daemon(
         request_timeout=config.request_timeout,
         max_connections=config.max_connections if config.max_connections is not None else default_max_connections(),
         metrics=metrics,
+        admission_batch=DEFAULT_BATCH,
     )
 
     async def before_listen() -> None:

@@ -16,6 +16,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from zope.interface import implementer
 
+from rtcauthd.inbound.admission import AdmissionQueue
 from rtcauthd.inbound.client_address import ATTRIBUTE as CLIENT_ATTRIBUTE
 from rtcauthd.inbound.connections import DeadlineChannel, OverflowProtocol
 from rtcauthd.metrics import Metrics
@@ -75,12 +76,25 @@ class SizeLimitingRequest(Request):
             return
         super().handleContentChunk(data)
 
+    def process(self) -> None:
+        """Hands the parsed request to the site's admission queue, if it has one."""
+        admission = getattr(self.channel.site, "admission", None)
+        if admission is None:
+            super().process()
+        else:
+            admission.admit(self)
+
+    def handle_now(self) -> None:
+        """Routes and renders the request (Twisted's own ``process``)."""
+        super().process()
+
 
 class RtcAuthSite(Site):
     """A Site whose access log is a structured event (healthz only at debug).
 
     It counts requests in flight so that a stopping service can wait for the last one
-    (:meth:`when_idle`) instead of polling.
+    (:meth:`when_idle`) instead of polling. With ``admission_batch``, requests are handled
+    through an :class:`AdmissionQueue` (``/healthz`` first); without, as soon as read.
     """
 
     protocol = DeadlineChannel
@@ -95,6 +109,7 @@ class RtcAuthSite(Site):
         request_timeout: float = 0.0,
         max_connections: Optional[int] = None,
         metrics: Optional[Metrics] = None,
+        admission_batch: Optional[int] = None,
     ) -> None:
         super().__init__(resource, reactor=reactor)
         self.max_body = max_body
@@ -105,6 +120,9 @@ class RtcAuthSite(Site):
         self.in_flight = 0
         self._clock = clock if clock is not None else self.reactor
         self._idle_waiters: list[Deferred] = []
+        self.admission: Optional[AdmissionQueue] = None
+        if admission_batch is not None:
+            self.admission = AdmissionQueue(self._clock, SizeLimitingRequest.handle_now, batch=admission_batch)
         self.requestFactory = _RequestFactory(self)
         self.displayTracebacks = False
         self.noisy = False

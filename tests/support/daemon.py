@@ -48,12 +48,18 @@ class SiteClient:
     """An in-memory HTTP client for one Site; ``flush()`` delivers what is pending."""
 
     def __init__(self, site) -> None:
+        self._site = site
         self.agent = RequestTraversalAgent(site.resource)
         self.agent._serverFactory = site  # serve through our Site, not a plain one
         self.treq = HTTPClient(self.agent, data_to_body_producer=BytesProducer)
 
     def flush(self) -> None:
         self.agent.flush()
+        admission = getattr(self._site, "admission", None)
+        while admission is not None and len(admission):
+            # The site handles requests one reactor turn after reading them.
+            self._site.reactor.advance(0)
+            self.agent.flush()
 
     def request(self, method: str, url: str, data=b"", headers=None) -> Deferred:
         """Fires with ``(response, body)``; a non-bytes ``data`` is sent as JSON."""

@@ -347,10 +347,10 @@ class DisconnectTests(AppTestCase):
         d = self.treq.request(
             "POST", "http://rtc.test/get_token", data=json.dumps(token_body(delay_id="syd_1", delay_timeout=8000)).encode()
         )
-        self.agent.flush()
+        self.client.flush()
         self.assertNoResult(d)
         d.cancel()  # the client disconnects
-        self.agent.flush()
+        self.client.flush()
         self.failureResultOf(d)  # the client sees its own cancellation
         self.assertFalse(stored.called)  # our work was not cancelled with it
         stored.callback(None)
