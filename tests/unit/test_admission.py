@@ -143,3 +143,72 @@ class SiteAdmissionTests(SynchronousTestCase):
         self.assertNoResult(idle)
         self.turns.turn()
         self.successResultOf(idle)
+
+
+class Posted:
+    """A parsed request as the classifier sees it."""
+
+    def __init__(self, path: bytes, body: bytes = b"", authorization: bytes | None = None, name: str = "") -> None:
+        from io import BytesIO
+
+        from twisted.web.http_headers import Headers
+
+        self.path = path
+        self.content = BytesIO(body)
+        self.requestHeaders = Headers({b"Authorization": [authorization]} if authorization else {})
+        self.name = name or path.decode()
+        self._disconnected = False
+
+
+def token_request(server_name, name: str = "") -> Posted:
+    import json
+
+    body = json.dumps({"room": "!r:x", "openid_token": {"access_token": "t", "matrix_server_name": server_name}})
+    return Posted(b"/get_token", body.encode(), name=name)
+
+
+class ServedFirstTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        from rtcauthd.inbound.admission import served_first
+
+        self.classify = served_first(lambda name: name == "ours.example", hs_token="secret-hs")
+
+    def lane(self, request):
+        return self.classify(request).name
+
+    def test_lanes(self) -> None:
+        self.assertEqual(self.lane(Posted(b"/healthz")), "NOW")
+        self.assertEqual(self.lane(token_request("ours.example")), "FIRST")
+        self.assertEqual(self.lane(token_request("stranger.example")), "NEXT")
+        self.assertEqual(self.lane(Posted(b"/sfu/get", b"not json")), "NEXT")
+        self.assertEqual(self.lane(Posted(b"/get_token", b'{"openid_token": 5}')), "NEXT")
+        self.assertEqual(self.lane(token_request(["ours.example"])), "NEXT")
+        self.assertEqual(self.lane(Posted(b"/sfu_webhook")), "NEXT")
+        as_path = b"/_matrix/client/unstable/org.matrix.msc4195/rtc/livekit/get_token"
+        self.assertEqual(self.lane(Posted(as_path, authorization=b"Bearer secret-hs")), "FIRST")
+        self.assertEqual(self.lane(Posted(as_path, authorization=b"Bearer wrong")), "NEXT")
+        self.assertEqual(self.lane(Posted(as_path)), "NEXT")
+
+    def test_without_as_mode_no_bearer_is_trusted(self) -> None:
+        from rtcauthd.inbound.admission import served_first
+
+        classify = served_first(lambda name: False)
+        as_path = b"/_matrix/client/v1/rtc/livekit/get_token"
+        self.assertEqual(classify(Posted(as_path, authorization=b"Bearer ")).name, "NEXT")
+
+    def test_the_first_lane_goes_first_but_the_other_keeps_one_slot(self) -> None:
+        from rtcauthd.inbound.admission import AdmissionQueue
+
+        turns, handled = Turns(), []
+        queue = AdmissionQueue(turns, lambda r: handled.append(r.name), batch=3, classify=self.classify)
+        for i in range(4):
+            queue.admit(token_request("stranger.example", f"s{i}"))
+        for i in range(4):
+            queue.admit(token_request("ours.example", f"o{i}"))
+        turns.turn()
+        self.assertEqual(handled, ["o0", "o1", "s0"])
+        turns.turn()
+        self.assertEqual(handled[3:], ["o2", "o3", "s1"])
+        turns.turn()
+        self.assertEqual(handled[6:], ["s2", "s3"])
+        self.assertEqual(len(queue), 0)
