@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Optional
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from twisted.web.resource import Resource
 
@@ -55,6 +55,11 @@ class Metrics:
             "rtcauthd_inbound_dropped",
             "Inbound connections dropped: too slow to send a request, or over the connection cap",
             ["reason"],
+            registry=r,
+        )
+        self.inbound_queued = Gauge(
+            "rtcauthd_inbound_queued",
+            "Requests read and waiting their turn to be handled (the admission queue; /healthz never waits)",
             registry=r,
         )
         self.verifications_refused = Counter(

@@ -135,6 +135,7 @@ class RtcAuthSite(Site):
             self.admission = AdmissionQueue(
                 self._clock, SizeLimitingRequest.handle_now, batch=admission_batch, **options
             )
+            self._metrics.inbound_queued.set_function(self.admission.__len__)
         self.requestFactory = _RequestFactory(self)
         self.displayTracebacks = False
         self.noisy = False

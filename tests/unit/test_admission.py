@@ -137,6 +137,15 @@ class SiteAdmissionTests(SynchronousTestCase):
         self.turns.turn()
         self.assertTrue(all(b"200 OK" in t.value() for t in waiting))
 
+    def test_the_queue_length_is_a_gauge(self) -> None:
+        self.send(b"/get_token")
+        self.send(b"/sfu/get")
+        self.send(b"/get_token")
+        gauge = lambda: self.site._metrics.registry.get_sample_value("rtcauthd_inbound_queued")  # noqa: E731
+        self.assertEqual(gauge(), 3.0)
+        self.turns.turn()
+        self.assertEqual(gauge(), 1.0)
+
     def test_a_queued_request_counts_as_in_flight_until_answered(self) -> None:
         self.send(b"/get_token")
         idle = self.site.when_idle()
