@@ -19,25 +19,10 @@ from rtcauthd.doctor.as_config import (
     transports_yaml,
     url_difference,
 )
+from tests.unit.test_config_appservice import REGISTRATION
 
-GOOD = textwrap.dedent(
-    """\
-    id: rtcauthd
-    url: null
-    as_token: "a"
-    hs_token: "h"
-    sender_localpart: _rtcauthd
-    rate_limited: false
-    namespaces:
-      users:
-        - exclusive: false
-          regex: '@.*:example\\.com'
-    io.element.msc4502.scopes:
-      - "urn:matrix:client:io.element.msc4502:rooms:is_joined"
-    io.element.msc4512.proxy_prefix: "rtc/livekit"
-    io.element.msc4512.proxy_url: "http://127.0.0.1:8080/"
-    """
-)
+#: A correct registration (shared with the configuration tests).
+GOOD = REGISTRATION
 
 
 def parse(snippet: str):
@@ -84,9 +69,9 @@ class JudgeRegistrationTests(unittest.TestCase):
         return judge_registration("/etc/reg.yaml", text, server_name="example.com")
 
     def test_good_file(self):
-        reg = self.judge(GOOD)
+        reg = self.judge(GOOD.replace('8080"', '8080/"'))
         self.assertEqual((reg.error, reg.problems, reg.missing), (None, [], []))
-        self.assertEqual((reg.id, reg.url, reg.proxy_url, reg.rate_limited), ("rtcauthd", None, "http://127.0.0.1:8080", False))
+        self.assertEqual((reg.id, reg.url, reg.proxy_url), ("lk-jwt-service", None, "http://127.0.0.1:8080"))
         self.assertTrue(reg.proxy_claimed)
 
     def test_unprefixed_keys_are_named_with_their_consequence(self):
@@ -113,7 +98,7 @@ class JudgeRegistrationTests(unittest.TestCase):
         self.assertIn("lacks io.element.msc4502.scopes", reg.problems[0][0])
 
     def test_proxy_url_path_and_bad_prefix(self):
-        reg = self.judge(GOOD.replace("8080/", "8080/livekit/jwt").replace('"rtc/livekit"', '"rtc"'))
+        reg = self.judge(GOOD.replace('8080"', '8080/livekit/jwt"').replace('"rtc/livekit"', '"rtc"'))
         messages = [m for m, _f in reg.problems]
         self.assertIn("io.element.msc4512.proxy_prefix is 'rtc'", messages[0])
         self.assertIn("has a path", messages[1])
@@ -124,7 +109,8 @@ class JudgeRegistrationTests(unittest.TestCase):
         self.assertIn("does not cover local users such as @rtcauth-doctor:example.com", reg.problems[0][0])
 
     def test_rate_limited_default(self):
-        self.assertTrue(self.judge(GOOD.replace("rate_limited: false\n", "")).rate_limited)
+        self.assertTrue(self.judge(GOOD).rate_limited)
+        self.assertFalse(self.judge(GOOD + "rate_limited: false\n").rate_limited)
 
     def test_unreadable_yaml(self):
         self.assertIn("while parsing", self.judge("id: [unclosed\n").error)
