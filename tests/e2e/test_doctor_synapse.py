@@ -381,7 +381,8 @@ class DoctorAgainstASSynapseTests(DoctorSynapseCase):
     """Application-service deployments (issue 14): Synapse proxies to the real daemon."""
 
     @defer.inlineCallbacks
-    def as_deployment(self, name: str, *, tweak=lambda config: None, appservice_class=AppService):
+    def as_deployment(self, name: str, *, tweak=lambda config: None, appservice_class=AppService,
+                      service=lambda hs: {}):
         """Synapse with the registration and transport, rtcauthd in AS mode (plain HTTP on
         proxy_url, TLS for the well-known's focus), a fake SFU on the transport's port."""
         tls_port, fed_port = free_port("127.0.0.1"), free_port("127.0.0.1")
@@ -400,6 +401,7 @@ class DoctorAgainstASSynapseTests(DoctorSynapseCase):
             RTCAUTH_FEDERATION_IP_RANGE_ALLOWLIST="127.0.0.0/8",
             LIVEKIT_HS_SERVER_NAME=hs.server_name, LIVEKIT_AS_REGISTRATION_FILE=hs.registration_path,
             LIVEKIT_CS_API_URL_OVERRIDES=f"{hs.server_name}={hs.client_url}")
+        settings.update(service(hs))
         cert_path, key_path = self.ca.issue(["127.0.0.1"]).write(self.workdir, "service-" + name)
         daemon = DaemonProcess(workdir=os.path.join(self.workdir, "daemon-" + name), env=settings,
                                port=appservice.service_port,
@@ -410,7 +412,9 @@ class DoctorAgainstASSynapseTests(DoctorSynapseCase):
         env_path = os.path.join(self.home, "rtcauthd.env")
         with open(env_path, "w") as f:
             f.write("".join(f"{key}={value}\n" for key, value in settings.items()))
-        _user, token_file = yield self.register(hs)
+        user, token_file = yield self.register(hs)
+        self.secrets = [hs.appservice.as_token, hs.appservice.hs_token, user.access_token] + [
+            value for key, value in settings.items() if key.endswith("_TOKEN") and value]
         return hs, daemon, env_path, token_file
 
     @defer.inlineCallbacks
@@ -419,6 +423,8 @@ class DoctorAgainstASSynapseTests(DoctorSynapseCase):
         mark = hs.log_mark()
         code, report, output = yield self.doctor(hs, "--access-token", "@" + token_file, "--config", env_path)
         context = f"{output}\n{daemon.describe()}\n{hs.describe()}"
+        for secret in self.secrets:  # no token of either side, nor the user's, is printed
+            self.assertNotIn(secret, output)
         return hs, mark, code, self.checks(report), context
 
     @defer.inlineCallbacks
@@ -497,3 +503,20 @@ class DoctorAgainstASSynapseTests(DoctorSynapseCase):
         self.assertIn("uses proxy_prefix, proxy_url, scopes, which Synapse ignores", checks["as-registration"]["message"])
         self.assertIn("lacks the io.element.msc4512 proxy keys", checks["as-proxy"]["message"])
         self.assertIn("lacks the is_joined scope", checks["as-is-joined"]["message"])
+
+    @defer.inlineCallbacks
+    def test_hs_token_mismatch(self):
+        """The service got its tokens from variables, and its hs_token is not the one in
+        Synapse's registration: the real daemon refuses every proxied request."""
+
+        def service(hs):
+            return {"LIVEKIT_AS_REGISTRATION_FILE": "", "LIVEKIT_AS_TOKEN": hs.appservice.as_token,
+                    "LIVEKIT_HS_TOKEN": "hs_not_the_registered_one"}
+
+        _hs, _mark, code, checks, context = yield self.diagnose("as-hs-token", service=service)
+        self.assertEqual(code, 1, context)
+        self.assert_status(checks, {"as-proxy": "fail", "as-token": "pass", "as-registration": "skip",
+                                    "as-ping": "skip", "as-is-joined": "pass"}, context)
+        self.assertIn("the service refused Synapse's hs_token (M_UNKNOWN_TOKEN): Synapse's registration and the "
+                      "service have different hs_tokens", checks["as-proxy"]["message"])
+        self.assertIn("LIVEKIT_AS_REGISTRATION_FILE=", "\n".join(checks["as-proxy"]["fix"]))
