@@ -355,6 +355,13 @@ class UnprefixedAppService(AppService):
         return text
 
 
+class RateLimitedAppService(AppService):
+    """A registration without ``rate_limited: false``: Synapse's default applies."""
+
+    def registration_yaml(self) -> str:
+        return super().registration_yaml().replace("rate_limited: false\n", "")
+
+
 class ASDoctorSynapse(HTTPSDiscoverySynapse):
     """A Synapse with rtcauthd registered as its application service; ``tweak`` edits
     homeserver.yaml (as a dict) to make one of the operators' mistakes."""
@@ -382,12 +389,12 @@ class DoctorAgainstASSynapseTests(DoctorSynapseCase):
 
     @defer.inlineCallbacks
     def as_deployment(self, name: str, *, tweak=lambda config: None, appservice_class=AppService,
-                      service=lambda hs: {}):
+                      service=lambda hs: {}, ping: bool = False):
         """Synapse with the registration and transport, rtcauthd in AS mode (plain HTTP on
         proxy_url, TLS for the well-known's focus), a fake SFU on the transport's port."""
         tls_port, fed_port = free_port("127.0.0.1"), free_port("127.0.0.1")
         appservice = appservice_class(id="rtcauthd", server_name=f"127.0.0.1:{fed_port}",
-                                      service_port=free_port("127.0.0.1"), sfu_port=free_port("127.0.0.1"), ping=False)
+                                      service_port=free_port("127.0.0.1"), sfu_port=free_port("127.0.0.1"), ping=ping)
         hs = ASDoctorSynapse(name=name, workdir=os.path.join(self.workdir, "synapse-" + name), venv=self.venv,
                              ca=self.ca, rtc_foci_url=f"https://127.0.0.1:{tls_port}", appservice=appservice,
                              fed_port=fed_port, tweak=tweak)
@@ -506,17 +513,37 @@ class DoctorAgainstASSynapseTests(DoctorSynapseCase):
 
     @defer.inlineCallbacks
     def test_hs_token_mismatch(self):
-        """The service got its tokens from variables, and its hs_token is not the one in
-        Synapse's registration: the real daemon refuses every proxied request."""
+        """The service was given its own copy of the registration, with another hs_token:
+        the real daemon refuses Synapse's ping and every proxied request."""
 
         def service(hs):
-            return {"LIVEKIT_AS_REGISTRATION_FILE": "", "LIVEKIT_AS_TOKEN": hs.appservice.as_token,
-                    "LIVEKIT_HS_TOKEN": "hs_not_the_registered_one"}
+            path = os.path.join(self.home, "registration-copy.yaml")
+            with open(hs.registration_path) as f:
+                text = f.read().replace(hs.appservice.hs_token, "hs_not_the_registered_one")
+            with open(path, "w") as f:
+                f.write(text)
+            return {"LIVEKIT_AS_REGISTRATION_FILE": path}
 
-        _hs, _mark, code, checks, context = yield self.diagnose("as-hs-token", service=service)
+        _hs, _mark, code, checks, context = yield self.diagnose("as-hs-token", service=service, ping=True)
         self.assertEqual(code, 1, context)
-        self.assert_status(checks, {"as-proxy": "fail", "as-token": "pass", "as-registration": "skip",
-                                    "as-ping": "skip", "as-is-joined": "pass"}, context)
+        self.assert_status(checks, {"as-proxy": "fail", "as-ping": "fail", "as-token": "pass",
+                                    "as-registration": "pass", "as-is-joined": "pass"}, context)
         self.assertIn("the service refused Synapse's hs_token (M_UNKNOWN_TOKEN): Synapse's registration and the "
                       "service have different hs_tokens", checks["as-proxy"]["message"])
-        self.assertIn("LIVEKIT_AS_REGISTRATION_FILE=", "\n".join(checks["as-proxy"]["fix"]))
+        self.assertIn("the service refused Synapse's hs_token (HTTP 401)", checks["as-ping"]["message"])
+        self.assertIn("app_service_config_files:", "\n".join(checks["as-ping"]["fix"]))
+
+    @defer.inlineCallbacks
+    def test_ping_and_the_default_delayed_event_rate_limit(self):
+        """The registration has a url (Synapse pings the daemon) but no ``rate_limited: false``,
+        and homeserver.yaml keeps Synapse's default rc_delayed_event_mgmt: the as_token's
+        restarts are throttled, which doctor warns about with the registration line to add."""
+        hs, _mark, code, checks, context = yield self.diagnose(
+            "as-ratelimit", appservice_class=RateLimitedAppService, ping=True,
+            tweak=lambda c: c.pop("rc_delayed_event_mgmt"))
+        self.assertEqual(code, 0, context)  # a warning, not a failure
+        self.assert_status(checks, {"as-ping": "pass", "as-delayed-events": "warn", "as-proxy": "pass"}, context)
+        self.assertIn(f"Synapse reached the service at {hs.appservice.service_url} and it accepted the hs_token",
+                      checks["as-ping"]["message"])
+        self.assertIn("Synapse throttled the service's delayed-event restarts", checks["as-delayed-events"]["message"])
+        self.assertIn("rate_limited: false", "\n".join(checks["as-delayed-events"]["fix"]))
