@@ -105,8 +105,12 @@ async def check_appservice(ctx: Context) -> list[Result]:
     reg = await ctx.finding(find_registration)
     mode = _mode_result(ctx, reg)
     base = service_homeserver_url(ctx, info.base_url)
-    if mode.status is Status.FAIL or base is None:
+    if mode.status is Status.FAIL:
         return [mode]
+    if base is None:
+        return [mode, Result("as-token", "AS token", Status.SKIP,
+                             "not checked: no client-server API URL for the service's homeserver (see Client "
+                             "discovery; or set LIVEKIT_CS_API_URL_OVERRIDES)")]
     calls = _Calls(ctx, base)
     url = advertised or config.livekit_url
     if ctx.options.access_token and info.base_url:
@@ -198,7 +202,9 @@ async def _ping(calls: _Calls, reg: Optional[Registration]) -> Result:
         return Result("as-ping", title, Status.FAIL,
                       f"Synapse's ping of {reg.url} got HTTP {status}: the registration's url is not this "
                       "service in application-service mode",
-                      fix=[f"url: the service's origin, as {PROXY_URL_KEY} (or null: no pings, no transactions)"])
+                      ["Right after the service was down, Synapse may still be re-sending old "
+                       "transactions: then try again a few seconds later."],
+                      [f"url: the service's origin, as {PROXY_URL_KEY} (or null: no pings, no transactions)"])
     if errcode in ("M_CONNECTION_FAILED", "M_CONNECTION_TIMEOUT"):
         return Result("as-ping", title, Status.FAIL,
                       f"Synapse cannot reach the registration's url {reg.url} ({errcode})",

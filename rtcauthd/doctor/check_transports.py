@@ -89,7 +89,8 @@ async def check_transports(ctx: Context) -> list[Result]:
     configure = ["Configure the transport in homeserver.yaml (or switch msc4143_enabled off, so that "
                  "clients read the well-known again), then restart Synapse:", transports_yaml(sfu_url, focus.url)]
     if not transports.entries:
-        answer = json.dumps(transports.document, separators=(",", ":")) if transports.document is not None else "{}"
+        answer = (json.dumps(transports.document, separators=(",", ":")) if transports.document is not None
+                  else "without an object")
         return [_result(
             Status.FAIL,
             f"rtc/transports answers {answer}{via}: msc4143_enabled is on but matrix_rtc has no "

@@ -262,3 +262,29 @@ class SynapseSideTests(ASCase):
         text += render_text(await self.diagnose_as())
         for line in text.splitlines():
             self.assertLessEqual(len(line), 80, line)
+
+
+class TokenOnlyTests(ASCase):
+    """Only --access-token: the proxied path is still checked, as the token's user."""
+
+    @coroutine_test
+    async def test_msc4512_off(self):
+        self.deployment.homeserver.msc4512 = False
+        report = await self.diagnose(access_token=ACCESS_TOKEN)
+        result = self.assertLine(report, "as-proxy", Status.FAIL, "Synapse does not route",
+                                 "msc4512_enabled is off, or Synapse did not load a registration claiming rtc/livekit")
+        self.assertFix(result, "msc4512_enabled: true", "io.element.msc4512.proxy_prefix")
+        self.assertEqual(self.statuses(report, ("appservice", "as-token")), {"appservice": None, "as-token": None})
+
+    @coroutine_test
+    async def test_hs_token_mismatch(self):
+        self.deployment.as_service.hs_token = "hs_other"
+        report = await self.diagnose(access_token=ACCESS_TOKEN)
+        self.assertLine(report, "as-proxy", Status.FAIL, "refused Synapse's hs_token")
+
+    @coroutine_test
+    async def test_correct_deployment(self):
+        report = await self.diagnose(access_token=ACCESS_TOKEN)
+        self.assertEqual(report.exit_status, 0, render_text(report))
+        self.assertLine(report, "transports", Status.PASS, "(= the url the service hands out)")
+        self.assertLine(report, "as-proxy", Status.PASS, "sent with --access-token")
