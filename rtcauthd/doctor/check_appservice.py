@@ -177,7 +177,8 @@ async def _as_token(ctx: Context, calls: _Calls, reg: Optional[Registration]) ->
 async def _ping(calls: _Calls, reg: Optional[Registration]) -> Result:
     title = "AS ping"
     if reg is None or reg.id is None:
-        why = "the registration has no id" if reg is not None else "it needs the registration's id (LIVEKIT_AS_REGISTRATION_FILE)"
+        why = ("the registration has no id" if reg is not None
+               else "it needs the registration's id (LIVEKIT_AS_REGISTRATION_FILE)")
         return Result("as-ping", title, Status.SKIP, f"not checked: {why}")
     try:
         response = await calls.call(b"POST", PING_PATH.format(id=quote(reg.id, safe="")), {})
@@ -328,9 +329,9 @@ async def _delayed_events(calls: _Calls) -> Result:
         if response.code == 429:
             return Result(
                 "as-delayed-events", title, Status.WARN,
-                f"Synapse throttled the service's delayed-event restarts after {accepted} in a burst "
-                "(rc_delayed_event_mgmt applies to the application service): in busy calls delegated "
-                "leaves are restarted late or not at all",
+                f"Synapse throttled delayed-event restarts sent with the service's as_token after "
+                f"{accepted} in a burst: rc_delayed_event_mgmt applies to the application service (per "
+                "user it acts as), so a user with several calls or devices gets late or lost leave events",
                 fix=["Exempt the service in its registration (restart Synapse):", "  rate_limited: false"],
             )
         if accepted == 0 and response.code in (400, 404, 405) and errcode_of(response) == "M_UNRECOGNIZED":

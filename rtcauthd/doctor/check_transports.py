@@ -69,7 +69,8 @@ async def check_transports(ctx: Context) -> list[Result]:
                 ["Run again with --access-token @FILE (a user of this server) and, for the "
                  "application-service checks, --config ENVFILE."],
             )]
-        return [_result(Status.FAIL, f"the homeserver refused {transports.credential} for rtc/transports ({transports.detail})")]
+        return [_result(Status.FAIL,
+                        f"the homeserver refused {transports.credential} for rtc/transports ({transports.detail})")]
 
     focus = await ctx.finding(find_focus)
     sfu_url, sfu_source = await expected_sfu_url(ctx)
@@ -115,7 +116,8 @@ async def check_transports(ctx: Context) -> list[Result]:
                 "the livekit transport has no url: clients use the OpenID flow at "
                 "livekit_service_url and never the service's application-service endpoints",
                 details,
-                ["Add the service's LIVEKIT_URL as url in homeserver.yaml:", transports_yaml(config.livekit_url, service_url)],
+                ["Add the service's LIVEKIT_URL as url in homeserver.yaml:",
+                 transports_yaml(config.livekit_url, service_url)],
             )]
         return [_result(Status.PASS, f"a livekit transport for the OpenID flow{service_text}{via}", details)]
     if sfu_url is not None and url != sfu_url:

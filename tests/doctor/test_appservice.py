@@ -224,7 +224,8 @@ class SynapseSideTests(ASCase):
         self.deployment.as_service.hs_token = "hs_other"
         report = await self.diagnose_as()
         proxy = self.assertLine(report, "as-proxy", Status.FAIL, "refused Synapse's hs_token", "different hs_tokens")
-        self.assertFix(proxy, "app_service_config_files:", f"LIVEKIT_AS_REGISTRATION_FILE={self.deployment.registration_path}")
+        self.assertFix(proxy, "app_service_config_files:",
+                       f"LIVEKIT_AS_REGISTRATION_FILE={self.deployment.registration_path}")
         self.assertLine(report, "as-ping", Status.FAIL, "refused Synapse's hs_token (HTTP 401)")
         self.assertNotIn("hs_other", render_json(report))
 

@@ -410,9 +410,9 @@ class DoctorAgainstASSynapseTests(DoctorSynapseCase):
             LIVEKIT_CS_API_URL_OVERRIDES=f"{hs.server_name}={hs.client_url}")
         settings.update(service(hs))
         cert_path, key_path = self.ca.issue(["127.0.0.1"]).write(self.workdir, "service-" + name)
+        tls = f"ssl:{tls_port}:interface=127.0.0.1:privateKey={key_path}:certKey={cert_path}"
         daemon = DaemonProcess(workdir=os.path.join(self.workdir, "daemon-" + name), env=settings,
-                               port=appservice.service_port,
-                               args=["--listen", f"ssl:{tls_port}:interface=127.0.0.1:privateKey={key_path}:certKey={cert_path}"])
+                               port=appservice.service_port, args=["--listen", tls])
         self.addCleanup(daemon.cleanup)
         self.__dict__.setdefault("_daemons", []).append(daemon)
         yield defer.gatherResults([hs.wait_ready(reactor), daemon.start()], consumeErrors=True)
@@ -545,5 +545,6 @@ class DoctorAgainstASSynapseTests(DoctorSynapseCase):
         self.assert_status(checks, {"as-ping": "pass", "as-delayed-events": "warn", "as-proxy": "pass"}, context)
         self.assertIn(f"Synapse reached the service at {hs.appservice.service_url} and it accepted the hs_token",
                       checks["as-ping"]["message"])
-        self.assertIn("Synapse throttled the service's delayed-event restarts", checks["as-delayed-events"]["message"])
+        self.assertIn("Synapse throttled delayed-event restarts sent with the service's as_token",
+                      checks["as-delayed-events"]["message"])
         self.assertIn("rate_limited: false", "\n".join(checks["as-delayed-events"]["fix"]))
