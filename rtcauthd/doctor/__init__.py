@@ -20,7 +20,7 @@ import os
 import sys
 from typing import IO, Mapping, Optional, Sequence
 
-HELP = "diagnose a MatrixRTC deployment (DNS, well-known, service, TLS, homeserver, LiveKit)"
+HELP = "diagnose a MatrixRTC deployment (DNS, well-known, transports, service, TLS, homeserver, application service, LiveKit)"
 DEFAULT_TIMEOUT = 5.0
 USER_AGENT = "rtcauth-doctor"
 _PREFIX = "rtcauth doctor"
