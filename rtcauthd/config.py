@@ -91,6 +91,7 @@ class Config:
     as_token: str = attr.ib(default="", repr=False)
     hs_token: str = attr.ib(default="", repr=False)
     hs_server_name: str = ""
+    registration_file: Optional[str] = None  # LIVEKIT_AS_REGISTRATION_FILE, for rtcauth doctor
     can_update_own_metadata: bool = False
     ratelimit_per_second: float = 5.0
     ratelimit_burst: int = 50
@@ -304,7 +305,8 @@ def _read_appservice(r: _Reading, s: Setting) -> None:
     values = (as_token, hs_token, server_name)
     if any(values) and not all(values):
         raise ConfigError(APPSERVICE_ALL_OR_NONE)
-    r.fields.update(as_token=as_token, hs_token=hs_token, hs_server_name=server_name)
+    r.fields.update(as_token=as_token, hs_token=hs_token, hs_server_name=server_name,
+                    registration_file=registration or None)
 
 
 def _read_redis_url(r: _Reading, s: Setting) -> None:

@@ -2,7 +2,8 @@
 
 Checks every link of the call set-up chain (DNS, client discovery, the advertised
 authorization service, TLS, the homeserver's federation and client APIs, and with the
-service's configuration its LiveKit settings) and prints one line per check: ✓ pass,
+service's configuration its LiveKit settings and, in application-service mode, what
+Synapse does with its registration) and prints one line per check: ✓ pass,
 ! warning, ✗ fail with the concrete fix. Exit status 0 when nothing failed, 1 otherwise
 (also for usage errors). ``--json`` prints the same findings for machines.
 
@@ -19,7 +20,7 @@ import os
 import sys
 from typing import IO, Mapping, Optional, Sequence
 
-HELP = "diagnose a MatrixRTC deployment (DNS, well-known, service, TLS, homeserver, LiveKit)"
+HELP = "diagnose a MatrixRTC deployment (DNS, well-known, transports, service, TLS, homeserver, application service, LiveKit)"
 DEFAULT_TIMEOUT = 5.0
 USER_AGENT = "rtcauth-doctor"
 _PREFIX = "rtcauth doctor"
@@ -67,15 +68,18 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--access-token",
         metavar="TOKEN",
-        help="a Matrix access token of a user of SERVER_NAME: runs the whole token flow and the "
-        "delayed-event rate-limit probe (@PATH reads it from a file, keeping it out of ps)",
+        help="a Matrix access token of a user of SERVER_NAME: runs the whole token flow, reads the "
+        "homeserver's rtc/transports, probes the proxied get_token and the delayed-event rate "
+        "limit (@PATH reads it from a file, keeping it out of ps)",
     )
     parser.add_argument(
         "-c",
         "--config",
         metavar="ENVFILE",
         help="the service's env file (KEY=value, as twistd rtcauth --config): checks its "
-        "LiveKit settings; the service's environment is used when LIVEKIT_URL is set",
+        "LiveKit settings and, in application-service mode, its registration against Synapse "
+        "(as_token, AS ping, proxy, is_joined, transport url); the service's environment is "
+        "used when LIVEKIT_URL is set",
     )
 
 

@@ -48,6 +48,8 @@ class Transports:
     state: str  # "ok", "needs-token", "absent", "error", "unknown"
     entries: list = attr.Factory(list)
     detail: str = ""
+    document: Optional[dict] = None  # the 200 answer as sent (``{}`` means none configured)
+    credential: Optional[str] = None  # whose token read it: "--access-token" or "the service's as_token"
 
 
 @attr.s(auto_attribs=True)
@@ -155,29 +157,43 @@ async def _look_elsewhere(ctx: Context, info: ClientWellKnown, headers: dict) ->
         info.elsewhere = url
 
 async def find_transports(ctx: Context) -> Transports:
-    """The homeserver's MSC4143 ``rtc/transports`` answer."""
+    """The homeserver's MSC4143 ``rtc/transports`` answer.
+
+    Read as clients read it: with ``--access-token`` at the well-known's base URL; else, in
+    application-service mode, with the service's as_token where the service sends it.
+    """
+    from rtcauthd.doctor.as_config import service_homeserver_url
+
     info = await ctx.finding(find_well_known)
-    if info.base_url is None:
+    base, credential, token = info.base_url, None, ctx.options.access_token
+    if token:
+        credential = "--access-token"
+    else:
+        as_base = service_homeserver_url(ctx, info.base_url)
+        if as_base is not None:
+            base, credential, token = as_base, "the service's as_token", ctx.options.config.as_token
+    if base is None:
         return Transports("unknown", detail="no homeserver base URL")
     headers = {"Accept": "application/json"}
-    if ctx.options.access_token:
-        headers["Authorization"] = "Bearer " + ctx.options.access_token
+    if token:
+        headers["Authorization"] = "Bearer " + token
     try:
-        response = await ctx.fetch(b"GET", info.base_url + TRANSPORTS_PATH, headers=headers, step="GET")
+        response = await ctx.fetch(b"GET", base + TRANSPORTS_PATH, headers=headers, step="GET")
     except OutboundError as e:
-        return Transports("error", detail=e.reason)
+        return Transports("error", detail=e.reason, credential=credential)
     if response.code == 200:
         try:
             document = json_of(response)
         except ValueError:
-            return Transports("error", detail="answer is not JSON")
+            return Transports("error", detail="answer is not JSON", credential=credential)
         entries = document.get("rtc_transports") if isinstance(document, dict) else None
-        return Transports("ok", entries=entries if isinstance(entries, list) else [])
+        return Transports("ok", entries=entries if isinstance(entries, list) else [],
+                          document=document if isinstance(document, dict) else None, credential=credential)
     if response.code in (401, 403) and errcode_of(response) in ("M_MISSING_TOKEN", "M_UNKNOWN_TOKEN", "M_FORBIDDEN"):
-        return Transports("needs-token", detail=status_text(response))
+        return Transports("needs-token", detail=status_text(response), credential=credential)
     if response.code in (400, 404, 405):
-        return Transports("absent", detail=status_text(response))
-    return Transports("error", detail=status_text(response))
+        return Transports("absent", detail=status_text(response), credential=credential)
+    return Transports("error", detail=status_text(response), credential=credential)
 
 
 async def check_client_discovery(ctx: Context) -> list[Result]:

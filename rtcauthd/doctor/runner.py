@@ -12,7 +12,10 @@ diagnose: a problem becomes a ✗ or ! line naming what is wrong and what to cha
 six misconfigurations of the post-mortem behind this command each have a dedicated
 diagnosis: no authorization service advertised; ``wss://`` instead of ``https://`` in
 the well-known; no ``.well-known`` on the bare server name; a DNS wildcard not covering
-the apex; an unreachable published IPv6 address; a homeserver without MSC4140.
+the apex; an unreachable published IPv6 address; a homeserver without MSC4140. The
+application-service deployments added their own (``check_transports``,
+``check_appservice``): ``{}`` transports, a transport ``url`` that is not ``LIVEKIT_URL``,
+registration keys Synapse ignores, a flag left off, a token pair that differs.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from rtcauthd.doctor.check_appservice import check_appservice
 from rtcauthd.doctor.check_client_api import check_client_api
 from rtcauthd.doctor.check_discovery import check_client_discovery, check_rtc_focus
 from rtcauthd.doctor.check_dns import check_dns, check_reachability
@@ -32,6 +36,7 @@ from rtcauthd.doctor.check_livekit import check_livekit
 from rtcauthd.doctor.check_service import check_service
 from rtcauthd.doctor.check_tls import check_tls
 from rtcauthd.doctor.check_token_flow import check_delayed_event_limits, check_token_flow
+from rtcauthd.doctor.check_transports import check_transports
 from rtcauthd.doctor.context import Context, DoctorOptions
 from rtcauthd.doctor.report import Report, Result, Status
 from rtcauthd.matrix.servername import InvalidServerName, parse_server_name
@@ -55,12 +60,14 @@ CHECKS = (
     CheckSpec("reach", "Reachability", check_reachability),
     CheckSpec("well-known", "Client discovery", check_client_discovery),
     CheckSpec("rtc-focus", "RTC focus", check_rtc_focus),
+    CheckSpec("transports", "RTC transports", check_transports),
     CheckSpec("service", "Auth service", check_service),
     CheckSpec("tls", "TLS", check_tls),
     CheckSpec("federation", "Federation", check_federation),
     CheckSpec("client-api", "Homeserver API", check_client_api),
     CheckSpec("token-flow", "Token flow", check_token_flow),
     CheckSpec("delayed-events", "Delayed events", check_delayed_event_limits),
+    CheckSpec("appservice", "AS mode", check_appservice),
     CheckSpec("livekit", "LiveKit", check_livekit),
 )
 

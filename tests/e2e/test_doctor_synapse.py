@@ -34,9 +34,9 @@ from twisted.trial import unittest
 from twisted.trial.unittest import FailTest
 
 from tests.blackbox.fake_livekit import FakeLiveKit
-from tests.blackbox.harness import BlackBoxCase, ManagedProcess, daemon_base_env, free_port
+from tests.blackbox.harness import BlackBoxCase, DaemonProcess, ManagedProcess, daemon_base_env, free_port
 from tests.doctor.fakes import FakeDNS, Zone
-from tests.e2e.synapse import MatrixClient, SynapseServer, ensure_venv, skip_reason
+from tests.e2e.synapse import AppService, MatrixClient, SynapseServer, ensure_venv, skip_reason
 
 #: Generous bound for the doctor child to finish on a shared machine; never asserted.
 DOCTOR_DEADLINE = 60.0
@@ -65,7 +65,9 @@ class HTTPSDiscoverySynapse(SynapseServer):
             json.dump(config, f, indent=1)
 
 
-class DoctorAgainstSynapseTests(BlackBoxCase, unittest.TestCase):
+class DoctorSynapseCase(BlackBoxCase, unittest.TestCase):
+    """Staging and running doctor against a Synapse of the test's own (no tests here)."""
+
     skip = skip_reason()
     timeout = 300  # the first test may create the Synapse virtualenv
 
@@ -172,7 +174,10 @@ class DoctorAgainstSynapseTests(BlackBoxCase, unittest.TestCase):
         return [line for line in hs.access_lines(mark, containing=containing)
                 if f'"{agent}" [' in line and f" {status} \"" in line]
 
-    # -- tests ----------------------------------------------------------------------------
+
+
+class DoctorAgainstSynapseTests(DoctorSynapseCase):
+    """Well-known deployments (issue 6)."""
 
     @defer.inlineCallbacks
     def test_correct_deployment_passes(self):
@@ -210,6 +215,10 @@ class DoctorAgainstSynapseTests(BlackBoxCase, unittest.TestCase):
             # a loopback SFU is, rightly, not reachable for clients elsewhere
             "sfu-url": "warn",
             "livekit-webhook": "info",
+            # no MSC4143 here: clients read the well-known, as before
+            "transports": "pass",
+            "appservice": None,
+            "as-proxy": None,
         }, context)
         self.assertNotIn("reach-ipv6", checks)  # an IPv4 literal has no other family
         self.assertEqual(checks["dns"]["message"], "127.0.0.1 is an IP address: nothing to look up")
@@ -334,3 +343,208 @@ class DoctorAgainstSynapseTests(BlackBoxCase, unittest.TestCase):
              "cannot answer."],
         )
         self.assertEqual(self.zone.queries, [])
+
+
+class UnprefixedAppService(AppService):
+    """The registration as an older README wrote it: keys Synapse 1.163 does not read."""
+
+    def registration_yaml(self) -> str:
+        text = super().registration_yaml()
+        for key in ("io.element.msc4502.scopes", "io.element.msc4512.proxy_prefix", "io.element.msc4512.proxy_url"):
+            text = text.replace(key + ":", key.rsplit(".", 1)[1] + ":")
+        return text
+
+
+class RateLimitedAppService(AppService):
+    """A registration without ``rate_limited: false``: Synapse's default applies."""
+
+    def registration_yaml(self) -> str:
+        return super().registration_yaml().replace("rate_limited: false\n", "")
+
+
+class ASDoctorSynapse(HTTPSDiscoverySynapse):
+    """A Synapse with rtcauthd registered as its application service; ``tweak`` edits
+    homeserver.yaml (as a dict) to make one of the operators' mistakes."""
+
+    def __init__(self, *, tweak, **kwargs) -> None:
+        self.tweak = tweak
+        super().__init__(**kwargs)
+
+    def _write_config(self, ca) -> None:
+        super()._write_config(ca)
+        with open(self.config_path) as f:
+            config = json.load(f)
+        self.tweak(config)
+        with open(self.config_path, "w") as f:
+            json.dump(config, f, indent=1)
+
+
+AS_LINES = ("transports", "appservice", "as-registration", "as-token", "as-ping", "as-proxy", "as-is-joined",
+            "as-delayed-events")
+PROXIED_GET_TOKEN = "/_matrix/client/unstable/io.element.msc4195/rtc/livekit/get_token"
+
+
+class DoctorAgainstASSynapseTests(DoctorSynapseCase):
+    """Application-service deployments (issue 14): Synapse proxies to the real daemon."""
+
+    @defer.inlineCallbacks
+    def as_deployment(self, name: str, *, tweak=lambda config: None, appservice_class=AppService,
+                      service=lambda hs: {}, ping: bool = False):
+        """Synapse with the registration and transport, rtcauthd in AS mode (plain HTTP on
+        proxy_url, TLS for the well-known's focus), a fake SFU on the transport's port."""
+        tls_port, fed_port = free_port("127.0.0.1"), free_port("127.0.0.1")
+        appservice = appservice_class(id="rtcauthd", server_name=f"127.0.0.1:{fed_port}",
+                                      service_port=free_port("127.0.0.1"), sfu_port=free_port("127.0.0.1"), ping=ping)
+        hs = ASDoctorSynapse(name=name, workdir=os.path.join(self.workdir, "synapse-" + name), venv=self.venv,
+                             ca=self.ca, rtc_foci_url=f"https://127.0.0.1:{tls_port}", appservice=appservice,
+                             fed_port=fed_port, tweak=tweak)
+        self.addCleanup(hs.stop)
+        hs.spawn()
+        sfu = FakeLiveKit()
+        sfu.listen(host="127.0.0.1", port=appservice.sfu_port)
+        self.addCleanup(sfu.stop)
+        settings = self.service_env(
+            livekit_url=appservice.sfu_url, full_access=hs.server_name,
+            RTCAUTH_FEDERATION_IP_RANGE_ALLOWLIST="127.0.0.0/8",
+            LIVEKIT_HS_SERVER_NAME=hs.server_name, LIVEKIT_AS_REGISTRATION_FILE=hs.registration_path,
+            LIVEKIT_CS_API_URL_OVERRIDES=f"{hs.server_name}={hs.client_url}")
+        settings.update(service(hs))
+        cert_path, key_path = self.ca.issue(["127.0.0.1"]).write(self.workdir, "service-" + name)
+        tls = f"ssl:{tls_port}:interface=127.0.0.1:privateKey={key_path}:certKey={cert_path}"
+        daemon = DaemonProcess(workdir=os.path.join(self.workdir, "daemon-" + name), env=settings,
+                               port=appservice.service_port, args=["--listen", tls])
+        self.addCleanup(daemon.cleanup)
+        self.__dict__.setdefault("_daemons", []).append(daemon)
+        yield defer.gatherResults([hs.wait_ready(reactor), daemon.start()], consumeErrors=True)
+        env_path = os.path.join(self.home, "rtcauthd.env")
+        with open(env_path, "w") as f:
+            f.write("".join(f"{key}={value}\n" for key, value in settings.items()))
+        user, token_file = yield self.register(hs)
+        self.secrets = [hs.appservice.as_token, hs.appservice.hs_token, user.access_token] + [
+            value for key, value in settings.items() if key.endswith("_TOKEN") and value]
+        return hs, daemon, env_path, token_file
+
+    @defer.inlineCallbacks
+    def diagnose(self, name: str, **kwargs):
+        hs, daemon, env_path, token_file = yield self.as_deployment(name, **kwargs)
+        mark = hs.log_mark()
+        code, report, output = yield self.doctor(hs, "--access-token", "@" + token_file, "--config", env_path)
+        context = f"{output}\n{daemon.describe()}\n{hs.describe()}"
+        for secret in self.secrets:  # no token of either side, nor the user's, is printed
+            self.assertNotIn(secret, output)
+        return hs, mark, code, self.checks(report), context
+
+    @defer.inlineCallbacks
+    def test_correct_as_deployment_passes(self):
+        """Synapse routes the proxied get_token to rtcauthd, which checks membership through
+        is_joined (403 for doctor's made-up room); the transport url is LIVEKIT_URL."""
+        hs, mark, code, checks, context = yield self.diagnose("as-ok")
+        self.assertEqual(code, 0, context)
+        self.assert_status(checks, {"transports": "pass", "appservice": "pass", "as-registration": "pass",
+                                    "as-token": "pass", "as-ping": "skip", "as-proxy": "pass",
+                                    "as-is-joined": "pass", "as-delayed-events": "pass"}, context)
+        sfu_url = hs.appservice.sfu_url
+        self.assertEqual(checks["transports"]["message"],
+                         f"a livekit transport with url {sfu_url} (= LIVEKIT_URL), livekit_service_url "
+                         f"{hs.appservice.service_url} (read with --access-token)")
+        self.assertIn(f"accepted the hs_token and the url {sfu_url}", checks["as-proxy"]["message"])
+        self.assertEqual(checks["as-token"]["message"],
+                         f"Synapse knows the service's as_token (it acts as {hs.appservice.sender})")
+        self.assertIn("url is null", checks["as-ping"]["message"])
+        # The service itself answered the proxied probe: Synapse relayed its 403.
+        self.assertEqual(len(self.access(hs, mark, PROXIED_GET_TOKEN, "rtcauth-doctor", 403)), 1, hs.describe())
+
+    @defer.inlineCallbacks
+    def test_empty_transports(self):
+        """msc4143_enabled without matrix_rtc: Synapse answers {} and doctor fails it."""
+        hs, _mark, code, checks, context = yield self.diagnose("as-empty", tweak=lambda c: c.pop("matrix_rtc"))
+        self.assertEqual(code, 1, context)
+        transports = checks["transports"]
+        self.assertEqual(transports["status"], "fail", context)
+        self.assertIn("rtc/transports answers {} (read with --access-token): msc4143_enabled is on but "
+                      "matrix_rtc has no transports", transports["message"])
+        self.assertIn(f'url: "{hs.appservice.sfu_url}"', "\n".join(transports["fix"]))
+        # Everything else of AS mode works (the probe sends LIVEKIT_URL itself).
+        self.assert_status(checks, {"as-proxy": "pass", "as-is-joined": "pass", "as-token": "pass"}, context)
+
+    @defer.inlineCallbacks
+    def test_wrong_transport_url_and_msc4502_off(self):
+        """The transport url has a trailing '/' and is_joined is not switched on: the real
+        daemon answers 400 M_INVALID_PARAM for the url before it asks is_joined, which doctor
+        finds missing on its own."""
+
+        def tweak(config):
+            config["matrix_rtc"]["transports"][0]["url"] += "/"
+            del config["experimental_features"]["msc4502_enabled"]
+
+        hs, _mark, code, checks, context = yield self.diagnose("as-url", tweak=tweak)
+        sfu_url = hs.appservice.sfu_url
+        self.assertEqual(code, 1, context)
+        self.assert_status(checks, {"transports": "fail", "as-proxy": "fail", "as-is-joined": "fail",
+                                    "as-token": "pass", "as-registration": "pass"}, context)
+        self.assertEqual(checks["transports"]["message"],
+                         f"the livekit transport's url {sfu_url}/ is not LIVEKIT_URL {sfu_url} (only a trailing "
+                         "'/' differs): every token request through the homeserver gets 400 M_INVALID_PARAM")
+        self.assertIn(f"refused the transport url {sfu_url}/ (400 M_INVALID_PARAM)", checks["as-proxy"]["message"])
+        self.assertIn("msc4502_enabled is off", checks["as-is-joined"]["message"])
+        self.assertIn("msc4502_enabled: true", "\n".join(checks["as-is-joined"]["fix"]))
+
+    @defer.inlineCallbacks
+    def test_msc4512_off(self):
+        """Without msc4512_enabled Synapse has no rtc/livekit route: clients get 404."""
+        _hs, _mark, code, checks, context = yield self.diagnose(
+            "as-4512", tweak=lambda c: c["experimental_features"].pop("msc4512_enabled"))
+        self.assertEqual(code, 1, context)
+        proxy = checks["as-proxy"]
+        self.assertEqual(proxy["status"], "fail", context)
+        self.assertIn("msc4512_enabled is off", proxy["message"])
+        self.assertIn("msc4512_enabled: true", "\n".join(proxy["fix"]))
+        self.assert_status(checks, {"as-registration": "pass", "as-is-joined": "pass", "transports": "pass"}, context)
+
+    @defer.inlineCallbacks
+    def test_unprefixed_registration_keys(self):
+        """Synapse starts with the unprefixed keys and silently proxies nothing."""
+        _hs, _mark, code, checks, context = yield self.diagnose("as-keys", appservice_class=UnprefixedAppService)
+        self.assertEqual(code, 1, context)
+        self.assert_status(checks, {"as-registration": "fail", "as-proxy": "fail", "as-is-joined": "fail"}, context)
+        self.assertIn("uses proxy_prefix, proxy_url, scopes, which Synapse ignores", checks["as-registration"]["message"])
+        self.assertIn("lacks the io.element.msc4512 proxy keys", checks["as-proxy"]["message"])
+        self.assertIn("lacks the is_joined scope", checks["as-is-joined"]["message"])
+
+    @defer.inlineCallbacks
+    def test_hs_token_mismatch(self):
+        """The service was given its own copy of the registration, with another hs_token:
+        the real daemon refuses Synapse's ping and every proxied request."""
+
+        def service(hs):
+            path = os.path.join(self.home, "registration-copy.yaml")
+            with open(hs.registration_path) as f:
+                text = f.read().replace(hs.appservice.hs_token, "hs_not_the_registered_one")
+            with open(path, "w") as f:
+                f.write(text)
+            return {"LIVEKIT_AS_REGISTRATION_FILE": path}
+
+        _hs, _mark, code, checks, context = yield self.diagnose("as-hs-token", service=service, ping=True)
+        self.assertEqual(code, 1, context)
+        self.assert_status(checks, {"as-proxy": "fail", "as-ping": "fail", "as-token": "pass",
+                                    "as-registration": "pass", "as-is-joined": "pass"}, context)
+        self.assertIn("the service refused Synapse's hs_token (M_UNKNOWN_TOKEN): Synapse's registration and the "
+                      "service have different hs_tokens", checks["as-proxy"]["message"])
+        self.assertIn("the service refused Synapse's hs_token (HTTP 401)", checks["as-ping"]["message"])
+        self.assertIn("app_service_config_files:", "\n".join(checks["as-ping"]["fix"]))
+
+    @defer.inlineCallbacks
+    def test_ping_and_the_default_delayed_event_rate_limit(self):
+        """The registration has a url (Synapse pings the daemon) but no ``rate_limited: false``,
+        and homeserver.yaml keeps Synapse's default rc_delayed_event_mgmt: the as_token's
+        restarts are throttled, which doctor warns about with the registration line to add."""
+        hs, _mark, code, checks, context = yield self.diagnose(
+            "as-ratelimit", appservice_class=RateLimitedAppService, ping=True,
+            tweak=lambda c: c.pop("rc_delayed_event_mgmt"))
+        self.assertEqual(code, 0, context)  # a warning, not a failure
+        self.assert_status(checks, {"as-ping": "pass", "as-delayed-events": "warn", "as-proxy": "pass"}, context)
+        self.assertIn(f"Synapse reached the service at {hs.appservice.service_url} and it accepted the hs_token",
+                      checks["as-ping"]["message"])
+        self.assertIn("Synapse throttled delayed-event restarts sent with the service's as_token",
+                      checks["as-delayed-events"]["message"])
+        self.assertIn("rate_limited: false", "\n".join(checks["as-delayed-events"]["fix"]))

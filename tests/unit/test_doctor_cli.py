@@ -110,3 +110,17 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(stdout.getvalue(), "")
         self.assertEqual(stderr.getvalue(),
                          "rtcauth doctor: --dns-server: 'nonsense': the DNS server must be an IP address (HOST:PORT)\n")
+
+    def test_appservice_config_keeps_the_registration_path(self):
+        """The AS checks read the registration the service was given; its tokens stay hidden."""
+        registration = self.tmp("registration.yaml", 'id: rtcauthd\nas_token: "as_x"\nhs_token: "hs_y"\n')
+        path = self.tmp("rtcauthd.env", "LIVEKIT_URL=wss://sfu.example.com\nLIVEKIT_KEY=k\nLIVEKIT_SECRET=s\n"
+                                        "LIVEKIT_FULL_ACCESS_HOMESERVERS=example.com\nLIVEKIT_HS_SERVER_NAME=example.com\n"
+                                        f"LIVEKIT_AS_REGISTRATION_FILE={registration}\n")
+        options, *_ = options_from_args(parse("example.com", "--config", path), {})
+        self.assertTrue(options.config.appservice)
+        self.assertEqual((options.config.registration_file, options.config.as_token), (registration, "as_x"))
+        self.assertNotIn("hs_y", repr(options.config))
+        standalone, *_ = options_from_args(parse("example.com", "--config", path), {"LIVEKIT_AS_REGISTRATION_FILE": "",
+                                                                                   "LIVEKIT_HS_SERVER_NAME": ""})
+        self.assertIsNone(standalone.config.registration_file)
