@@ -2,7 +2,8 @@
 
 Only ever made to the configured homeserver (``LIVEKIT_HS_SERVER_NAME``'s client-server
 API), because they carry the as_token: ``/versions`` (feature detection, unauthenticated,
-cached per base URL), MSC4502 ``is_joined`` and the MSC4512 ``fed_proxy`` relay. Every
+cached per base URL), MSC4502 ``is_joined``, the MSC4512 ``fed_proxy`` relay and the
+membership sweep's ``joined_members`` (docs/membership.md#homeserver-requests). Every
 failure is an :class:`OutboundError`; the as_token goes only into the Authorization header,
 never into a URL, a log line or an error text.
 """
@@ -27,7 +28,10 @@ VERSIONS_CACHE_SECONDS = 3600.0
 VERSIONS_TIMEOUT = 10.0
 IS_JOINED_TIMEOUT = 10.0
 FED_PROXY_TIMEOUT = 30.0
+JOINED_MEMBERS_TIMEOUT = 30.0
 MAX_BODY = 64 * 1024
+#: A joined_members answer lists every member with name and avatar: ~150 bytes each.
+JOINED_MEMBERS_MAX_BODY = 16 * 1024 * 1024
 
 MSC4502 = "io.element.msc4502"
 MSC4502_STABLE = "io.element.msc4502.stable"
@@ -165,6 +169,24 @@ class HomeserverAppservice:
         if not isinstance(joined, bool):
             raise OutboundError(FailureKind.BAD_BODY, step, "joined is not a boolean")
         return joined
+
+    async def joined_members(self, base_url: str, room_id: str) -> frozenset:
+        """The user IDs joined to ``room_id`` as the homeserver sees them (no masquerading).
+
+        Fails with OutboundError; ``status`` 403 is Synapse's "no namespace user in the room".
+        """
+        url = f"{base_url.rstrip('/')}/_matrix/client/v3/rooms/{path_segment(room_id)}/joined_members"
+        step = "joined_members"
+        response = await self._http.request(
+            b"GET", url, headers=self._auth(), timeout=JOINED_MEMBERS_TIMEOUT, max_body=JOINED_MEMBERS_MAX_BODY, step=step
+        )
+        if not 200 <= response.code < 300:
+            raise _status_error(step, response.code, response.body)
+        document = _json(response.body, step)
+        joined = document.get("joined") if isinstance(document, dict) else None
+        if not isinstance(joined, dict):
+            raise OutboundError(FailureKind.BAD_BODY, step, "answer has no joined object")
+        return frozenset(joined)
 
     async def fed_proxy(self, base_url: str, destination: str, path: str, body: Mapping[str, Any]) -> FedProxyAnswer:
         """MSC4512: ``POST path`` with ``body`` on ``destination``, sent by our homeserver.
