@@ -279,5 +279,6 @@ class FakeLiveKit(FakeServer):
         self.removal_requests.append(RemovalCall("DeleteRoom", req.room, None, True, self.reactor.seconds(), call))
         if self._failure is not None:
             return self._failure
-        self.present = {(room, identity) for room, identity in self.present if room != req.room}
+        for member in [m for m in self.present if m[0] == req.room]:
+            self.present.discard(member)
         return 200, b"", PROTOBUF
