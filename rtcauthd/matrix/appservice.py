@@ -147,6 +147,18 @@ class HomeserverAppservice:
             FailureKind.BAD_BODY, "is_joined", "homeserver does not support is_joined (MSC4502)"
         )
 
+    async def _get_object(self, url: str, step: str, timeout: float, max_body: int) -> dict:
+        """An as_token GET whose 2xx answer must be a JSON object."""
+        response = await self._http.request(
+            b"GET", url, headers=self._auth(), timeout=timeout, max_body=max_body, step=step
+        )
+        if not 200 <= response.code < 300:
+            raise _status_error(step, response.code, response.body)
+        document = _json(response.body, step)
+        if not isinstance(document, dict):
+            raise OutboundError(FailureKind.BAD_BODY, step, "answer is not a JSON object")
+        return document
+
     async def is_joined(
         self, base_url: str, room_id: str, *, mxid: Optional[str] = None, server_name: Optional[str] = None
     ) -> bool:
@@ -157,14 +169,7 @@ class HomeserverAppservice:
         query = urlencode({"mxid": mxid} if mxid is not None else {"server_name": server_name})
         url = f"{base_url.rstrip('/')}{prefix}/rooms/{path_segment(room_id)}/is_joined?{query}"
         step = "is_joined"
-        response = await self._http.request(
-            b"GET", url, headers=self._auth(), timeout=IS_JOINED_TIMEOUT, max_body=MAX_BODY, step=step
-        )
-        if not 200 <= response.code < 300:
-            raise _status_error(step, response.code, response.body)
-        document = _json(response.body, step)
-        if not isinstance(document, dict):
-            raise OutboundError(FailureKind.BAD_BODY, step, "answer is not a JSON object")
+        document = await self._get_object(url, step, IS_JOINED_TIMEOUT, MAX_BODY)
         joined = document.get("joined", False)
         if not isinstance(joined, bool):
             raise OutboundError(FailureKind.BAD_BODY, step, "joined is not a boolean")
@@ -177,13 +182,8 @@ class HomeserverAppservice:
         """
         url = f"{base_url.rstrip('/')}/_matrix/client/v3/rooms/{path_segment(room_id)}/joined_members"
         step = "joined_members"
-        response = await self._http.request(
-            b"GET", url, headers=self._auth(), timeout=JOINED_MEMBERS_TIMEOUT, max_body=JOINED_MEMBERS_MAX_BODY, step=step
-        )
-        if not 200 <= response.code < 300:
-            raise _status_error(step, response.code, response.body)
-        document = _json(response.body, step)
-        joined = document.get("joined") if isinstance(document, dict) else None
+        document = await self._get_object(url, step, JOINED_MEMBERS_TIMEOUT, JOINED_MEMBERS_MAX_BODY)
+        joined = document.get("joined")
         if not isinstance(joined, dict):
             raise OutboundError(FailureKind.BAD_BODY, step, "answer has no joined object")
         return frozenset(joined)
