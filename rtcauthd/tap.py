@@ -315,7 +315,9 @@ def build_daemon(
 
         homeserver = HomeserverAppservice(clock=reactor, http=plain_http, as_token=config.as_token)
         if config.membership_check_interval > 0:
-            membership = build_membership(config, reactor, homeserver, cs_api, rooms, manager, delegation, tls_policy)
+            membership = build_membership(
+                config, reactor, homeserver, cs_api, rooms, manager, delegation, tls_policy, metrics
+            )
         appservice = build_appservice_app(
             config=config,
             clock=reactor,
@@ -393,7 +395,7 @@ def build_daemon(
     )
 
 
-def build_membership(config: Config, reactor, homeserver, cs_api, rooms, manager, delegation, tls_policy):
+def build_membership(config: Config, reactor, homeserver, cs_api, rooms, manager, delegation, tls_policy, metrics):
     """Membership enforcement (docs/membership.md): told of AS tokens and of every webhook."""
     from rtcauthd.membership.monitor import build_monitor
 
@@ -406,6 +408,7 @@ def build_membership(config: Config, reactor, homeserver, cs_api, rooms, manager
         rooms=rooms,
         stop_job=manager.discard,
         tls_policy=redis_tls,
+        metrics=metrics,
     )
     observers = getattr(delegation, "observers", None)
     if observers is not None:

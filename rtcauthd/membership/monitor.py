@@ -94,7 +94,7 @@ class MembershipMonitor:
 
 
 def build_monitor(
-    *, config, clock, homeserver, resolve_cs_api, rooms, stop_job, tls_policy=None, store=None
+    *, config, clock, homeserver, resolve_cs_api, rooms, stop_job, tls_policy=None, store=None, metrics=None
 ) -> MembershipMonitor:
     """The monitor wired from the Config (AS mode with a non-zero interval; the caller checks)."""
     from rtcauthd.membership.removal import Remover
@@ -106,7 +106,7 @@ def build_monitor(
         else:
             store = MemoryParticipantStore()
     tracker = ParticipantTracker(clock=clock, store=store, token_ttl=config.token_ttl)
-    remover = Remover(clock=clock, rooms=rooms, tracker=tracker, stop_job=stop_job)
+    remover = Remover(clock=clock, rooms=rooms, tracker=tracker, stop_job=stop_job, metrics=metrics)
     sweep = MembershipSweep(
         clock=clock,
         tracker=tracker,
@@ -116,6 +116,7 @@ def build_monitor(
         server_name=config.hs_server_name,
         get_participant=rooms.get_participant,
         interval=config.membership_check_interval,
+        metrics=metrics,
     )
     log.info(
         "Membership enforcement on: every {interval} s the homeserver is asked who is joined",

@@ -11,7 +11,7 @@ not started again (a sweep and a join webhook may both ask for it).
 from __future__ import annotations
 
 import random as _random
-from typing import Callable, Set, Tuple
+from typing import Callable, Optional, Set, Tuple
 
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 from rtcauthd.leave.retry import retry_with_backoff
 from rtcauthd.matrix.delayed_events import Outcome, OutcomeKind
 from rtcauthd.membership.tracker import Entry, ParticipantTracker
+from rtcauthd.metrics import Metrics
 from rtcauthd.outbound.errors import describe
 
 log = Logger()
@@ -42,6 +43,7 @@ class Remover:
         stop_job: Callable[[str, str], object],
         random: Callable[[], float] = _random.random,
         budget: float = RETRY_BUDGET,
+        metrics: Optional[Metrics] = None,
     ) -> None:
         self._clock = clock
         self._rooms = rooms
@@ -49,6 +51,7 @@ class Remover:
         self._stop_job = stop_job
         self._random = random
         self._budget = budget
+        self._counts = (metrics if metrics is not None else Metrics()).membership_removals
         self._removing: Set[Tuple[str, str]] = set()
         self._deleting: Set[str] = set()
 
@@ -75,7 +78,9 @@ class Remover:
 
         def done(outcome: Outcome) -> bool:
             self._removing.discard(key)
-            if outcome.kind is OutcomeKind.OK:
+            done = outcome.kind is OutcomeKind.OK
+            self._counts.labels(action="remove_participant", outcome="done" if done else "failed").inc()
+            if done:
                 self._tracker.mark_removed(entry)
                 return True
             log.warn(
@@ -112,9 +117,10 @@ class Remover:
 
         return gatherResults(waits).addBoth(finished)
 
-    @staticmethod
-    def _deleted(outcome: Outcome, room: str) -> None:
-        if outcome.kind is not OutcomeKind.OK:
+    def _deleted(self, outcome: Outcome, room: str) -> None:
+        done = outcome.kind is OutcomeKind.OK
+        self._counts.labels(action="delete_room", outcome="done" if done else "failed").inc()
+        if not done:
             log.warn("Could not delete LiveKit room {room}: {error}", room=room, error=outcome.detail)
 
     def _stop(self, room: str, identity: str) -> None:

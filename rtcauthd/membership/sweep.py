@@ -31,6 +31,7 @@ from twisted.logger import Logger
 from rtcauthd.livekit.presence import Presence
 from rtcauthd.membership.removal import Remover
 from rtcauthd.membership.tracker import Entry, ParticipantTracker
+from rtcauthd.metrics import Metrics
 from rtcauthd.outbound.errors import OutboundError, describe
 
 log = Logger()
@@ -65,6 +66,7 @@ class MembershipSweep:
         interval: float,
         parallel: int = PARALLEL,
         claim_room: Callable[[str], "Deferred[bool]"] = _always,
+        metrics: Optional[Metrics] = None,
     ) -> None:
         self._clock = clock
         self._tracker = tracker
@@ -77,11 +79,11 @@ class MembershipSweep:
         self._sweep_slots = DeferredSemaphore(parallel)
         self._join_slots = DeferredSemaphore(PARALLEL_ON_JOIN)
         self._claim_room = claim_room
+        self._checks = (metrics if metrics is not None else Metrics()).membership_checks
         self._running: Optional[Deferred] = None
         self._checking: set = set()
         #: Matrix room -> clock time of its last membership check (oldest first next time)
         self._last_checked: Dict[str, float] = {}
-        self.sweeps = 0
 
     @property
     def running(self) -> bool:
@@ -105,7 +107,6 @@ class MembershipSweep:
         return d
 
     async def sweep(self) -> None:
-        self.sweeps += 1
         deadline = self._clock.seconds() + self._budget
         await self._verify_pending(deadline)
         rooms = self._tracker.connected_by_room()
@@ -155,15 +156,22 @@ class MembershipSweep:
         return ensureDeferred(self._check_room(base_url, room_id))
 
     async def _check_room(self, base_url: str, room_id: str) -> None:
-        if not await self._claim_room(room_id):
+        try:
+            claimed = await self._claim_room(room_id)
+        except Exception as e:
+            log.warn("Could not claim {room_id} for this sweep ({error}); not checked", room_id=room_id, error=describe(e))
+            return
+        if not claimed:
             return  # another instance checks this room
         self._last_checked[room_id] = self._clock.seconds()
         try:
             joined = await self._homeserver.joined_members(base_url, room_id)
         except OutboundError as e:
             if e.status == 403:
+                self._checks.labels(kind="sweep", outcome="refused").inc()
                 await self._homeserver_may_have_left(base_url, room_id)
             else:
+                self._checks.labels(kind="sweep", outcome="failed").inc()
                 log.warn(
                     "Membership check of {room_id} failed ({error}); nobody is removed",
                     room_id=room_id,
@@ -171,10 +179,12 @@ class MembershipSweep:
                 )
             return
         except Exception as e:
+            self._checks.labels(kind="sweep", outcome="failed").inc()
             log.warn(
                 "Membership check of {room_id} failed ({error}); nobody is removed", room_id=room_id, error=describe(e)
             )
             return
+        self._checks.labels(kind="sweep", outcome="ok").inc()
         for entry in self._tracker.connected_by_room().get(room_id, []):
             if entry.participant.matrix_user_id not in joined:
                 self._remover.remove(entry, f"no longer joined to {room_id}")
@@ -236,6 +246,7 @@ class MembershipSweep:
         try:
             joined = await self._homeserver.is_joined(base_url, p.matrix_room_id, mxid=p.matrix_user_id)
         except Exception as e:
+            self._checks.labels(kind="join", outcome="failed").inc()
             log.warn(
                 "Membership check of {user_id} in {room_id} on join failed ({error}); not removed",
                 user_id=p.matrix_user_id,
@@ -243,6 +254,7 @@ class MembershipSweep:
                 error=describe(e),
             )
             return
+        self._checks.labels(kind="join", outcome="ok").inc()
         current = self._tracker.get(*entry.key)
         if not joined and current is entry and entry.connected:
             self._remover.remove(entry, f"joined the call but is not joined to {p.matrix_room_id}")

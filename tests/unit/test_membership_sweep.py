@@ -12,6 +12,7 @@ from rtcauthd.membership import removal as removal_module, sweep as sweep_module
 from rtcauthd.membership.removal import Remover
 from rtcauthd.membership.sweep import MembershipSweep
 from rtcauthd.membership.tracker import ParticipantTracker
+from rtcauthd.metrics import Metrics
 from rtcauthd.outbound.errors import FailureKind, OutboundError
 from tests.unit.test_membership import T0, TTL, RecordingStore
 
@@ -100,15 +101,16 @@ class SweepCase(SynchronousTestCase):
         self.patch(sweep_module.log, "observer", self.events.append)
         self.patch(removal_module.log, "observer", self.events.append)
         self.resolve = lambda server_name: succeed(BASE)
+        self.metrics = Metrics()
         self.remover = Remover(
             clock=self.clock, rooms=self.rooms, tracker=self.tracker,
             stop_job=lambda room, identity: self.stopped_jobs.append((room, identity) + (len(self.rooms.calls),)),
-            random=lambda: 0.5,
+            random=lambda: 0.5, metrics=self.metrics,
         )
         self.sweep = MembershipSweep(
             clock=self.clock, tracker=self.tracker, remover=self.remover, homeserver=self.hs,
             resolve_cs_api=lambda name: self.resolve(name), server_name=HS,
-            get_participant=self.rooms.get_participant, interval=30,
+            get_participant=self.rooms.get_participant, interval=30, metrics=self.metrics,
         )
         self.addCleanup(lambda: self.assertEqual(self.clock.getDelayedCalls(), []))
 
@@ -125,6 +127,9 @@ class SweepCase(SynchronousTestCase):
         d = self.sweep.tick()
         self.assertIsNotNone(d)
         self.successResultOf(d)
+
+    def count(self, name, **labels):
+        return self.metrics.registry.get_sample_value(name, labels) or 0
 
     def messages(self):
         return [e["log_format"] for e in self.events]
@@ -145,6 +150,8 @@ class RemovalTests(SweepCase):
         self.assertTrue(bob.removed)
         self.assertFalse(bob.connected)
         self.assertTrue(alice.connected)
+        self.assertEqual(self.count("rtcauthd_membership_removals_total", action="remove_participant", outcome="done"), 1)
+        self.assertEqual(self.count("rtcauthd_membership_checks_total", kind="sweep", outcome="ok"), 1)
         # next sweep: bob is pending (SFU says absent), alice still a member: nothing more
         self.run_sweep()
         self.assertEqual(len(self.rooms.of("RemoveParticipant")), 1)
@@ -255,6 +262,7 @@ class FailOpenTests(SweepCase):
         self.assertTrue(bob.connected)
         self.assertEqual(self.messages().count("Membership check of {room_id} failed ({error}); nobody is removed"),
                          len(failures))
+        self.assertEqual(self.count("rtcauthd_membership_checks_total", kind="sweep", outcome="failed"), len(failures))
 
     def test_unresolvable_client_api_means_no_checks(self):
         self.connected("bob")
