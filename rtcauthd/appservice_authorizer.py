@@ -38,6 +38,12 @@ class Homeserver(Protocol):
     async def fed_proxy(self, base_url: str, destination: str, path: str, body) -> FedProxyAnswer: ...
 
 
+class ParticipantRegistry(Protocol):
+    """Membership enforcement (docs/membership.md#tracking): told of every token minted here."""
+
+    def register(self, *, matrix_room_id: str, matrix_user_id: str, livekit_room: str, livekit_identity: str) -> None: ...
+
+
 class ParticipantTokens(Protocol):
     def participant_token(
         self, identity: str, room: str, *, can_publish: bool = True, can_update_own_metadata: bool = False
@@ -98,6 +104,7 @@ class AppserviceAuthorizer:
         identity: Callable[[str, str], str] = _default_identity,
         new_job: Callable[..., Any] = _default_job,
         metrics: Optional[Metrics] = None,
+        participants: Optional[ParticipantRegistry] = None,
     ) -> None:
         self._server_name = server_name
         self._livekit_url = livekit_url
@@ -112,6 +119,7 @@ class AppserviceAuthorizer:
         self._identity = identity
         self._new_job = new_job
         self._metrics = metrics if metrics is not None else Metrics()
+        self._participants = participants
 
     # -- C-S get_token ---------------------------------------------------------------
 
@@ -277,6 +285,10 @@ class AppserviceAuthorizer:
         self._metrics.tokens_issued.labels(
             endpoint=endpoint, access="full" if can_publish else "restricted"
         ).inc()
+        if self._participants is not None:
+            self._participants.register(
+                matrix_room_id=request.room_id, matrix_user_id=user_id, livekit_room=room, livekit_identity=identity
+            )
         log.info(
             "{endpoint}: issued token for {user_id} in LiveKit room {room}",
             endpoint=endpoint,

@@ -102,6 +102,7 @@ class Config:
     federation_max_per_server: int = 8
     token_ttl: int = 3600  # RTCAUTH_TOKEN_TTL_SECONDS
     max_delay_seconds: float = 86400.0  # RTCAUTH_MAX_DELAY_SECONDS
+    membership_check_interval: int = 30  # LIVEKIT_MEMBERSHIP_CHECK_INTERVAL_SECONDS (AS mode only)
     warnings: tuple[str, ...] = ()
 
     @property
@@ -235,15 +236,29 @@ def _read_listeners(r: _Reading, s: Setting) -> None:
     r.fields["listen"] = endpoints
 
 
+def _interval(s: Setting, raw: str) -> int:
+    """Whole seconds, the row's default when empty; upstream's one-line error otherwise."""
+    if raw == "":
+        return int(s.default)
+    # Go's strconv.Atoi: optional sign, digits, int64 range.
+    if not re.fullmatch(r"[+-]?[0-9]+", raw) or not 0 <= int(raw) <= INT64_MAX:
+        raise ConfigError(f"{s.name} must be a non-negative integer, got {go_quote(raw)}")
+    return int(raw)
+
+
 def _read_sanity_interval(r: _Reading, s: Setting) -> None:
+    r.fields["sanity_check_interval"] = _interval(s, r.raw(s))
+
+
+def _read_membership_interval(r: _Reading, s: Setting) -> None:
+    """After the AS settings: the check needs the as_token (docs/membership.md#configuration)."""
     raw = r.raw(s)
-    sanity = int(s.default)
-    if raw != "":
-        # Go's strconv.Atoi: optional sign, digits, int64 range.
-        if not re.fullmatch(r"[+-]?[0-9]+", raw) or not 0 <= int(raw) <= INT64_MAX:
-            raise ConfigError(f"{s.name} must be a non-negative integer, got {go_quote(raw)}")
-        sanity = int(raw)
-    r.fields["sanity_check_interval"] = sanity
+    interval = _interval(s, raw)
+    appservice = bool(r.fields.get("as_token") and r.fields.get("hs_token") and r.fields.get("hs_server_name"))
+    if raw != "" and interval > 0 and not appservice:
+        # Only when set: the default of 30 would otherwise warn on every standalone start.
+        r.warnings.append(f"{s.name} has no effect unless running as an application service")
+    r.fields["membership_check_interval"] = interval
 
 
 def _read_overrides(r: _Reading, s: Setting) -> None:
@@ -480,6 +495,13 @@ SETTINGS: tuple[Setting, ...] = (
         "LIVEKIT_REDIS_URL", "", "redis://[:password@]host[:port][/db] for delegated-leave jobs", _read_redis_url
     ),
     Setting("LIVEKIT_REDIS_PASSWORD", "", "Redis password, replacing any in LIVEKIT_REDIS_URL"),
+    Setting(
+        "LIVEKIT_MEMBERSHIP_CHECK_INTERVAL_SECONDS",
+        "30",
+        "application-service mode: every N s remove call participants no longer joined to the "
+        "Matrix room; 0 = off",
+        _read_membership_interval,
+    ),
     Setting(
         "LIVEKIT_CAN_UPDATE_OWN_METADATA",
         "false",

@@ -72,6 +72,18 @@ class Metrics:
         self.redis_errors = Counter(
             "rtcauthd_redis_errors", "Redis operations that failed", ["operation"], registry=r
         )
+        self.membership_checks = Counter(
+            "rtcauthd_membership_checks",
+            "Membership checks against the homeserver (sweep: joined_members; join: is_joined), by outcome",
+            ["kind", "outcome"],
+            registry=r,
+        )
+        self.membership_removals = Counter(
+            "rtcauthd_membership_removals",
+            "Participants removed (remove_participant) and LiveKit rooms closed (delete_room) for membership",
+            ["action", "outcome"],
+            registry=r,
+        )
 
     def watch_jobs(self, states: Callable[[], Iterable[str]], all_states: Iterable[str]) -> None:
         """Export ``rtcauthd_jobs{state}``, counted from ``states()`` at scrape time."""

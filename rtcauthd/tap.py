@@ -146,6 +146,7 @@ class Daemon:
     service: Any  # RtcAuthService: what twistd runs
     app: Any  # RtcAuthApp: the routes
     appservice: Optional[Any]  # the application-service routes, mounted only in AS mode
+    membership: Optional[Any]  # MembershipMonitor: AS mode with a non-zero check interval
     site: Any  # RtcAuthSite serving the app
     metrics_site: Optional[Any]
     authorizer: Any
@@ -322,12 +323,18 @@ def build_daemon(
         policy = request_policy(config, reactor, metrics)
     app = RtcAuthApp(authorizer=authorizer, clock=reactor, webhooks=delegation, policy=policy)
     root = app.resource()
-    appservice = None
+    appservice = membership = None
     if config.appservice:
         # Synapse's proxied MSC4195 routes (docs/appservice.md). plain_http verifies TLS and
         # follows no redirect, so the as_token cannot travel anywhere else.
         from rtcauthd.inbound.appservice import appservice_resource, build_appservice_app
+        from rtcauthd.matrix.appservice import HomeserverAppservice
 
+        homeserver = HomeserverAppservice(clock=reactor, http=plain_http, as_token=config.as_token)
+        if config.membership_check_interval > 0:
+            membership = build_membership(
+                config, reactor, homeserver, cs_api, rooms, manager, delegation, tls_policy, metrics
+            )
         appservice = build_appservice_app(
             config=config,
             clock=reactor,
@@ -338,6 +345,8 @@ def build_daemon(
             leave_jobs=delegation,
             lookup_delay=delayed_events.lookup_delay,
             metrics=metrics,
+            homeserver=homeserver,
+            participants=membership,
         )
         root = appservice_resource(root, appservice)
     site = RtcAuthSite(
@@ -355,8 +364,12 @@ def build_daemon(
     async def before_listen() -> None:
         # Stored jobs resume before the first /healthz 200 (docs/endpoints.md#health-endpoint).
         await manager.restore(reactor.seconds())
+        if membership is not None:
+            await membership.start()
 
     async def after_stop() -> None:
+        if membership is not None:
+            await membership.stop()
         manager.stop()  # timers cancelled; stored records stay for the next process
         await store.close()
         await pool.closeCachedConnections()
@@ -380,6 +393,7 @@ def build_daemon(
         service=service,
         app=app,
         appservice=appservice,
+        membership=membership,
         site=site,
         metrics_site=stats_site,
         authorizer=authorizer,
@@ -398,6 +412,27 @@ def build_daemon(
         guarded_http=guarded_http,
         pool=pool,
     )
+
+
+def build_membership(config: Config, reactor, homeserver, cs_api, rooms, manager, delegation, tls_policy, metrics):
+    """Membership enforcement (docs/membership.md): told of AS tokens and of every webhook."""
+    from rtcauthd.membership.monitor import build_monitor
+
+    redis_tls = redis_tls_policy(config, tls_policy)
+    monitor = build_monitor(
+        config=config,
+        clock=reactor,
+        homeserver=homeserver,
+        resolve_cs_api=cs_api.resolve,
+        rooms=rooms,
+        stop_job=manager.discard,
+        tls_policy=redis_tls,
+        metrics=metrics,
+    )
+    observers = getattr(delegation, "observers", None)
+    if observers is not None:
+        observers.append(monitor.on_webhook)
+    return monitor
 
 
 def metrics_site(metrics, reactor):
@@ -447,12 +482,17 @@ def build_store(config: Config, reactor, tls_policy, metrics=None):
         return MemoryStore()
     from rtcauthd.store.redis import RedisStore
     from rtcauthd.store.redis_url import RedisURLError
-    from rtcauthd.tls import TLSPolicy
 
     try:
-        # LIVEKIT_INSECURE_SKIP_VERIFY_TLS does not reach Redis (upstream's switch doesn't
-        # either); rediss:// verifies with the system roots plus RTCAUTH_CA_FILE.
-        redis_tls = TLSPolicy(ca_file=config.ca_file, insecure=False) if tls_policy.insecure else tls_policy
+        redis_tls = redis_tls_policy(config, tls_policy)
         return RedisStore.from_url(config.redis_url, clock=reactor, tls_policy=redis_tls, metrics=metrics)
     except RedisURLError as e:
         raise ConfigError(f"Could not connect Redis store: {e}") from None
+
+
+def redis_tls_policy(config: Config, tls_policy):
+    """LIVEKIT_INSECURE_SKIP_VERIFY_TLS does not reach Redis (upstream's switch doesn't
+    either); rediss:// verifies with the system roots plus RTCAUTH_CA_FILE."""
+    from rtcauthd.tls import TLSPolicy
+
+    return TLSPolicy(ca_file=config.ca_file, insecure=False) if tls_policy.insecure else tls_policy

@@ -240,14 +240,18 @@ def build_appservice_app(
     leave_jobs,
     lookup_delay,
     metrics=None,
+    homeserver=None,
+    participants=None,
 ) -> AppserviceApp:
     """The AS routes wired from the Config (``as_token``, ``hs_token``, ``hs_server_name``,
     ``livekit_url``, ``can_update_own_metadata``); the composition root calls this in AS mode.
 
     ``http`` carries the as_token, so it must verify TLS and not follow redirects (the
-    plain client); ``lookup_delay`` is the delay client's look-up made as the user.
+    plain client); ``lookup_delay`` is the delay client's look-up made as the user;
+    ``participants`` (membership enforcement) is told of every token minted.
     """
-    homeserver = HomeserverAppservice(clock=clock, http=http, as_token=config.as_token)
+    if homeserver is None:
+        homeserver = HomeserverAppservice(clock=clock, http=http, as_token=config.as_token)
     authorizer = AppserviceAuthorizer(
         server_name=config.hs_server_name,
         livekit_url=config.livekit_url,
@@ -259,6 +263,7 @@ def build_appservice_app(
         leave_jobs=leave_jobs,
         lookup_delay=lookup_delay,
         metrics=metrics,
+        participants=participants,
     )
     limits = None
     if config.ratelimit_per_second > 0 and config.ratelimit_burst >= 1:

@@ -8,7 +8,7 @@ neither the manager nor the HTTP app needs to know about the other.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
@@ -18,7 +18,7 @@ from rtcauthd.errors import MatrixError
 from rtcauthd.gojson import INT64_MAX
 from rtcauthd.leave.record import NS_PER_MS, NS_PER_SECOND, JobParams
 from rtcauthd.leave.manager import JobManager, ShuttingDown
-from rtcauthd.livekit.webhooks import WebhookRejected, WebhookVerifier, signal_for
+from rtcauthd.livekit.webhooks import WebhookEvent, WebhookRejected, WebhookVerifier, signal_for
 from rtcauthd.matrix.csapi import ClientAPIResolver
 from rtcauthd.metrics import Metrics
 
@@ -36,12 +36,15 @@ class DelegatedLeave:
         webhooks: WebhookVerifier,
         metrics: Optional[Metrics] = None,
         max_delay_seconds: Optional[float] = None,
+        observers: Sequence[Callable[[WebhookEvent], object]] = (),
     ) -> None:
         self._max_delay_ns = None if max_delay_seconds is None else int(max_delay_seconds * NS_PER_SECOND)
         self._metrics = metrics if metrics is not None else Metrics()
         self._manager = manager
         self._resolver = resolver
         self._webhooks = webhooks
+        #: also told of every verified webhook (membership enforcement: docs/membership.md#webhooks)
+        self.observers = list(observers)
 
     def resolve_cs_api(self, server_name: str) -> "Deferred[str]":
         return self._resolver.resolve(server_name)
@@ -81,6 +84,11 @@ class DelegatedLeave:
             self._metrics.webhook_events.labels(event="unverified", signature="rejected").inc()
             return
         self._metrics.webhook_events.labels(event=_event_label(event.event), signature="valid").inc()
+        for observer in self.observers:
+            try:
+                observer(event)
+            except Exception:
+                log.failure("A webhook observer failed on {event}", event=event.event)
         signal = signal_for(event)
         if signal is None:
             log.debug("Ignoring LiveKit webhook {event}", event=event.event)

@@ -121,6 +121,17 @@ class JobManager:
         job.signal(sig)
         return True
 
+    def discard(self, room: str, identity: str) -> bool:
+        """Stop the job for the key without sending its leave, and delete its record (the
+        participant was removed from the room: docs/membership.md#removal). False: no job."""
+        job = self._jobs.pop((room, identity), None)
+        if job is None:
+            return False
+        job.cancel()
+        self._delete(room, identity)
+        log.info("Job {job_id} stopped: its participant was removed from the call", job_id=job.job_id)
+        return True
+
     def _retire_predecessor(self, key: Key, successor: DelayedLeaveJob) -> None:
         old = self._jobs.pop(key, None)
         if old is None:

@@ -109,6 +109,11 @@ def create_room_request(room: str) -> bytes:
     ).SerializeToString()
 
 
+def delete_room_request(room: str) -> bytes:
+    """``livekit.DeleteRoomRequest`` (docs/livekit.md#roomservice)."""
+    return lk_room.DeleteRoomRequest(room=scrub_surrogates(room)).SerializeToString()
+
+
 def participant_identity_request(room: str, identity: str) -> bytes:
     """``livekit.RoomParticipantIdentity`` (docs/livekit.md#getparticipant); proto3 leaves empty strings out."""
     return lk_room.RoomParticipantIdentity(
@@ -199,7 +204,7 @@ def error_from_response(method: str, response: HTTPResponse) -> OutboundError:
 
 
 class RoomServiceClient:
-    """CreateRoom and GetParticipant against the SFU named by ``LIVEKIT_URL``."""
+    """CreateRoom, GetParticipant, RemoveParticipant and DeleteRoom against the SFU named by ``LIVEKIT_URL``."""
 
     def __init__(
         self,
@@ -321,3 +326,30 @@ class RoomServiceClient:
             return presence
 
         return d.addCallbacks(got, failed).addCallback(count)
+
+    def remove_participant(self, room: str, identity: str) -> "Deferred[bool]":
+        """Take ``identity`` out of ``room`` (docs/membership.md#removal): True when removed,
+        False when the SFU says it is not there (``not_found``); else fails with OutboundError."""
+        d = self._call(
+            "RemoveParticipant",
+            participant_identity_request(room, identity),
+            self._tokens.room_admin_token(room),
+        )
+        return d.addCallback(self._done_or_not_found, "RemoveParticipant")
+
+    def delete_room(self, room: str) -> "Deferred[bool]":
+        """Close ``room`` for everybody in it: True when deleted, False when it did not exist."""
+        d = self._call("DeleteRoom", delete_room_request(room), self._tokens.create_room_token())
+        return d.addCallback(self._done_or_not_found, "DeleteRoom")
+
+    def _done_or_not_found(self, response: HTTPResponse, method: str) -> bool:
+        # The answer messages are empty; only the status and a Twirp error code matter.
+        if response.code == 200:
+            self._metrics.twirp_calls.labels(method=method, outcome="ok").inc()
+            return True
+        error = error_from_response(method, response)
+        if error.code == "not_found":
+            self._metrics.twirp_calls.labels(method=method, outcome="absent").inc()
+            return False
+        self._metrics.twirp_calls.labels(method=method, outcome="error").inc()
+        raise error

@@ -2,7 +2,8 @@
 
 Only ever made to the configured homeserver (``LIVEKIT_HS_SERVER_NAME``'s client-server
 API), because they carry the as_token: ``/versions`` (feature detection, unauthenticated,
-cached per base URL), MSC4502 ``is_joined`` and the MSC4512 ``fed_proxy`` relay. Every
+cached per base URL), MSC4502 ``is_joined``, the MSC4512 ``fed_proxy`` relay and the
+membership sweep's ``joined_members`` (docs/membership.md#homeserver-requests). Every
 failure is an :class:`OutboundError`; the as_token goes only into the Authorization header,
 never into a URL, a log line or an error text.
 """
@@ -27,7 +28,10 @@ VERSIONS_CACHE_SECONDS = 3600.0
 VERSIONS_TIMEOUT = 10.0
 IS_JOINED_TIMEOUT = 10.0
 FED_PROXY_TIMEOUT = 30.0
+JOINED_MEMBERS_TIMEOUT = 30.0
 MAX_BODY = 64 * 1024
+#: A joined_members answer lists every member with name and avatar: ~150 bytes each.
+JOINED_MEMBERS_MAX_BODY = 16 * 1024 * 1024
 
 MSC4502 = "io.element.msc4502"
 MSC4502_STABLE = "io.element.msc4502.stable"
@@ -143,6 +147,18 @@ class HomeserverAppservice:
             FailureKind.BAD_BODY, "is_joined", "homeserver does not support is_joined (MSC4502)"
         )
 
+    async def _get_object(self, url: str, step: str, timeout: float, max_body: int) -> dict:
+        """An as_token GET whose 2xx answer must be a JSON object."""
+        response = await self._http.request(
+            b"GET", url, headers=self._auth(), timeout=timeout, max_body=max_body, step=step
+        )
+        if not 200 <= response.code < 300:
+            raise _status_error(step, response.code, response.body)
+        document = _json(response.body, step)
+        if not isinstance(document, dict):
+            raise OutboundError(FailureKind.BAD_BODY, step, "answer is not a JSON object")
+        return document
+
     async def is_joined(
         self, base_url: str, room_id: str, *, mxid: Optional[str] = None, server_name: Optional[str] = None
     ) -> bool:
@@ -153,18 +169,24 @@ class HomeserverAppservice:
         query = urlencode({"mxid": mxid} if mxid is not None else {"server_name": server_name})
         url = f"{base_url.rstrip('/')}{prefix}/rooms/{path_segment(room_id)}/is_joined?{query}"
         step = "is_joined"
-        response = await self._http.request(
-            b"GET", url, headers=self._auth(), timeout=IS_JOINED_TIMEOUT, max_body=MAX_BODY, step=step
-        )
-        if not 200 <= response.code < 300:
-            raise _status_error(step, response.code, response.body)
-        document = _json(response.body, step)
-        if not isinstance(document, dict):
-            raise OutboundError(FailureKind.BAD_BODY, step, "answer is not a JSON object")
+        document = await self._get_object(url, step, IS_JOINED_TIMEOUT, MAX_BODY)
         joined = document.get("joined", False)
         if not isinstance(joined, bool):
             raise OutboundError(FailureKind.BAD_BODY, step, "joined is not a boolean")
         return joined
+
+    async def joined_members(self, base_url: str, room_id: str) -> frozenset:
+        """The user IDs joined to ``room_id`` as the homeserver sees them (no masquerading).
+
+        Fails with OutboundError; ``status`` 403 is Synapse's "no namespace user in the room".
+        """
+        url = f"{base_url.rstrip('/')}/_matrix/client/v3/rooms/{path_segment(room_id)}/joined_members"
+        step = "joined_members"
+        document = await self._get_object(url, step, JOINED_MEMBERS_TIMEOUT, JOINED_MEMBERS_MAX_BODY)
+        joined = document.get("joined")
+        if not isinstance(joined, dict):
+            raise OutboundError(FailureKind.BAD_BODY, step, "answer has no joined object")
+        return frozenset(joined)
 
     async def fed_proxy(self, base_url: str, destination: str, path: str, body: Mapping[str, Any]) -> FedProxyAnswer:
         """MSC4512: ``POST path`` with ``body`` on ``destination``, sent by our homeserver.

@@ -13,7 +13,8 @@ cancelled or if it never existed; answers can be scripted per delay ID (e.g. a 4
 For application-service mode (docs/appservice.md#homeserver-calls) it also plays the
 homeserver behind the AS: ``/_matrix/client/versions`` (``unstable_features`` set by the
 test), MSC4502 ``is_joined`` (stable and unstable forms, from membership tables),
-MSC4512 ``fed_proxy`` (the remote server's answer scripted by the test), the MSC4140
+MSC4512 ``fed_proxy`` (the remote server's answer scripted by the test), ``joined_members``
+(from the same tables; 403 like Synapse for rooms it was told it left), the MSC4140
 single-event look-up and the stable management paths; every such call is recorded with
 the bearer token and ``user_id`` it carried.
 """
@@ -61,6 +62,7 @@ VERSIONS_PATH = "/_matrix/client/versions"
 IS_JOINED_RE = (
     r"/_matrix/client/(?P<form>v3|unstable/io\.element\.msc4502)/rooms/(?P<room>[^/]*)/is_joined"
 )
+JOINED_MEMBERS_RE = r"/_matrix/client/v3/rooms/(?P<room>[^/]*)/joined_members"
 FED_PROXY_RE = r"/_matrix/client/(?P<form>unstable/io\.element\.msc4512|v1)/appservice/fed_proxy"
 #: What Synapse answers an application service that is not registered (wrong as_token).
 SYNAPSE_UNKNOWN_AS_TOKEN = (401, {"errcode": "M_UNKNOWN_TOKEN", "error": "Unrecognised access token"})
@@ -218,9 +220,14 @@ class FakeHomeserver(FakeServer):
         self.appservice_calls: list[AppserviceCall] = []
         #: when set, every delayed-event look-up gets this answer
         self.lookup_answer: Optional[Answer] = None
+        #: rooms whose joined_members Synapse refuses (no namespace user left in them)
+        self.left_rooms: set = set()
+        #: when set, every joined_members request gets this answer
+        self.joined_members_answer: Optional[Answer] = None
         self.add_route("GET", re.escape(VERSIONS_PATH), self._versions)
         self.add_route("GET", IS_JOINED_RE, self._is_joined)
         self.add_route("POST", FED_PROXY_RE, self._fed_proxy)
+        self.add_route("GET", JOINED_MEMBERS_RE, self._joined_members)
         self.add_route("GET", DELAYED_EVENT_LOOKUP_RE, self._lookup_delayed_event)
 
     # -- set-up -------------------------------------------------------------------------
@@ -327,6 +334,12 @@ class FakeHomeserver(FakeServer):
             table = self.joined_users if member.startswith("@") else self.joined_servers
             table.setdefault(room_id, set()).add(member)
 
+    def leave(self, room_id: str, *members: str) -> None:
+        """Users or servers no longer joined to ``room_id`` (a leave, kick or ban)."""
+        for member in members:
+            table = self.joined_users if member.startswith("@") else self.joined_servers
+            table.get(room_id, set()).discard(member)
+
     def answer_fed_proxy(self, status: int, content, *, http_status: int = 200) -> None:
         """The remote answered ``status`` / ``content`` (Synapse wraps it in a 200); with
         another ``http_status`` the homeserver itself fails with ``content`` as its body."""
@@ -391,6 +404,17 @@ class FakeHomeserver(FakeServer):
             else:
                 answer = Answer.json(400, {"errcode": "M_INVALID_PARAM", "error": "mxid or server_name"})
         self.appservice_calls.append(AppserviceCall("is_joined", form, answer.status, recorded, room_id))
+        return answer
+
+    def _joined_members(self, request, match, recorded: RecordedRequest) -> Answer:
+        room_id = unquote(match.group("room"))
+        answer = self._as_refusal(recorded) or self.joined_members_answer
+        if answer is None and room_id in self.left_rooms:
+            answer = Answer.json(403, {"errcode": "M_FORBIDDEN", "error": f"User not in room {room_id}"})
+        if answer is None:
+            joined = {user: {"display_name": None, "avatar_url": None} for user in self.joined_users.get(room_id, ())}
+            answer = Answer.json(200, {"joined": joined})
+        self.appservice_calls.append(AppserviceCall("joined_members", "v3", answer.status, recorded, room_id))
         return answer
 
     def _fed_proxy(self, request, match, recorded: RecordedRequest) -> Answer:

@@ -3,9 +3,11 @@
 Like upstream's fake SFU it refuses anything it cannot decode as protobuf (JSON Twirp gets
 400), so the daemon's wire format is really exercised.  Bodies are decoded with the
 generated classes of ``livekit-protocol`` (a test-only dependency), independently of how
-rtcauthd encodes them.  Methods: CreateRoom, and GetParticipant, which answers
+rtcauthd encodes them.  Methods: CreateRoom; GetParticipant, which answers
 HTTP 404 ``{"code":"not_found","msg":"participant not found"}`` (as upstream's fake SFU)
-until the test says the participant is present (docs/livekit.md#getparticipant).
+until the test says the participant is present (docs/livekit.md#getparticipant);
+RemoveParticipant, which takes a present participant out (else the same not_found); and
+DeleteRoom, which takes everybody in the room out (docs/membership.md#removal).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Callable, Optional
 import attr
 from google.protobuf.message import DecodeError
 from livekit.protocol.models import ParticipantInfo, Room
-from livekit.protocol.room import CreateRoomRequest, RoomParticipantIdentity
+from livekit.protocol.room import CreateRoomRequest, DeleteRoomRequest, RoomParticipantIdentity
 from twisted.logger import Logger
 from twisted.web import resource, server
 
@@ -77,6 +79,22 @@ class GetParticipantCall:
         return self.call.bearer
 
 
+@attr.s(auto_attribs=True, frozen=True)
+class RemovalCall:
+    """A decoded RemoveParticipant (``identity`` set) or DeleteRoom (``identity`` None) request."""
+
+    method: str
+    room: str
+    identity: Optional[str]
+    found: bool
+    at: float
+    call: TwirpCall
+
+    @property
+    def bearer(self) -> Optional[str]:
+        return self.call.bearer
+
+
 def twirp_error(status: int, code: str, msg: str) -> tuple[int, bytes, str]:
     return status, json.dumps({"code": code, "msg": msg}, separators=(",", ":")).encode("utf-8"), "application/json"
 
@@ -103,6 +121,7 @@ class FakeLiveKit(FakeServer):
         self.calls: list[TwirpCall] = []
         self.create_room_requests: list[CreateRoomCall] = []
         self.get_participant_requests: list[GetParticipantCall] = []
+        self.removal_requests: list[RemovalCall] = []
         #: (room, identity) pairs GetParticipant reports as present.
         self.present: set[tuple[str, str]] = set()
         self._failure: Optional[tuple[int, bytes, str]] = None
@@ -110,6 +129,8 @@ class FakeLiveKit(FakeServer):
         self.methods: dict[str, Callable[[TwirpCall], tuple[int, bytes, str]]] = {
             "CreateRoom": self._create_room,
             "GetParticipant": self._get_participant,
+            "RemoveParticipant": self._remove_participant,
+            "DeleteRoom": self._delete_room,
         }
 
     def listen(self, *, host: str = "127.0.0.1", port: int = 0) -> str:
@@ -138,11 +159,23 @@ class FakeLiveKit(FakeServer):
     def lookups(self, room: str, identity: str) -> list[GetParticipantCall]:
         return [c for c in self.get_participant_requests if (c.room, c.identity) == (room, identity)]
 
+    def removals(self, room: Optional[str] = None, identity: Optional[str] = None) -> list[RemovalCall]:
+        """RemoveParticipant requests (for ``room`` / ``identity`` when given)."""
+        return [
+            c for c in self.removal_requests
+            if c.method == "RemoveParticipant" and room in (None, c.room) and identity in (None, c.identity)
+        ]
+
+    @property
+    def deleted_rooms(self) -> list[str]:
+        return [c.room for c in self.removal_requests if c.method == "DeleteRoom"]
+
     @property
     def rejected(self) -> list[TwirpCall]:
         """Calls that were not decoded as a known method (wrong path/format)."""
         decoded = {id(c.call) for c in self.create_room_requests}
         decoded.update(id(c.call) for c in self.get_participant_requests)
+        decoded.update(id(c.call) for c in self.removal_requests)
         return [c for c in self.calls if id(c) not in decoded]
 
     def _handle(self, request: server.Request) -> tuple[int, bytes, str]:
@@ -221,3 +254,31 @@ class FakeLiveKit(FakeServer):
             joined_at=int(self.reactor.seconds()),
         )
         return 200, info.SerializeToString(), PROTOBUF
+
+    def _remove_participant(self, call: TwirpCall) -> tuple[int, bytes, str]:
+        try:
+            req = RoomParticipantIdentity.FromString(call.body)
+        except DecodeError as e:
+            return twirp_error(400, "malformed", f"cannot decode RoomParticipantIdentity: {e}")
+        found = (req.room, req.identity) in self.present
+        self.removal_requests.append(
+            RemovalCall("RemoveParticipant", req.room, req.identity, found, self.reactor.seconds(), call)
+        )
+        if self._failure is not None:
+            return self._failure
+        if not found:
+            return twirp_error(404, "not_found", "participant not found")
+        self.present.discard((req.room, req.identity))
+        return 200, b"", PROTOBUF
+
+    def _delete_room(self, call: TwirpCall) -> tuple[int, bytes, str]:
+        try:
+            req = DeleteRoomRequest.FromString(call.body)
+        except DecodeError as e:
+            return twirp_error(400, "malformed", f"cannot decode DeleteRoomRequest: {e}")
+        self.removal_requests.append(RemovalCall("DeleteRoom", req.room, None, True, self.reactor.seconds(), call))
+        if self._failure is not None:
+            return self._failure
+        for member in [m for m in self.present if m[0] == req.room]:
+            self.present.discard(member)
+        return 200, b"", PROTOBUF

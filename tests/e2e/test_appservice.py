@@ -88,11 +88,11 @@ class AppServiceCase(E2ECase):
         self.assertEqual(lk.url, hs.appservice.sfu_url)
         return lk
 
-    def as_daemon(self, hs: SynapseServer, *, registration_file: bool = True) -> DaemonProcess:
+    def as_daemon(self, hs: SynapseServer, *, registration_file: bool = True, **extra: str) -> DaemonProcess:
         """The daemon Synapse proxies to: both modes on one port (legacy routes too)."""
         env = self.service_env(livekit_url=hs.appservice.sfu_url, full_access=self.full.server_name,
                                RTCAUTH_FEDERATION_IP_RANGE_ALLOWLIST="127.0.0.0/8",
-                               **as_env(hs, registration_file=registration_file))
+                               **as_env(hs, registration_file=registration_file), **extra)
         daemon = DaemonProcess(workdir=os.path.join(self.workdir, f"daemon-{hs.name}"), env=env,
                                port=hs.appservice.service_port)
         self.addCleanup(daemon.cleanup)

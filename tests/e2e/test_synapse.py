@@ -56,7 +56,8 @@ class E2ELiveKit(FakeLiveKit):
 
     def __init__(self) -> None:
         super().__init__()
-        self.joined: set[tuple[str, str]] = set()
+        #: the same set RemoveParticipant and DeleteRoom take participants out of
+        self.joined: set[tuple[str, str]] = self.present
         self.lookups: list[tuple[str, str, bool]] = []
         self._lookup_calls: list = []
         self.methods["GetParticipant"] = self._e2e_get_participant
@@ -78,6 +79,7 @@ class E2ELiveKit(FakeLiveKit):
     def rejected(self):
         decoded = {id(c.call) for c in self.create_room_requests}
         decoded.update(id(c) for c in self._lookup_calls)
+        decoded.update(id(c.call) for c in self.removal_requests)
         return [c for c in self.calls if id(c) not in decoded]
 
 

@@ -50,7 +50,12 @@ GET_PARTICIPANT_HEX = (
     "122b4a2b5434357447727578632b4872554f714a4a6c7951535633336d373238436d65342b7674382f53577255"
 )
 PREFIX = "/twirp/livekit.RoomService/"
-MESSAGES = {"CreateRoom": lk_room.CreateRoomRequest, "GetParticipant": lk_room.RoomParticipantIdentity}
+MESSAGES = {
+    "CreateRoom": lk_room.CreateRoomRequest,
+    "GetParticipant": lk_room.RoomParticipantIdentity,
+    "RemoveParticipant": lk_room.RoomParticipantIdentity,
+    "DeleteRoom": lk_room.DeleteRoomRequest,
+}
 
 
 @attr.s(auto_attribs=True)
@@ -126,6 +131,13 @@ class FakeSFU(Resource):
         if name == "CreateRoom":
             room = lk_models.Room(sid="RM_1", name=message.name, creation_time=self.now)
             return Answer(200, room.SerializeToString(), {"Content-Type": "application/protobuf"})
+        if name == "DeleteRoom":
+            return Answer(200, b"", {"Content-Type": "application/protobuf"})
+        if name == "RemoveParticipant":
+            if (message.room, message.identity) not in self.participants:
+                return Answer(404, twirp_json("not_found", "participant does not exist"))
+            self.participants.discard((message.room, message.identity))
+            return Answer(200, b"", {"Content-Type": "application/protobuf"})
         if (message.room, message.identity) in self.participants:
             info = lk_models.ParticipantInfo(sid="PA_1", identity=message.identity)
             return Answer(200, info.SerializeToString(), {"Content-Type": "application/protobuf"})
@@ -142,9 +154,9 @@ class FakeSFU(Resource):
         except jwt.InvalidTokenError as e:
             return f"bad token: {e}"
         video = claims.get("video", {})
-        if name == "CreateRoom" and video.get("roomCreate") is not True:
+        if name in ("CreateRoom", "DeleteRoom") and video.get("roomCreate") is not True:
             return "no roomCreate"
-        if name == "GetParticipant" and (video.get("roomAdmin") is not True or video.get("room") != message.room):
+        if name in ("GetParticipant", "RemoveParticipant") and (video.get("roomAdmin") is not True or video.get("room") != message.room):
             return "no roomAdmin for this room"
         return ""
 

@@ -1,0 +1,1 @@
+"""Membership enforcement: who leaves the Matrix room leaves the LiveKit room (docs/membership.md)."""

@@ -1,0 +1,181 @@
+"""Where the tracked participants are kept across restarts (docs/membership.md#redis-record).
+
+The tracker lives in memory; Redis only lets a restarted daemon pick the set up again, so
+writing is best-effort: every change is recorded in a :class:`WriteQueue` (the latest
+change per participant wins) and sent at once while Redis answers. A change that cannot be
+written stays queued and is sent again at the next sweep, which thus doubles as the
+outage probe; the outage and the recovery are logged once each. Nothing here ever fails a
+token request or a sweep. It has its own connection because the job store's is tied to
+the ``lk-jwt:jobs`` hash.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from rtcauthd.membership.record import (
+    PARTICIPANTS_KEY,
+    Participant,
+    ParticipantRecordError,
+    decode_record,
+    encode_field,
+    encode_record,
+)
+from rtcauthd.store.redis_connection import connect, describe, is_transient
+from rtcauthd.store.redis_url import RedisTarget, parse_redis_url
+from rtcauthd.store.write_queue import WriteQueue
+
+__all__ = ["MemoryParticipantStore", "RedisParticipantStore"]
+
+log = Logger()
+
+
+class MemoryParticipantStore:
+    """No persistence: a restart forgets the tracked set (the next tokens rebuild it)."""
+
+    persistent = False
+
+    def put(self, participant: Participant) -> None:
+        pass
+
+    def delete(self, room: str, identity: str) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def load_all(self) -> "Deferred[list[Participant]]":
+        return succeed([])
+
+    def close(self) -> "Deferred[None]":
+        return succeed(None)
+
+
+class RedisParticipantStore:
+    """The hash ``lk-jwt:participants``; writes are queued and retried, never waited for."""
+
+    persistent = True
+
+    def __init__(
+        self,
+        target: RedisTarget,
+        *,
+        clock: IReactorTime,
+        tls_policy: Optional[Any] = None,
+        op_timeout: float = 2.0,
+        load_timeout: float = 10.0,
+        _connection: Optional[Any] = None,
+    ) -> None:
+        self._clock = clock
+        self._address = target.address
+        self._op_timeout = op_timeout
+        self._load_timeout = load_timeout
+        self._redis = _connection if _connection is not None else connect(
+            target, tls_policy=tls_policy, reply_timeout=max(op_timeout, load_timeout), connect_timeout=op_timeout
+        )
+        self._queue = WriteQueue()
+        self._up = True
+        self._closing = False
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs: Any) -> "RedisParticipantStore":
+        return cls(parse_redis_url(url), **kwargs)
+
+    @property
+    def pending_count(self) -> int:
+        return len(self._queue)
+
+    def put(self, participant: Participant) -> None:
+        field = encode_field(*participant.key).encode("utf-8")
+        self._record(field, encode_record(participant).encode("utf-8"))
+
+    def delete(self, room: str, identity: str) -> None:
+        self._record(encode_field(room, identity).encode("utf-8"), None)
+
+    def flush(self) -> None:
+        """Send what is still queued (after an outage); one write per participant at a time."""
+        if self._closing:
+            return
+        self._up = True
+        for field in self._queue.fields():
+            self._send(field)
+
+    def _record(self, field: bytes, value: Optional[bytes]) -> None:
+        self._queue.record(field, value)
+        if self._up and not self._closing:
+            self._send(field)
+
+    def _send(self, field: bytes) -> None:
+        write = self._queue.take(field)
+        if write is None:
+            return
+        version, value = write
+        command = self._redis.hset(PARTICIPANTS_KEY, field, value) if value is not None else (
+            self._redis.hdel(PARTICIPANTS_KEY, [field])
+        )
+        command.addTimeout(self._op_timeout, self._clock).addCallbacks(
+            self._written, self._failed, callbackArgs=(field, version), errbackArgs=(field, version)
+        )
+
+    def _written(self, _result: object, field: bytes, version: int) -> None:
+        self._queue.settled(field, version)
+        if self._up and not self._closing:
+            self._send(field)  # a newer change recorded meanwhile
+
+    def _failed(self, failure: Failure, field: bytes, version: int) -> None:
+        if not is_transient(failure):
+            log.error(
+                "Redis refused the participant record {field}: {error}",
+                field=field.decode("utf-8", "replace"),
+                error=describe(failure),
+            )
+            self._queue.settled(field, version)
+            return
+        self._queue.failed(field)
+        if self._up and not self._closing:
+            log.warn(
+                "Redis at {address} is unavailable ({error}); tracked participants are written at a later sweep",
+                address=self._address,
+                error=describe(failure),
+            )
+        self._up = False
+
+    def load_all(self) -> "Deferred[list[Participant]]":
+        """Every readable record; Redis down or slow means starting with none (logged)."""
+        d = self._redis.hgetall(PARTICIPANTS_KEY).addTimeout(self._load_timeout, self._clock)
+
+        def loaded(mapping: dict) -> list[Participant]:
+            participants = []
+            for field, value in mapping.items():
+                try:
+                    participants.append(decode_record(value))
+                except ParticipantRecordError as e:
+                    log.warn(
+                        "Skipping unparsable participant record {field} in Redis: {error}",
+                        field=field.decode("utf-8", "replace") if isinstance(field, bytes) else str(field),
+                        error=str(e),
+                    )
+            return participants
+
+        def failed(failure: Failure) -> list[Participant]:
+            log.warn(
+                "Could not read tracked participants from Redis at {address} ({error}); starting without them",
+                address=self._address,
+                error=describe(failure),
+            )
+            return []
+
+        return d.addCallbacks(loaded, failed)
+
+    def close(self) -> "Deferred[None]":
+        self._closing = True
+        pending = len(self._queue)
+        if pending:
+            log.info("{count} participant record change(s) not written to Redis at shutdown", count=pending)
+        self._queue.release_all()
+        return maybeDeferred(self._redis.disconnect).addBoth(lambda _: None)
