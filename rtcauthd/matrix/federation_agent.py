@@ -42,6 +42,7 @@ from rtcauthd.outbound.client import (
     OutboundError,
     connection_pool,
 )
+from rtcauthd.outbound.pool import full_access_pool, strangers_pool
 from rtcauthd.matrix.guarded_connect import ConnectionGuard, as_outbound, classify_failure
 from rtcauthd.matrix.ipfilter import IPRangeFilter
 from rtcauthd.matrix.resolver import (
@@ -207,20 +208,24 @@ class FederationAgent:
         ip_filter: IPRangeFilter,
         is_trusted: Callable[[str], bool],
         pool: Optional[HTTPConnectionPool] = None,
+        stranger_pool: Optional[HTTPConnectionPool] = None,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         _name_resolver=None,
     ) -> None:
         self._resolver = resolver
         self.guard = ConnectionGuard(reactor, tls_policy, ip_filter, is_trusted, connect_timeout, _name_resolver)
         if pool is None:
-            pool = connection_pool(reactor, persistent=True)
+            pool = full_access_pool(reactor)
+        if stranger_pool is None:
+            stranger_pool = strangers_pool(reactor, ip_filter)
+        self.pool = pool
+        self.stranger_pool = stranger_pool
         factory = _FederationEndpointFactory(self)
         self._agent = Agent.usingEndpointFactory(reactor, factory, pool=pool)
-        # Servers anyone can name get no keep-alive: otherwise every made-up name would
-        # park an idle connection (and a file descriptor) for minutes.
-        self._filtered_agent = Agent.usingEndpointFactory(
-            reactor, factory, pool=connection_pool(reactor, persistent=False)
-        )
+        # Servers anyone can name get their own pool, bounded in total with a short idle
+        # time, so made-up names can neither exhaust descriptors nor evict the
+        # operator's connections (docs/connection-pooling.md).
+        self._filtered_agent = Agent.usingEndpointFactory(reactor, factory, pool=stranger_pool)
 
     def request(
         self,

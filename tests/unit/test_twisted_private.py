@@ -23,6 +23,12 @@ class PrivateNamesStillExist(unittest.TestCase):
             "HTTPConnectionPool._factory changed: update rtcauthd/twisted_private.py",
         )
 
+    def test_retrying_connection_wrapper(self):
+        self.assertTrue(
+            hasattr(web_client, "_RetryingHTTP11ClientProtocol"),
+            "twisted.web.client._RetryingHTTP11ClientProtocol is gone: update rtcauthd/twisted_private.py",
+        )
+
     def test_reactor_records_exit_signal(self):
         from twisted.internet import reactor
 
