@@ -223,7 +223,7 @@ def build_daemon(
     # Keep-alive for every homeserver (docs/connection-pooling.md): the operator's hosts
     # and LiveKit share one pool, everyone else has a bounded one of its own.
     pool = full_access_pool(reactor)
-    stranger_pool = strangers_pool(reactor, ip_filter)
+    stranger_pool = strangers_pool(reactor, ip_filter, per_host=config.federation_max_per_server)
     if agents is None:
         agents = Agents(
             federation=build_federation_agent(

@@ -362,6 +362,7 @@ def build_federation_agent(
     is_trusted: Callable[[str], bool],
     dns_resolver=None,
     pool: Optional[HTTPConnectionPool] = None,
+    stranger_pool: Optional[HTTPConnectionPool] = None,
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     well_known_timeout: float = WELL_KNOWN_TIMEOUT,
     _name_resolver=None,
@@ -406,6 +407,7 @@ def build_federation_agent(
         ip_filter=ip_filter,
         is_trusted=is_trusted,
         pool=pool,
+        stranger_pool=stranger_pool,
         connect_timeout=connect_timeout,
         _name_resolver=_name_resolver,
     )

@@ -241,8 +241,11 @@ FULL_ACCESS_MAX_WAITING = 4096
 #: hard total and a short idle time (a federated participant's client asks for a
 #: token, then again on reconnect or room change).
 STRANGERS_MAX_IDLE = 256
-STRANGERS_PER_HOST = 4
+#: Default per host: RTCAUTH_FEDERATION_MAX_INFLIGHT_PER_SERVER's default, since that many
+#: verifications of one name can be in flight at once, each on a connection of its own.
+STRANGERS_PER_HOST = 8
 STRANGERS_IDLE_SECONDS = 15.0
+STRANGERS_MAX_WAITING = 64
 
 
 def full_access_pool(reactor) -> BoundedConnectionPool:
@@ -257,8 +260,11 @@ def full_access_pool(reactor) -> BoundedConnectionPool:
     )
 
 
-def strangers_pool(reactor, ip_filter) -> BoundedConnectionPool:
+def strangers_pool(reactor, ip_filter, *, per_host: int = STRANGERS_PER_HOST) -> BoundedConnectionPool:
     """The pool for homeservers outside the full-access list.
+
+    ``per_host`` bounds both idle and open connections to one host (names delegating to
+    one host share them; over it, requests wait briefly).
 
     Before an idle connection is reused, the address it is connected to is checked
     against ``ip_filter`` (an IPRangeFilter) again: the SSRF guard holds for every
@@ -267,8 +273,10 @@ def strangers_pool(reactor, ip_filter) -> BoundedConnectionPool:
     return BoundedConnectionPool(
         reactor,
         max_idle=STRANGERS_MAX_IDLE,
-        max_idle_per_host=STRANGERS_PER_HOST,
+        max_idle_per_host=per_host,
         idle_seconds=STRANGERS_IDLE_SECONDS,
+        max_open_per_host=per_host,
+        max_waiting_per_host=STRANGERS_MAX_WAITING,
         admit=lambda connection: peer_allowed(connection, ip_filter),
     )
 
