@@ -155,12 +155,28 @@ class _FederationEndpoint:
         return agent._resolver.targets(self._name).addCallback(got_targets)
 
 
+#: Endpoints kept per (tier, delegated name): Agent asks for one on every request, even
+#: when a pooled connection serves it; they hold no connection state.
+ENDPOINT_CACHE_SIZE = 1024
+
+
 @implementer(IAgentEndpointFactory)
 class _FederationEndpointFactory:
     def __init__(self, agent: "FederationAgent") -> None:
         self._agent = agent
+        self._endpoints: dict[tuple, _FederationEndpoint] = {}
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        key = (uri.scheme, uri.host, uri.port)
+        endpoint = self._endpoints.get(key)
+        if endpoint is None:
+            endpoint = self._new_endpoint(uri)
+            if len(self._endpoints) >= ENDPOINT_CACHE_SIZE:
+                self._endpoints.clear()
+            self._endpoints[key] = endpoint
+        return endpoint
+
+    def _new_endpoint(self, uri: URI) -> "_FederationEndpoint":
         if uri.scheme not in (_INNER_FILTERED, _INNER_TRUSTED):
             raise SchemeNotSupported(f"Unsupported scheme: {uri.scheme!r}")
         host = uri.host.decode("ascii")
