@@ -9,7 +9,8 @@ How the pieces fit:
 
 - :class:`FederationAgent` parses the server name, runs the well-known step (for the
   ``Host`` header), then hands the request to an ordinary ``Agent`` whose endpoint
-  factory connects by SRV / 8448 target. Connections are pooled per delegated name.
+  factory connects by SRV / 8448 target. Connections are pooled per delegated name and
+  trust tier, in two bounded pools (docs/connection-pooling.md).
 - Every TCP connection goes through ``HostnameEndpoint`` (happy eyeballs over all
   A/AAAA answers) with a reactor wrapper whose ``nameResolver`` drops each resolved
   address that :class:`IPRangeFilter` refuses (:mod:`rtcauthd.matrix.guarded_connect`). The check is therefore made on the
