@@ -280,6 +280,7 @@ def build_daemon(
         lookup_participant=lambda params: lookups.run(rooms.get_participant, params.room, params.identity),
         sanity_interval=float(config.sanity_check_interval),
     )
+    metrics.watch_pools({"full_access": pool, "strangers": stranger_pool})
     metrics.watch_jobs(lambda: (job.state.value for job in manager), (state.value for state in State))
     if delegation is None:
         delegation = DelegatedLeave(

@@ -31,7 +31,7 @@ from rtcauthd.matrix.federation_agent import (
 from rtcauthd.matrix.ipfilter import IPRangeFilter
 from rtcauthd.matrix.resolver import ServerResolver
 from rtcauthd.outbound.errors import FailureKind, OutboundError
-from rtcauthd.outbound.pool import strangers_pool
+from rtcauthd.outbound.pool import BoundedConnectionPool, strangers_pool
 from tests.support.outbound import assert_fails_with, failed_with
 from rtcauthd.tls import TLSPolicy
 from tests.support.certs import TestCA, self_signed
@@ -655,6 +655,23 @@ class RealSocketTests(TestCase):
             yield client.userinfo(f"{name}:{port}", "token")
         self.assertEqual(site.connections, 2)
         self.assertEqual(homeserver.hosts, [f"a.test:{port}", f"b.test:{port}"] * 2)
+
+
+    @defer.inlineCallbacks
+    def test_concurrent_requests_queue_for_pooled_connections(self):
+        """More requests at once than the host may have connections: they wait for one,
+        and a second burst after warm-up opens no connection at all."""
+        homeserver, site, port = self.serve(self.ca.issue(["hs.test"]), "")
+        server_name = f"hs.test:{port}"
+        homeserver.sub = f"@erin:{server_name}"
+        self.names.answers["hs.test"] = ["127.0.0.1"]
+        self.pool = BoundedConnectionPool(self.reactor, max_open_per_host=4, max_idle_per_host=4)
+        client = self.client(trusted={server_name})
+        for _burst in range(2):
+            users = yield defer.gatherResults([client.userinfo(server_name, "token") for _ in range(24)])
+            self.assertEqual(set(users), {homeserver.sub})
+            self.assertEqual(site.connections, 4)
+        self.assertEqual((self.pool.opened, len(homeserver.hosts)), (4, 48))
 
 
 class SwitchableFilter:
