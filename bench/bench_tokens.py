@@ -80,20 +80,7 @@ http {{
     keepalive_timeout 600s;
     ssl_certificate {dir}/leaf.crt;
     ssl_certificate_key {dir}/leaf.key;
-    server {{
-        listen 127.0.0.1:{restricted} ssl;
-        location = {userinfo} {{
-            default_type application/json;
-            return 200 '{{"sub": "@alice:127.0.0.1:{restricted}"}}';
-        }}
-    }}
-    server {{
-        listen 127.0.0.1:{full} ssl;
-        location = {userinfo} {{
-            default_type application/json;
-            return 200 '{{"sub": "@alice:127.0.0.1:{full}"}}';
-        }}
-    }}
+{homeservers}
     server {{
         listen 127.0.0.1:{livekit} ssl;
         location = {create_room} {{
@@ -109,6 +96,17 @@ http {{
 """
 
 
+#: One fake homeserver: its userinfo vouches for @alice of its own server name.
+HOMESERVER_BLOCK = """
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        location = {userinfo} {{
+            default_type application/json;
+            return 200 '{{"sub": "@alice:127.0.0.1:{port}"}}';
+        }}
+    }}"""
+
+
 class Nginx:
     def __init__(self, directory: str) -> None:
         from tests.support.certs import TestCA
@@ -119,7 +117,11 @@ class Nginx:
         ca.issue(["127.0.0.1"]).write(directory, "leaf")
         self.ports = {name: free_port() for name in ("restricted", "full", "livekit", "status")}
         with open(os.path.join(directory, "nginx.conf"), "w") as f:
-            f.write(NGINX_CONF.format(dir=directory, userinfo=USERINFO_PATH, create_room=CREATE_ROOM_PATH, **self.ports))
+            homeservers = "".join(
+                HOMESERVER_BLOCK.format(port=self.ports[path], userinfo=USERINFO_PATH) for path in ("restricted", "full")
+            )
+            f.write(NGINX_CONF.format(dir=directory, homeservers=homeservers, create_room=CREATE_ROOM_PATH,
+                                      **self.ports))
         self.process = subprocess.Popen(
             ["taskset", "-c", LOAD_CPU, "nginx", "-p", directory, "-c", os.path.join(directory, "nginx.conf"),
              "-e", os.path.join(directory, "error.log")],

@@ -139,6 +139,8 @@ class BoundedConnectionPool(HTTPConnectionPool):
         idle = self._connections.get(key)
         while idle:
             connection = idle.pop()  # most recently used: the others may idle out
+            if not idle:
+                del self._connections[key]  # no empty entry per name ever seen
             self._forget_idle(connection)
             if connection.state != "QUIESCENT":
                 continue
@@ -154,13 +156,16 @@ class BoundedConnectionPool(HTTPConnectionPool):
         if timeout is not None and timeout.active():
             timeout.cancel()
 
-    def _close_idle(self, key: Hashable, connection) -> None:
+    def _unpool(self, key: Hashable, connection) -> None:
         idle = self._connections.get(key)
         if idle and connection in idle:
             idle.remove(connection)
             if not idle:
                 del self._connections[key]
         self._forget_idle(connection)
+
+    def _close_idle(self, key: Hashable, connection) -> None:
+        self._unpool(key, connection)
         if connection.transport is not None:
             connection.transport.loseConnection()
 
@@ -171,12 +176,7 @@ class BoundedConnectionPool(HTTPConnectionPool):
         else:
             self._open.pop(key, None)
         if connection is not None and connection in self._idle:
-            idle = self._connections.get(key)
-            if idle and connection in idle:
-                idle.remove(connection)
-                if not idle:
-                    del self._connections[key]
-            self._forget_idle(connection)
+            self._unpool(key, connection)
         if self._waiting.get(key):
             self._schedule_drain()
 
@@ -186,6 +186,8 @@ class BoundedConnectionPool(HTTPConnectionPool):
         def cancel(waiter: Deferred) -> None:
             if entry and entry[0] in queue:
                 queue.remove(entry[0])
+                if not queue and self._waiting.get(key) is queue:
+                    del self._waiting[key]
 
         waiter: Deferred = Deferred(cancel)
         entry.append((waiter, endpoint))

@@ -84,8 +84,12 @@ class IdleBounds(SynchronousTestCase):
         self.assertEqual(len(still_open), pool_module.STRANGERS_MAX_IDLE)
         # the survivors are the most recently used names
         self.assertEqual(still_open, open_connections[-pool_module.STRANGERS_MAX_IDLE :])
+        # nothing is kept per name beyond the connections themselves
+        self.assertEqual(len(pool._connections), pool_module.STRANGERS_MAX_IDLE)
+        self.assertEqual(len(pool._open), pool_module.STRANGERS_MAX_IDLE)
         clock.advance(pool_module.STRANGERS_IDLE_SECONDS)
         self.assertEqual(pool.idle_count, 0)
+        self.assertEqual((pool._connections, pool._open, pool._waiting), ({}, {}, {}))
         self.assertTrue(all(c.transport.disconnecting for c in open_connections))
 
     def test_per_host_idle_cap(self):
@@ -146,6 +150,7 @@ class Queueing(SynchronousTestCase):
         waiting = self.pool.getConnection("host", self.endpoint)
         waiting.cancel()
         self.failureResultOf(waiting, CancelledError)
+        self.assertEqual(self.pool._waiting, {})
         hand_back(a)
         self.clock.advance(0)
         self.assertEqual(self.pool.idle_count, 1)
