@@ -60,6 +60,13 @@ def retrying_connection(connection, new_connection):
     return _web_client._RetryingHTTP11ClientProtocol(connection, new_connection)
 
 
+def standard_endpoint_factory(reactor, policy, connect_timeout: float):
+    """What ``Agent(reactor, policy, connectTimeout)`` connects with: TCP for http, TLS by
+    ``policy`` for https, through ``HostnameEndpoint``. Private class; rtcauthd wraps it
+    (``ReusedEndpoints``) so an endpoint is not rebuilt on every request."""
+    return _web_client._StandardEndpointFactory(reactor, policy, connect_timeout, None)
+
+
 def forget_exit_signal(reactor) -> None:
     """Make a clean SIGTERM stop exit 0.
 

@@ -43,7 +43,8 @@ from rtcauthd.outbound.client import (
     OutboundError,
     connection_pool,
 )
-from rtcauthd.outbound.pool import full_access_pool, strangers_pool
+from rtcauthd.outbound.pool import ReusedEndpoints, full_access_pool, strangers_pool
+from rtcauthd.twisted_private import standard_endpoint_factory
 from rtcauthd.matrix.guarded_connect import ConnectionGuard, as_outbound, classify_failure
 from rtcauthd.matrix.ipfilter import IPRangeFilter
 from rtcauthd.matrix.resolver import (
@@ -156,28 +157,12 @@ class _FederationEndpoint:
         return agent._resolver.targets(self._name).addCallback(got_targets)
 
 
-#: Endpoints kept per (tier, delegated name): Agent asks for one on every request, even
-#: when a pooled connection serves it; they hold no connection state.
-ENDPOINT_CACHE_SIZE = 1024
-
-
 @implementer(IAgentEndpointFactory)
 class _FederationEndpointFactory:
     def __init__(self, agent: "FederationAgent") -> None:
         self._agent = agent
-        self._endpoints: dict[tuple, _FederationEndpoint] = {}
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
-        key = (uri.scheme, uri.host, uri.port)
-        endpoint = self._endpoints.get(key)
-        if endpoint is None:
-            endpoint = self._new_endpoint(uri)
-            if len(self._endpoints) >= ENDPOINT_CACHE_SIZE:
-                self._endpoints.clear()
-            self._endpoints[key] = endpoint
-        return endpoint
-
-    def _new_endpoint(self, uri: URI) -> "_FederationEndpoint":
         if uri.scheme not in (_INNER_FILTERED, _INNER_TRUSTED):
             raise SchemeNotSupported(f"Unsupported scheme: {uri.scheme!r}")
         host = uri.host.decode("ascii")
@@ -237,7 +222,7 @@ class FederationAgent:
             stranger_pool = strangers_pool(reactor, ip_filter)
         self.pool = pool
         self.stranger_pool = stranger_pool
-        factory = _FederationEndpointFactory(self)
+        factory = ReusedEndpoints(_FederationEndpointFactory(self))
         self._agent = Agent.usingEndpointFactory(reactor, factory, pool=pool)
         # Servers anyone can name get their own pool, bounded in total with a short idle
         # time, so made-up names can neither exhaust descriptors nor evict the
@@ -440,4 +425,5 @@ def build_plain_agent(
     """An ordinary Agent (happy eyeballs via HostnameEndpoint) for operator-configured
     URLs (LiveKit, client-server API): no SSRF filter, same TLS policy. Pass it
     bytes URLs through HTTPClient (IPv6 literals work; hyperlink is not involved)."""
-    return Agent(reactor, contextFactory=tls_policy, connectTimeout=connect_timeout, pool=pool)
+    factory = ReusedEndpoints(standard_endpoint_factory(reactor, tls_policy, connect_timeout))
+    return Agent.usingEndpointFactory(reactor, factory, pool=pool)

@@ -24,7 +24,9 @@ from typing import Callable, Hashable, Optional
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
-from twisted.web.client import HTTPConnectionPool
+from twisted.web.client import URI, HTTPConnectionPool
+from twisted.web.iweb import IAgentEndpointFactory
+from zope.interface import implementer
 
 from rtcauthd.twisted_private import TrackedClientFactory, retrying_connection
 
@@ -231,6 +233,36 @@ class BoundedConnectionPool(HTTPConnectionPool):
                 waiter.errback(failure)
 
         self._newConnection(key, endpoint).addCallbacks(connected, failed)
+
+
+#: Endpoints kept per agent before the memo starts over (hosts can be attacker-chosen).
+ENDPOINT_CACHE_SIZE = 1024
+
+
+@implementer(IAgentEndpointFactory)
+class ReusedEndpoints:
+    """Wraps an endpoint factory so each ``(scheme, host, port)`` gets one endpoint.
+
+    ``Agent`` asks its factory for an endpoint on every request, even when a pooled
+    connection serves it, and a ``HostnameEndpoint`` with its TLS wrapper (IDNA encoding
+    included) costs more to build than a pooled request costs to send. Endpoints hold
+    no per-connection state, so one can serve every connection to its host.
+    """
+
+    def __init__(self, factory, size: int = ENDPOINT_CACHE_SIZE) -> None:
+        self._factory = factory
+        self._size = size
+        self._endpoints: dict = {}
+
+    def endpointForURI(self, uri: URI):
+        key = (uri.scheme, uri.host, uri.port)
+        endpoint = self._endpoints.get(key)
+        if endpoint is None:
+            endpoint = self._factory.endpointForURI(uri)
+            if len(self._endpoints) >= self._size:
+                self._endpoints.clear()
+            self._endpoints[key] = endpoint
+        return endpoint
 
 
 #: Homeservers in the full-access list and LiveKit: few hosts the operator chose, many

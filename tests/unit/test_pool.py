@@ -187,3 +187,28 @@ class PeerCheckOnReuse(SynchronousTestCase):
         connection = unwrap(got(pool.getConnection("host", FakeEndpoint("127.0.0.1"))))
         self.assertFalse(peer_allowed(connection, IPRangeFilter()))
         self.assertTrue(peer_allowed(connection, IPRangeFilter(allowlist=["127.0.0.0/8"])))
+
+
+class EndpointReuse(SynchronousTestCase):
+    def test_one_endpoint_per_scheme_host_and_port(self):
+        from twisted.web.client import URI
+
+        from rtcauthd.outbound.pool import ReusedEndpoints
+
+        built = []
+
+        class Factory:
+            def endpointForURI(self, uri):
+                if uri.scheme != b"https":
+                    raise ValueError("scheme")
+                built.append(uri.host)
+                return object()
+
+        endpoints = ReusedEndpoints(Factory(), size=2)
+        first = endpoints.endpointForURI(URI.fromBytes(b"https://a.example/x?token=1"))
+        self.assertIs(endpoints.endpointForURI(URI.fromBytes(b"https://a.example/y?token=2")), first)
+        self.assertIsNot(endpoints.endpointForURI(URI.fromBytes(b"https://a.example:8448/")), first)
+        self.assertRaises(ValueError, endpoints.endpointForURI, URI.fromBytes(b"http://a.example/"))
+        endpoints.endpointForURI(URI.fromBytes(b"https://b.example/"))  # over the size: starts over
+        self.assertEqual(len(endpoints._endpoints), 1)
+        self.assertEqual(built, [b"a.example", b"a.example", b"b.example"])

@@ -29,6 +29,12 @@ class PrivateNamesStillExist(unittest.TestCase):
             "twisted.web.client._RetryingHTTP11ClientProtocol is gone: update rtcauthd/twisted_private.py",
         )
 
+    def test_standard_endpoint_factory(self):
+        from twisted.web.client import URI
+
+        factory = twisted_private.standard_endpoint_factory(Clock(), None, 5)
+        self.assertIsNotNone(factory.endpointForURI(URI.fromBytes(b"http://example.org/")))
+
     def test_reactor_records_exit_signal(self):
         from twisted.internet import reactor
 
