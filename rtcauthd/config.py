@@ -450,7 +450,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "RTCAUTH_FEDERATION_MAX_INFLIGHT_PER_SERVER",
         "8",
-        "concurrent verifications against one such homeserver",
+        "concurrent verifications against one such homeserver; also the keep-alive connections kept per host for them",
         _numeric("federation_max_per_server", int),
     ),
     Setting(

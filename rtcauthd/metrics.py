@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Callable, Iterable, Optional
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from twisted.web.resource import Resource
 
 #: seconds; a federation lookup is one TLS connect plus one small request.
@@ -88,6 +88,28 @@ class Metrics:
     def watch_jobs(self, states: Callable[[], Iterable[str]], all_states: Iterable[str]) -> None:
         """Export ``rtcauthd_jobs{state}``, counted from ``states()`` at scrape time."""
         self.registry.register(_JobsCollector(states, tuple(all_states)))
+
+
+    def watch_pools(self, pools: dict) -> None:
+        """Export the outbound connection pools (name -> BoundedConnectionPool) at scrape
+        time: connections opened so far and idle now. In steady state ``opened`` stays put."""
+        self.registry.register(_PoolsCollector(dict(pools)))
+
+
+class _PoolsCollector:
+    def __init__(self, pools: dict) -> None:
+        self._pools = pools
+
+    def collect(self):
+        opened = CounterMetricFamily(
+            "rtcauthd_outbound_connections_opened", "Outbound connections opened, by pool", labels=["pool"]
+        )
+        idle = GaugeMetricFamily("rtcauthd_outbound_connections_idle", "Idle pooled connections", labels=["pool"])
+        for name, pool in self._pools.items():
+            opened.add_metric([name], pool.opened)
+            idle.add_metric([name], pool.idle_count)
+        yield opened
+        yield idle
 
 
 class _JobsCollector:

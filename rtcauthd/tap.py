@@ -163,7 +163,8 @@ class Daemon:
     plain_http: Any
     redirecting_http: Any
     guarded_http: Any
-    pool: Any  # HTTPConnectionPool shared by the real agents
+    pool: Any  # BoundedConnectionPool: full-access homeservers and LiveKit
+    stranger_pool: Any  # BoundedConnectionPool: every other homeserver
 
 
 def build_daemon(
@@ -192,7 +193,8 @@ def build_daemon(
     from rtcauthd.inbound.app import RtcAuthApp
     from rtcauthd.inbound.admission import DEFAULT_BATCH, served_first
     from rtcauthd.inbound.site import RtcAuthSite, UTF8URLsOnly
-    from rtcauthd.outbound.client import GoRedirectAgent, HTTPClient, connection_pool
+    from rtcauthd.outbound.client import GoRedirectAgent, HTTPClient
+    from rtcauthd.outbound.pool import full_access_pool, strangers_pool
     from rtcauthd.livekit.tokens import TokenMinter
     from rtcauthd.livekit.twirp import RoomServiceClient
     from rtcauthd.matrix.fanout import VerificationGate
@@ -232,11 +234,14 @@ def build_daemon(
     )
 
     metrics = Metrics()
-    pool = connection_pool(reactor)
     ip_filter = IPRangeFilter(
         blocklist=list(config.ip_blocklist) if config.ip_blocklist is not None else list(DEFAULT_BLOCKLIST),
         allowlist=list(config.ip_allowlist),
     )
+    # Keep-alive for every homeserver (docs/connection-pooling.md): the operator's hosts
+    # and LiveKit share one pool, everyone else has a bounded one of its own.
+    pool = full_access_pool(reactor)
+    stranger_pool = strangers_pool(reactor, ip_filter, per_host=config.federation_max_per_server)
     if agents is None:
         agents = Agents(
             federation=build_federation_agent(
@@ -245,6 +250,7 @@ def build_daemon(
                 ip_filter=ip_filter,
                 is_trusted=config.is_named_full_access,  # "*" never disables the SSRF filter
                 pool=pool,
+                stranger_pool=stranger_pool,
                 # Half the bound, so a hanging well-known host leaves time for the SRV/8448 fallback.
                 well_known_timeout=config.outbound_timeout / 2,
             ),
@@ -292,6 +298,7 @@ def build_daemon(
         lookup_participant=lambda params: lookups.run(rooms.get_participant, params.room, params.identity),
         sanity_interval=float(config.sanity_check_interval),
     )
+    metrics.watch_pools({"full_access": pool, "strangers": stranger_pool})
     metrics.watch_jobs(lambda: (job.state.value for job in manager), (state.value for state in State))
     if delegation is None:
         delegation = DelegatedLeave(
@@ -373,6 +380,7 @@ def build_daemon(
         manager.stop()  # timers cancelled; stored records stay for the next process
         await store.close()
         await pool.closeCachedConnections()
+        await stranger_pool.closeCachedConnections()
 
     extra_listeners = []
     stats_site = metrics_site(metrics, reactor) if config.metrics_listen else None
@@ -411,6 +419,7 @@ def build_daemon(
         redirecting_http=redirecting_http,
         guarded_http=guarded_http,
         pool=pool,
+        stranger_pool=stranger_pool,
     )
 
 

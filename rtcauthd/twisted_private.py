@@ -29,6 +29,44 @@ def make_pool_quiet(pool: HTTPConnectionPool) -> HTTPConnectionPool:
     return pool
 
 
+class _TrackedClientProtocol(_web_client.HTTP11ClientProtocol):
+    def __init__(self, quiescentCallback, on_lost) -> None:
+        super().__init__(quiescentCallback)
+        self._on_lost = on_lost
+
+    def connectionLost(self, reason) -> None:
+        _web_client.HTTP11ClientProtocol.connectionLost(self, reason)
+        self._on_lost(self)
+
+
+class TrackedClientFactory(_QuietClientFactory):
+    """A quiet pool factory whose connections report ``connectionLost`` to ``on_lost``.
+
+    The bounded pool (rtcauthd.outbound.pool) counts the connections it has open per host;
+    Twisted's pool never needs to and has no hook, so this subclasses the private factory.
+    """
+
+    def __init__(self, quiescentCallback, metadata, on_lost) -> None:
+        super().__init__(quiescentCallback, metadata)
+        self._on_lost = on_lost
+
+    def buildProtocol(self, addr):
+        return _TrackedClientProtocol(self._quiescentCallback, self._on_lost)
+
+
+def retrying_connection(connection, new_connection):
+    """A pooled connection that retries an idempotent request once on a fresh one if the
+    server had closed it meanwhile, as Twisted's own pool hands them out (private class)."""
+    return _web_client._RetryingHTTP11ClientProtocol(connection, new_connection)
+
+
+def standard_endpoint_factory(reactor, policy, connect_timeout: float):
+    """What ``Agent(reactor, policy, connectTimeout)`` connects with: TCP for http, TLS by
+    ``policy`` for https, through ``HostnameEndpoint``. Private class; rtcauthd wraps it
+    (``ReusedEndpoints``) so an endpoint is not rebuilt on every request."""
+    return _web_client._StandardEndpointFactory(reactor, policy, connect_timeout, None)
+
+
 def forget_exit_signal(reactor) -> None:
     """Make a clean SIGTERM stop exit 0.
 

@@ -9,7 +9,8 @@ How the pieces fit:
 
 - :class:`FederationAgent` parses the server name, runs the well-known step (for the
   ``Host`` header), then hands the request to an ordinary ``Agent`` whose endpoint
-  factory connects by SRV / 8448 target. Connections are pooled per delegated name.
+  factory connects by SRV / 8448 target. Connections are pooled per delegated name and
+  trust tier, in two bounded pools (docs/connection-pooling.md).
 - Every TCP connection goes through ``HostnameEndpoint`` (happy eyeballs over all
   A/AAAA answers) with a reactor wrapper whose ``nameResolver`` drops each resolved
   address that :class:`IPRangeFilter` refuses (:mod:`rtcauthd.matrix.guarded_connect`). The check is therefore made on the
@@ -42,6 +43,8 @@ from rtcauthd.outbound.client import (
     OutboundError,
     connection_pool,
 )
+from rtcauthd.outbound.pool import ReusedEndpoints, full_access_pool, strangers_pool
+from rtcauthd.twisted_private import standard_endpoint_factory
 from rtcauthd.matrix.guarded_connect import ConnectionGuard, as_outbound, classify_failure
 from rtcauthd.matrix.ipfilter import IPRangeFilter
 from rtcauthd.matrix.resolver import (
@@ -207,20 +210,24 @@ class FederationAgent:
         ip_filter: IPRangeFilter,
         is_trusted: Callable[[str], bool],
         pool: Optional[HTTPConnectionPool] = None,
+        stranger_pool: Optional[HTTPConnectionPool] = None,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         _name_resolver=None,
     ) -> None:
         self._resolver = resolver
         self.guard = ConnectionGuard(reactor, tls_policy, ip_filter, is_trusted, connect_timeout, _name_resolver)
         if pool is None:
-            pool = connection_pool(reactor, persistent=True)
-        factory = _FederationEndpointFactory(self)
+            pool = full_access_pool(reactor)
+        if stranger_pool is None:
+            stranger_pool = strangers_pool(reactor, ip_filter)
+        self.pool = pool
+        self.stranger_pool = stranger_pool
+        factory = ReusedEndpoints(_FederationEndpointFactory(self))
         self._agent = Agent.usingEndpointFactory(reactor, factory, pool=pool)
-        # Servers anyone can name get no keep-alive: otherwise every made-up name would
-        # park an idle connection (and a file descriptor) for minutes.
-        self._filtered_agent = Agent.usingEndpointFactory(
-            reactor, factory, pool=connection_pool(reactor, persistent=False)
-        )
+        # Servers anyone can name get their own pool, bounded in total with a short idle
+        # time, so made-up names can neither exhaust descriptors nor evict the
+        # operator's connections (docs/connection-pooling.md).
+        self._filtered_agent = Agent.usingEndpointFactory(reactor, factory, pool=stranger_pool)
 
     def request(
         self,
@@ -357,6 +364,7 @@ def build_federation_agent(
     is_trusted: Callable[[str], bool],
     dns_resolver=None,
     pool: Optional[HTTPConnectionPool] = None,
+    stranger_pool: Optional[HTTPConnectionPool] = None,
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     well_known_timeout: float = WELL_KNOWN_TIMEOUT,
     _name_resolver=None,
@@ -401,6 +409,7 @@ def build_federation_agent(
         ip_filter=ip_filter,
         is_trusted=is_trusted,
         pool=pool,
+        stranger_pool=stranger_pool,
         connect_timeout=connect_timeout,
         _name_resolver=_name_resolver,
     )
@@ -416,4 +425,5 @@ def build_plain_agent(
     """An ordinary Agent (happy eyeballs via HostnameEndpoint) for operator-configured
     URLs (LiveKit, client-server API): no SSRF filter, same TLS policy. Pass it
     bytes URLs through HTTPClient (IPv6 literals work; hyperlink is not involved)."""
-    return Agent(reactor, contextFactory=tls_policy, connectTimeout=connect_timeout, pool=pool)
+    factory = ReusedEndpoints(standard_endpoint_factory(reactor, tls_policy, connect_timeout))
+    return Agent.usingEndpointFactory(reactor, factory, pool=pool)

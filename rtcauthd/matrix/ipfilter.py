@@ -97,6 +97,10 @@ def _embedded_ipv4(address: IPAddress) -> Optional[ipaddress.IPv4Address]:
     return address.sixtofour
 
 
+#: Addresses whose verdict is remembered before the memo starts over.
+VERDICT_CACHE_SIZE = 4096
+
+
 class IPRangeFilter:
     """Decides whether an address may be connected to: allowlist first, then blocklist."""
 
@@ -107,9 +111,23 @@ class IPRangeFilter:
     ) -> None:
         self._block = _networks(blocklist, "IP range blocklist")
         self._allow = _networks(allowlist, "IP range allowlist")
+        #: Verdicts by address text: the lists never change, and a pooled connection's
+        #: address is checked again on every reuse. Bounded (addresses come from DNS).
+        self._verdicts: dict[str, Optional[str]] = {}
 
     def check(self, ip: str) -> Optional[str]:
         """None if ``ip`` may be connected to, else the rule (CIDR text) refusing it."""
+        try:
+            return self._verdicts[ip]
+        except KeyError:
+            pass
+        verdict = self._check(ip)
+        if len(self._verdicts) >= VERDICT_CACHE_SIZE:
+            self._verdicts.clear()
+        self._verdicts[ip] = verdict
+        return verdict
+
+    def _check(self, ip: str) -> Optional[str]:
         try:
             address = ipaddress.ip_address(ip.strip("[]"))
         except ValueError:

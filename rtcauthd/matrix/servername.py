@@ -12,6 +12,7 @@ a valid dotted quad, because resolvers (glibc ``inet_aton``) may read ``127.1`` 
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from typing import Optional
@@ -65,10 +66,25 @@ class ServerName:
         return self.original
 
 
+#: Valid names remembered (each token request names one; attacker-chosen, so bounded).
+PARSED_CACHE_SIZE = 4096
+
+
 def parse_server_name(name: str) -> ServerName:
-    """Parse ``host[:port]``; raise :class:`InvalidServerName` for anything else."""
-    if not isinstance(name, str):
-        raise InvalidServerName("server name is not a string")
+    """Parse ``host[:port]``; raise :class:`InvalidServerName` for anything else.
+
+    Valid names are remembered (LRU, :data:`PARSED_CACHE_SIZE`): a token request
+    parses its server name in more than one layer, and most requests name a few servers.
+    """
+    if type(name) is not str:
+        if not isinstance(name, str):
+            raise InvalidServerName("server name is not a string")
+        name = str(name)
+    return _parse_cached(name)
+
+
+@functools.lru_cache(maxsize=PARSED_CACHE_SIZE)
+def _parse_cached(name: str) -> ServerName:
     if name == "":
         raise InvalidServerName("server name is empty")
     if not name.isascii():

@@ -31,6 +31,7 @@ from rtcauthd.matrix.federation_agent import (
 from rtcauthd.matrix.ipfilter import IPRangeFilter
 from rtcauthd.matrix.resolver import ServerResolver
 from rtcauthd.outbound.errors import FailureKind, OutboundError
+from rtcauthd.outbound.pool import BoundedConnectionPool, strangers_pool
 from tests.support.outbound import assert_fails_with, failed_with
 from rtcauthd.tls import TLSPolicy
 from tests.support.certs import TestCA, self_signed
@@ -480,7 +481,10 @@ class RealSocketTests(TestCase):
         self.addCleanup(shut_down)
         return homeserver, site, listener.getHost().port
 
-    def client(self, *, insecure: bool = False, trusted=(), allow=(), reactor=None) -> FederationClient:
+    def client(self, *, insecure: bool = False, trusted=(), allow=(), reactor=None, ip_filter=None) -> FederationClient:
+        ip_filter = ip_filter if ip_filter is not None else IPRangeFilter(allowlist=list(allow))
+        self.strangers = strangers_pool(self.reactor, ip_filter)
+        self.addCleanup(self.strangers.closeCachedConnections)
         resolver = ServerResolver(
             clock=self.reactor,
             http=HTTPClient(clock=self.reactor, agent=self.web),
@@ -490,9 +494,10 @@ class RealSocketTests(TestCase):
             reactor or self.reactor,
             resolver=resolver,
             tls_policy=TLSPolicy(ca_file=None if insecure else self.ca_file, insecure=insecure),
-            ip_filter=IPRangeFilter(allowlist=list(allow)),
+            ip_filter=ip_filter,
             is_trusted=lambda name: name in trusted,
             pool=self.pool,
+            stranger_pool=self.strangers,
             _name_resolver=self.names,
         )
         return FederationClient(http=HTTPClient(clock=self.reactor, agent=agent, timeout=10))
@@ -596,7 +601,7 @@ class RealSocketTests(TestCase):
         self.assertEqual(len(homeserver.hosts), 3)
 
     @defer.inlineCallbacks
-    def test_untrusted_servers_get_no_keep_alive(self):
+    def test_untrusted_servers_get_keep_alive_too(self):
         homeserver, site, port = self.serve(self.ca.issue(["hs.test"]), "")
         homeserver.sub = f"@erin:hs.test:{port}"
         self.names.answers["hs.test"] = ["127.0.0.1"]
@@ -604,7 +609,79 @@ class RealSocketTests(TestCase):
         for _ in range(3):
             user_id = yield client.userinfo(f"hs.test:{port}", "token")
             self.assertEqual(user_id, homeserver.sub)
-        self.assertEqual(site.connections, 3)
+        self.assertEqual(site.connections, 1)
+        self.assertEqual([name for name, _port in self.names.queries], ["hs.test"])
+
+    @defer.inlineCallbacks
+    def test_reused_connection_stays_on_the_address_that_was_checked(self):
+        """DNS rebinding after a connection was pooled: the next request reuses the
+        connection to the checked address; it never reaches the new, blocked one."""
+        homeserver, site, port = self.serve(self.ca.issue(["hs.test"]), "")
+        homeserver.sub = f"@erin:hs.test:{port}"
+        self.names.answers["hs.test"] = ["127.0.0.1"]
+        client = self.client(allow={"127.0.0.0/8"})
+        yield client.userinfo(f"hs.test:{port}", "token")
+        self.names.answers["hs.test"] = ["10.0.0.1"]
+        user_id = yield client.userinfo(f"hs.test:{port}", "token")
+        self.assertEqual(user_id, homeserver.sub)
+        self.assertEqual((site.connections, len(homeserver.hosts)), (1, 2))
+        [connection] = [c for idle in self.strangers._connections.values() for c in idle]
+        self.assertEqual(connection.transport.getPeer().host, "127.0.0.1")
+
+    @defer.inlineCallbacks
+    def test_reused_connection_is_checked_again(self):
+        """A pooled connection whose address the filter no longer admits is dropped, and
+        the request connects afresh through the filter (and is refused)."""
+        homeserver, site, port = self.serve(self.ca.issue(["hs.test"]), "")
+        homeserver.sub = f"@erin:hs.test:{port}"
+        self.names.answers["hs.test"] = ["127.0.0.1"]
+        switch = SwitchableFilter(IPRangeFilter(allowlist=["127.0.0.0/8"]))
+        client = self.client(ip_filter=switch)
+        yield client.userinfo(f"hs.test:{port}", "token")
+        switch.current = IPRangeFilter()
+        error = yield self.assertFailure(client.userinfo(f"hs.test:{port}", "token"), OutboundError)
+        self.assertEqual(error.detail, "refusing to connect to 127.0.0.1 (blocked by 127.0.0.0/8)")
+        self.assertEqual((site.connections, len(homeserver.hosts)), (1, 1))
+
+    @defer.inlineCallbacks
+    def test_pool_key_includes_the_certificate_name(self):
+        """Two names on one address and port get a connection each, each verified for its name."""
+        homeserver, site, port = self.serve(self.ca.issue(["a.test", "b.test"]), "")
+        self.names.answers["a.test"] = ["127.0.0.1"]
+        self.names.answers["b.test"] = ["127.0.0.1"]
+        client = self.client(allow={"127.0.0.0/8"})
+        for name in ("a.test", "b.test", "a.test", "b.test"):
+            homeserver.sub = f"@erin:{name}:{port}"
+            yield client.userinfo(f"{name}:{port}", "token")
+        self.assertEqual(site.connections, 2)
+        self.assertEqual(homeserver.hosts, [f"a.test:{port}", f"b.test:{port}"] * 2)
+
+
+    @defer.inlineCallbacks
+    def test_concurrent_requests_queue_for_pooled_connections(self):
+        """More requests at once than the host may have connections: they wait for one,
+        and a second burst after warm-up opens no connection at all."""
+        homeserver, site, port = self.serve(self.ca.issue(["hs.test"]), "")
+        server_name = f"hs.test:{port}"
+        homeserver.sub = f"@erin:{server_name}"
+        self.names.answers["hs.test"] = ["127.0.0.1"]
+        self.pool = BoundedConnectionPool(self.reactor, max_open_per_host=4, max_idle_per_host=4)
+        client = self.client(trusted={server_name})
+        for _burst in range(2):
+            users = yield defer.gatherResults([client.userinfo(server_name, "token") for _ in range(24)])
+            self.assertEqual(set(users), {homeserver.sub})
+            self.assertEqual(site.connections, 4)
+        self.assertEqual((self.pool.opened, len(homeserver.hosts)), (4, 48))
+
+
+class SwitchableFilter:
+    """An IP filter the test can replace while connections are pooled."""
+
+    def __init__(self, current: IPRangeFilter) -> None:
+        self.current = current
+
+    def check(self, ip: str):
+        return self.current.check(ip)
 
 
 class Redirector(Resource):

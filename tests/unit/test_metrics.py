@@ -161,3 +161,16 @@ class CallMetricsTests(SynchronousTestCase):
         self.assertEqual(value("rtcauthd_delayed_event_actions_total", {"action": "restart", "status": "429"}), 1)
         self.assertEqual(value("rtcauthd_webhook_events_total", {"event": "participant_joined", "signature": "valid"}), 1)
         self.assertEqual(value("rtcauthd_webhook_events_total", {"event": "unverified", "signature": "rejected"}), 1)
+
+
+class PoolMetrics(SynchronousTestCase):
+    def test_pools_are_read_at_scrape_time(self):
+        from rtcauthd.outbound.pool import BoundedConnectionPool
+
+        metrics = Metrics()
+        pool = BoundedConnectionPool(Clock())
+        metrics.watch_pools({"strangers": pool})
+        pool.opened = 3
+        sample = metrics.registry.get_sample_value
+        self.assertEqual(sample("rtcauthd_outbound_connections_opened_total", {"pool": "strangers"}), 3)
+        self.assertEqual(sample("rtcauthd_outbound_connections_idle", {"pool": "strangers"}), 0)

@@ -23,6 +23,18 @@ class PrivateNamesStillExist(unittest.TestCase):
             "HTTPConnectionPool._factory changed: update rtcauthd/twisted_private.py",
         )
 
+    def test_retrying_connection_wrapper(self):
+        self.assertTrue(
+            hasattr(web_client, "_RetryingHTTP11ClientProtocol"),
+            "twisted.web.client._RetryingHTTP11ClientProtocol is gone: update rtcauthd/twisted_private.py",
+        )
+
+    def test_standard_endpoint_factory(self):
+        from twisted.web.client import URI
+
+        factory = twisted_private.standard_endpoint_factory(Clock(), None, 5)
+        self.assertIsNotNone(factory.endpointForURI(URI.fromBytes(b"http://example.org/")))
+
     def test_reactor_records_exit_signal(self):
         from twisted.internet import reactor
 
