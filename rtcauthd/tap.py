@@ -78,6 +78,8 @@ def fail_startup(message: str) -> "NoReturn":  # noqa: F821
 def makeService(options: Mapping) -> "RtcAuthService":  # noqa: F821
     from twisted.internet import reactor
 
+    from rtcauthd.gc_schedule import tune_for_serving
+
     try:
         config = load_config(
             os.environ,
@@ -95,22 +97,9 @@ def makeService(options: Mapping) -> "RtcAuthService":  # noqa: F821
         service = build_daemon(config, reactor).service
     except ConfigError as e:
         fail_startup(str(e))
-    service.when_ready().addCallbacks(lambda _ports: freeze_startup_objects(), lambda _failure: None)
+    # Serving from here on: garbage collection between reactor turns (rtcauthd/gc_schedule.py).
+    service.when_ready().addCallbacks(lambda _ports: tune_for_serving(reactor), lambda _failure: None)
     return service
-
-
-def freeze_startup_objects() -> None:
-    """Keep what start-up made (modules, settings, restored jobs) out of garbage collection.
-
-    None of it ever becomes garbage, yet every full collection walks it: about 100 000
-    objects, a pause of a hundred milliseconds or more under a flood, when the in-flight
-    requests push the collector into full collections. Frozen, a full collection walks
-    only the objects made since (``gc.freeze``, Python 3.7+).
-    """
-    import gc
-
-    gc.collect()
-    gc.freeze()
 
 
 def raise_open_file_limit() -> None:
