@@ -37,3 +37,40 @@ class PluginPackagingTests(TestCase):
         help_text = subprocess.run([twistd, "rtcauth", "--help"], capture_output=True, text=True, cwd="/").stdout
         for option in ("--listen", "--dev", "--config", "LIVEKIT_FULL_ACCESS_HOMESERVERS", "RTCAUTH_CA_FILE"):
             self.assertIn(option, help_text)
+
+
+class PackageBootSkipTests(TestCase):
+    """scripts/package-test-nspawn never skips the systemd boot silently: it says why and exits 77.
+
+    scripts/test counts that "SKIPPED" line as a skipped test; the boot itself runs in
+    scripts/package-test (root, network), not here.
+    """
+
+    SCRIPT = os.path.join(REPO, "scripts", "package-test-nspawn")
+
+    def run_script(self, env):
+        root = self.mktemp()
+        os.makedirs(root)
+        return subprocess.run(
+            ["/bin/bash", self.SCRIPT, root, root, "trixie"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def test_opt_out_is_reported_with_its_reason(self):
+        result = self.run_script({"PATH": os.environ["PATH"], "PACKAGE_TEST_NSPAWN": "0"})
+        self.assertEqual(result.returncode, 77, result.stderr)
+        self.assertEqual(
+            result.stdout.strip(), "package-test: trixie: SKIPPED the systemd-nspawn boot: PACKAGE_TEST_NSPAWN=0"
+        )
+
+    def test_a_machine_without_systemd_nspawn_is_named_as_the_reason(self):
+        empty_path = self.mktemp()
+        os.makedirs(empty_path)
+        result = self.run_script({"PATH": empty_path})
+        self.assertEqual(result.returncode, 77, result.stderr)
+        self.assertIn("SKIPPED the systemd-nspawn boot: systemd-nspawn is not installed", result.stdout)
+        self.assertIn("systemd-container", result.stdout)
