@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -48,9 +49,13 @@ class PackageBootSkipTests(TestCase):
 
     SCRIPT = os.path.join(REPO, "scripts", "package-test-nspawn")
 
-    def run_script(self, env):
+    def run_script(self, env, with_systemd=False):
         root = self.mktemp()
-        os.makedirs(root)
+        os.makedirs(os.path.join(root, "usr", "lib", "systemd"))
+        if with_systemd:  # only its presence is checked before the probe
+            systemd = os.path.join(root, "usr", "lib", "systemd", "systemd")
+            open(systemd, "w").close()
+            os.chmod(systemd, 0o755)
         return subprocess.run(
             ["/bin/bash", self.SCRIPT, root, root, "trixie"],
             env=env,
@@ -74,3 +79,23 @@ class PackageBootSkipTests(TestCase):
         self.assertEqual(result.returncode, 77, result.stderr)
         self.assertIn("SKIPPED the systemd-nspawn boot: systemd-nspawn is not installed", result.stdout)
         self.assertIn("systemd-container", result.stdout)
+
+    def test_a_machine_that_cannot_start_a_container_is_named_as_the_reason(self):
+        if os.geteuid() != 0:
+            self.skipTest("the probe runs as root only (scripts/package-test is root-only)")
+        if not shutil.which("redis-server") or not shutil.which("redis-cli"):
+            self.skipTest("redis-server is not installed")
+        # A systemd-nspawn that fails as it does where namespaces are not allowed.
+        tools = self.mktemp()
+        os.makedirs(tools)
+        fake = os.path.join(tools, "systemd-nspawn")
+        with open(fake, "w") as f:
+            f.write("#!/bin/sh\necho 'Failed to fork inner child: Operation not permitted' >&2\nexit 1\n")
+        os.chmod(fake, 0o755)
+        result = self.run_script({"PATH": tools + ":" + os.environ["PATH"]}, with_systemd=True)
+        self.assertEqual(result.returncode, 77, result.stderr)
+        self.assertIn(
+            "SKIPPED the systemd-nspawn boot: systemd-nspawn cannot start a container on this machine: "
+            "Failed to fork inner child: Operation not permitted",
+            result.stdout,
+        )
