@@ -85,11 +85,18 @@ def served_first(is_full_access: Callable[[str], bool], hs_token: Optional[str] 
     return classify
 
 
+#: A token request is a few hundred bytes; anything much larger is not read for its lane.
+CLASSIFY_MAX_BODY = 4096
+
+
 def _claimed_server_name(request) -> Optional[str]:
+    raw = request.content.getvalue()
+    if len(raw) > CLASSIFY_MAX_BODY:
+        return None
     try:
-        body = json.loads(request.content.getvalue())
+        body = json.loads(raw)
         name = body["openid_token"]["matrix_server_name"]
-    except (ValueError, TypeError, KeyError, AttributeError):
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, RecursionError):
         return None
     return name if isinstance(name, str) else None
 
@@ -124,7 +131,11 @@ class AdmissionQueue:
 
     def admit(self, request) -> None:
         """Handle a ``NOW`` request at once; queue any other one at the end of its lane."""
-        lane = self._classify(request)
+        try:
+            lane = self._classify(request)
+        except Exception:
+            log.failure("Choosing a lane for a request failed; it waits in the other lane")
+            lane = Lane.NEXT
         if lane is Lane.NOW:
             self._handle(request)
             return

@@ -91,6 +91,16 @@ class AdmissionQueueTests(SynchronousTestCase):
         self.assertEqual(self.handled, ["a", "b", "c"])
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
+    def test_a_classifier_that_raises_sends_the_request_to_the_other_lane(self) -> None:
+        def broken(request):
+            raise RuntimeError("boom")
+
+        queue = AdmissionQueue(self.clock, lambda r: self.handled.append(r.name), classify=broken)
+        queue.admit(Queued(b"/get_token", "kept"))
+        self.clock.turn()
+        self.assertEqual(self.handled, ["kept"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
     def test_batch_must_be_positive(self) -> None:
         self.assertRaises(ValueError, AdmissionQueue, self.clock, lambda r: None, batch=0)
 
@@ -192,6 +202,10 @@ class ServedFirstTests(SynchronousTestCase):
         self.assertEqual(self.lane(Posted(b"/sfu/get", b"not json")), "NEXT")
         self.assertEqual(self.lane(Posted(b"/get_token", b'{"openid_token": 5}')), "NEXT")
         self.assertEqual(self.lane(token_request(["ours.example"])), "NEXT")
+        self.assertEqual(self.lane(Posted(b"/get_token", b"[" * 5000)), "NEXT")  # too deep for json
+        self.assertEqual(self.lane(Posted(b"/get_token", b"[" * 3000)), "NEXT")
+        padded = token_request("ours.example").content.getvalue()[:-1] + b', "pad": "' + b"x" * 5000 + b'"}'
+        self.assertEqual(self.lane(Posted(b"/get_token", padded)), "NEXT")  # larger than a token request
         self.assertEqual(self.lane(Posted(b"/sfu_webhook")), "NEXT")
         as_path = b"/_matrix/client/unstable/org.matrix.msc4195/rtc/livekit/get_token"
         self.assertEqual(self.lane(Posted(as_path, authorization=b"Bearer secret-hs")), "FIRST")
