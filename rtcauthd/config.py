@@ -101,6 +101,8 @@ class Config:
     federation_max_per_server: int = 8
     token_ttl: int = 3600  # RTCAUTH_TOKEN_TTL_SECONDS
     max_delay_seconds: float = 86400.0  # RTCAUTH_MAX_DELAY_SECONDS
+    job_lease_seconds: float = 10.0  # RTCAUTH_JOB_LEASE_SECONDS
+    instance_name: str = ""  # RTCAUTH_INSTANCE_NAME; "" = host name + pid
     warnings: tuple[str, ...] = ()
 
     @property
@@ -279,6 +281,10 @@ def _read_max_connections(r: _Reading, s: Setting) -> None:
 def _read_trusted_proxies(r: _Reading, s: Setting) -> None:
     raw = r.raw(s)
     r.fields["trusted_proxies"] = parse_cidrs(s.name, raw if raw.strip() else s.default)
+
+
+def _read_instance_name(r: _Reading, s: Setting) -> None:
+    r.fields["instance_name"] = r.raw(s).strip()
 
 
 def _read_metrics_listen(r: _Reading, s: Setting) -> None:
@@ -478,6 +484,19 @@ SETTINGS: tuple[Setting, ...] = (
         "LIVEKIT_REDIS_URL", "", "redis://[:password@]host[:port][/db] for delegated-leave jobs", _read_redis_url
     ),
     Setting("LIVEKIT_REDIS_PASSWORD", "", "Redis password, replacing any in LIVEKIT_REDIS_URL"),
+    Setting(
+        "RTCAUTH_JOB_LEASE_SECONDS",
+        "10",
+        "with several instances on one Redis: how long a dead instance's jobs wait at most "
+        "before another instance takes them over",
+        _numeric("job_lease_seconds", float),
+    ),
+    Setting(
+        "RTCAUTH_INSTANCE_NAME",
+        "",
+        "this instance's name in logs, metrics and Redis (default: host name and pid)",
+        _read_instance_name,
+    ),
     Setting(
         "LIVEKIT_CAN_UPDATE_OWN_METADATA",
         "false",

@@ -420,6 +420,14 @@ def request_policy(config: Config, reactor, metrics):
     )
 
 
+def cluster_settings(config: Config):
+    """Instances sharing LIVEKIT_REDIS_URL share the jobs; nothing to turn on (docs/several-instances.md)."""
+    from rtcauthd.cluster.coordinator import ClusterSettings
+    from rtcauthd.cluster.lease import default_instance_name
+
+    return ClusterSettings(name=config.instance_name or default_instance_name(), lease_seconds=config.job_lease_seconds)
+
+
 def build_store(config: Config, reactor, tls_policy, metrics=None):
     """Redis when LIVEKIT_REDIS_URL is set, else memory (jobs lost on restart; logged)."""
     if not config.redis_url:
@@ -434,6 +442,8 @@ def build_store(config: Config, reactor, tls_policy, metrics=None):
         # LIVEKIT_INSECURE_SKIP_VERIFY_TLS does not reach Redis (upstream's switch doesn't
         # either); rediss:// verifies with the system roots plus RTCAUTH_CA_FILE.
         redis_tls = TLSPolicy(ca_file=config.ca_file, insecure=False) if tls_policy.insecure else tls_policy
-        return RedisStore.from_url(config.redis_url, clock=reactor, tls_policy=redis_tls, metrics=metrics)
+        return RedisStore.from_url(
+            config.redis_url, clock=reactor, tls_policy=redis_tls, metrics=metrics, cluster=cluster_settings(config)
+        )
     except RedisURLError as e:
         raise ConfigError(f"Could not connect Redis store: {e}") from None

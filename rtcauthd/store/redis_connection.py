@@ -21,7 +21,7 @@ from twisted.web.iweb import IPolicyForHTTPS
 from rtcauthd.outbound.errors import FailureKind, OutboundError
 from rtcauthd.store.redis_url import RedisTarget
 
-__all__ = ["connect", "describe", "failure_kind", "is_transient", "outbound_error"]
+__all__ = ["connect", "describe", "failure_kind", "is_transient", "outbound_error", "subscribe"]
 
 log = Logger()
 
@@ -50,6 +50,14 @@ def _tls_creator(target: RedisTarget, tls_policy: Optional[Any]) -> Any:
 
 def connect(target: RedisTarget, *, tls_policy: Optional[Any], reply_timeout: float, connect_timeout: float) -> Any:
     """A lazy, self-reconnecting txredisapi connection (bytes in, bytes out)."""
+    common = _common(target, reply_timeout=reply_timeout, connect_timeout=connect_timeout)
+    if target.transport == "unix":
+        return txredisapi.lazyUnixConnection(target.path, **common)
+    ssl_factory = _tls_creator(target, tls_policy) if target.transport == "tls" else False
+    return txredisapi.lazyConnection(target.host, target.port, ssl_context_factory=ssl_factory, **common)
+
+
+def _common(target: RedisTarget, *, reply_timeout: Optional[float], connect_timeout: float) -> dict[str, Any]:
     common: dict[str, Any] = {
         "dbid": target.db if target.db > 0 else None,  # no SELECT for db 0 (or go-redis' "negative")
         "reconnect": True,
@@ -61,10 +69,50 @@ def connect(target: RedisTarget, *, tls_policy: Optional[Any], reply_timeout: fl
     }
     if target.username and target.password:
         common["username"] = target.username
+    return common
+
+
+class _Listener(txredisapi.SubscriberProtocol):
+    """Subscribes again on every (re)connect, after txredisapi's AUTH/SELECT."""
+
+    channels: tuple = ()
+    on_message: Any = None
+
+    @defer.inlineCallbacks
+    def connectionMade(self):
+        yield txredisapi.SubscriberProtocol.connectionMade(self)
+        if self.connected:
+            yield self.subscribe(list(self.channels))
+
+    def messageReceived(self, pattern, channel, message):
+        try:
+            self.on_message(channel, message)
+        except Exception:
+            log.failure("Handling a message from Redis failed")
+
+
+def subscribe(target: RedisTarget, channels: list[bytes], on_message: Any, *, tls_policy: Optional[Any],
+              connect_timeout: float) -> Any:
+    """A self-reconnecting SUBSCRIBE connection calling ``on_message(channel, message)``;
+    stop it with its ``disconnect()``. Messages sent while it is reconnecting are lost
+    (pub/sub keeps nothing), which the cluster allows for (docs/several-instances.md#routing)."""
+    common = _common(target, reply_timeout=None, connect_timeout=connect_timeout)
+    protocol = type("Listener", (_Listener,), {"channels": tuple(channels), "on_message": staticmethod(on_message)})
+    factory = txredisapi.RedisFactory(
+        target.address, common["dbid"], 1, True, txredisapi.ConnectionHandler, None,
+        common["password"], None, False, common.get("username"),
+    )
+    factory.protocol = protocol
     if target.transport == "unix":
-        return txredisapi.lazyUnixConnection(target.path, **common)
-    ssl_factory = _tls_creator(target, tls_policy) if target.transport == "tls" else False
-    return txredisapi.lazyConnection(target.host, target.port, ssl_context_factory=ssl_factory, **common)
+        from twisted.internet import reactor
+        from twisted.internet.endpoints import UNIXClientEndpoint
+
+        endpoint = UNIXClientEndpoint(reactor, target.path, timeout=connect_timeout)
+    else:
+        ssl_factory = _tls_creator(target, tls_policy) if target.transport == "tls" else None
+        endpoint = txredisapi._makeEndpoint(target.host, target.port, connect_timeout, ssl_factory)
+    factory.startConnecting(endpoint)
+    return factory
 
 
 def describe(failure: Failure) -> str:

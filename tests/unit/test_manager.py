@@ -13,6 +13,7 @@ from rtcauthd.leave.record import JobParams
 from rtcauthd.leave.manager import JobManager, ShuttingDown
 from rtcauthd.matrix.delayed_events import Outcome
 from rtcauthd.livekit.presence import Presence
+from rtcauthd.store.interface import Claim
 from rtcauthd.store.memory import MemoryStore
 from rtcauthd.store.model import StoredJob
 
@@ -37,6 +38,7 @@ class FakeStore:
         self.fail_writes = False
         self.load_result: Any = None  # None: answer the records
         self.on_late: Any = None
+        self.claim_answer = Claim.GRANTED
 
     def _answer(self) -> Deferred:
         if self.fail_writes:
@@ -56,6 +58,21 @@ class FakeStore:
         self.ops.append(("delete", room, identity))
         self.records.pop((room, identity), None)
         return self._answer()
+
+    def register(self, job: StoredJob) -> Deferred:
+        return self.put(job)
+
+    def claim_send(self, room: str, identity: str) -> Deferred:
+        self.ops.append(("claim", room, identity))
+        self.records.pop((room, identity), None)
+        return succeed(self.claim_answer)
+
+    def forward(self, room: str, identity: str, signal: str) -> Deferred:
+        self.ops.append(("forward", room, identity, signal))
+        return succeed("none")
+
+    def set_listener(self, listener) -> None:
+        self.listener = listener
 
     def load_all(self, on_late=None) -> Deferred:
         self.on_late = on_late
@@ -146,7 +163,8 @@ class ManagerTestCase(SynchronousTestCase):
         return [op[1] for op in self.store.ops if op[0] == "put"]
 
     def deletes(self) -> List[Tuple[str, str]]:
-        return [(op[1], op[2]) for op in self.store.ops if op[0] == "delete"]
+        """Records removed: deleted when a job ended, or claimed just before its leave went out."""
+        return [(op[1], op[2]) for op in self.store.ops if op[0] in ("delete", "claim")]
 
 
 class AddTests(ManagerTestCase):
@@ -218,7 +236,11 @@ class ReplacementTests(ManagerTestCase):
         self.manager.route("room", "alice", Signal.ParticipantDisconnectedIntentionally)
         self.manager.add(params("d2"))
         self.hs.pending[0].callback(OK)  # the old send completes
-        self.assertEqual(self.deletes(), [])
+        # d1's record was claimed before its send, d2's written after; nothing is deleted later
+        kinds = [op[0] for op in self.store.ops]
+        self.assertNotIn("delete", kinds)
+        self.assertLess(kinds.index("claim"), len(kinds) - 1)
+        self.assertEqual(self.puts()[-1].params.delay_id, "d2")
         self.assertEqual(self.store.records[("room", "alice")].params.delay_id, "d2")
         self.assertEqual(self.manager.get("room", "alice").params.delay_id, "d2")
 
