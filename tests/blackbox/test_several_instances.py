@@ -126,3 +126,163 @@ class ExactlyOnceAfterKillTests(InstancesCase, unittest.TestCase):
         self.assertEqual(self.restored_counts(daemon)[-1], 0, daemon.output)
         yield self.stop_daemon()
         self.assert_each_sent_once(ids)
+
+
+class SharedRedisTests(InstancesCase, unittest.TestCase):
+    """Three instances, one Redis: every job has one driver, wherever its webhooks land."""
+
+    @defer.inlineCallbacks
+    def connected_jobs(self, count: int, prefix: str):
+        """``count`` participants delegated and connected through the balancer."""
+        people = [self.participant(f"{prefix}{i}", f"syd_{prefix}{i}") for i in range(count)]
+        for p in people:
+            self.lk.set_present(p.room, p.identity)
+            yield self.delegate(p, p.delay_id, 4000)
+        for p in people:
+            yield self.hook("participant_joined", p)
+        yield self.wait_for(lambda: all(self.hs.restarts(p.delay_id) for p in people), "every job to be restarted")
+        return people
+
+    def participant(self, name: str, *delay_ids: str):
+        p = LeaveCase.participant(self, name, *delay_ids)
+        p.delay_id = delay_ids[0] if delay_ids else None
+        return p
+
+    def drivers(self, p) -> list[str]:
+        """Instances whose log shows this job being connected (one driver = one name)."""
+        pattern = re.compile(r"for [^ ]*/" + re.escape(p.identity) + r": \w+ -> Connected")
+        return [d.workdir.rsplit("/", 1)[-1] for d in self.daemons if pattern.search(d.output)]
+
+    @defer.inlineCallbacks
+    def leave_all(self, people):
+        for p in people:
+            self.lk.set_present(p.room, p.identity, False)
+            yield self.hook("participant_left", p, "CLIENT_INITIATED")
+        yield self.wait_sends([p.delay_id for p in people])
+
+    @defer.inlineCallbacks
+    def stop_all(self):
+        for d in self.daemons:
+            if d.running:
+                yield d.stop()
+
+    def assert_restarts_spaced(self, people, timeout_ms: int) -> None:
+        """Restarts of one delayed event come every 80 % of its timeout from its one driver;
+        two drivers would put some of them much closer together. (Lower bound only: a
+        slow machine spreads them further apart, never closer.)"""
+        for p in people:
+            times = [c.at for c in self.hs.restarts(p.delay_id)]
+            gaps = [b - a for a, b in zip(times, times[1:])]
+            self.assertTrue(all(g >= 0.4 * timeout_ms / 1000 for g in gaps), (p.delay_id, gaps, self.describe()))
+
+    @defer.inlineCallbacks
+    def test_jobs_over_three_instances_are_each_driven_by_one(self):
+        yield self.start_instances(3)
+        people = yield self.connected_jobs(9, "a")
+        owners = yield self.owners()
+        self.assertEqual(sorted(owners), sorted(job_field(p.room, p.identity) for p in people))
+        self.assertEqual(set(owners.values()), {"inst0", "inst1", "inst2"})  # round robin spread them
+        # webhooks reached random instances, yet each job was connected by one instance only
+        yield deferLater(global_reactor, 4.0, lambda: None)  # a few restart rounds (not asserted as time)
+        for p in people:
+            self.assertEqual(len(self.drivers(p)), 1, (p.delay_id, self.drivers(p)))
+        self.assert_restarts_spaced(people, 4000)
+        yield self.leave_all(people)
+        yield self.wait_for(lambda: self.stored().addCallback(lambda r: r == {}), "every record to be gone")
+        yield self.stop_all()
+        self.assert_each_sent_once([p.delay_id for p in people])
+
+    @defer.inlineCallbacks
+    def test_kill_9_of_the_busiest_instance_its_jobs_are_taken_over(self):
+        yield self.start_instances(3)
+        people = yield self.connected_jobs(9, "b")
+        owners = yield self.owners()
+        counts = {name: list(owners.values()).count(name) for name in ("inst0", "inst1", "inst2")}
+        busiest = max(counts, key=counts.get)
+        victim = [d for d in self.daemons if d.workdir.endswith(busiest)][0]
+        yield victim.kill()
+
+        def moved(o):
+            return len(o) == len(people) and busiest not in o.values()
+
+        yield self.wait_for(lambda: self.owners().addCallback(moved), f"{busiest}'s jobs to be taken over",
+                            TAKEOVER_DEADLINE)
+        taken = [p for p in people if owners[job_field(p.room, p.identity)] == busiest]
+        before = {p.delay_id: len(self.hs.restarts(p.delay_id)) for p in taken}
+        # a taken-over job knows its participant had connected: it is restarted again at once
+        yield self.wait_for(lambda: all(len(self.hs.restarts(d)) > n for d, n in before.items()),
+                            "the taken-over jobs to be restarted by their new owners", TAKEOVER_DEADLINE)
+        yield self.leave_all(people)
+        yield self.stop_all()
+        self.assert_each_sent_once([p.delay_id for p in people])
+
+    @defer.inlineCallbacks
+    def test_sigterm_hands_over_at_once_and_a_rolling_restart_loses_nothing(self):
+        yield self.start_instances(3)
+        people = yield self.connected_jobs(6, "c")
+        for d in list(self.daemons):
+            mark = d.mark()
+            others = [o for o in self.daemons if o is not d]
+            marks = [o.mark() for o in others]
+            yield d.stop()
+            self.assertIn("Handing this instance's jobs over", d.output_since(mark))
+            # the others heard of it from the instance itself, not from its lease running out
+            heard = yield self.wait_for(
+                lambda: any("handed its jobs over" in o.output_since(m) for o, m in zip(others, marks)),
+                "another instance to hear of the hand-over")
+            self.assertTrue(heard)
+            yield d.restart()
+            # nothing lost: every job still has its record and a live owner
+            owners = yield self.owners()
+            self.assertEqual(sorted(owners), sorted(job_field(p.room, p.identity) for p in people), self.describe())
+        yield self.leave_all(people)
+        yield self.stop_all()
+        self.assert_each_sent_once([p.delay_id for p in people])
+
+    @defer.inlineCallbacks
+    def test_a_paused_instance_past_its_lease_never_sends(self):
+        yield self.start_instances(2)
+        paused = self.daemons[0]
+        p = self.participant("dora", "syd_paused")  # never on the SFU: the leave is due after the window
+        result = yield paused.post_json("/get_token", p.body("syd_paused", 4000))
+        self.assertEqual(result.code, 200)
+        owners = yield self.owners()
+        self.assertEqual(list(owners.values()), ["inst0"])
+        paused.send_signal(signal.SIGSTOP)
+        try:
+            yield self.wait_for(lambda: self.owners().addCallback(lambda o: list(o.values()) != ["inst0"]),
+                                "the other instance to take the job over", TAKEOVER_DEADLINE)
+            yield self.wait_sends(["syd_paused"])
+        finally:
+            mark = paused.mark()
+            paused.send_signal(signal.SIGCONT)
+        # the paused one wakes with its waiting timer long due, but its lease is gone
+        yield paused.wait_for_line(r"lease of instance .* was lost|driven by another instance", since=mark,
+                                   timeout=TAKEOVER_DEADLINE)
+        yield self.stop_all()
+        self.assert_each_sent_once(["syd_paused"])
+        self.assertEqual(len(self.hs.sends("syd_paused")), 1)
+
+    @defer.inlineCallbacks
+    def test_a_replacement_on_another_instance_supersedes_the_old_job(self):
+        yield self.start_instances(2)
+        first, second = self.daemons
+        p = self.participant("erin", "syd_old", "syd_new")
+        self.lk.set_present(p.room, p.identity)
+        result = yield first.post_json("/get_token", p.body("syd_old", 4000))
+        self.assertEqual(result.code, 200)
+        yield self.wait_calls("syd_old", "restart")
+        result = yield second.post_json("/get_token", p.body("syd_new", 4000))
+        self.assertEqual(result.code, 200)
+        yield first.wait_for_line(r"driven by another instance")
+        yield self.wait_calls("syd_new", "restart")
+        yield self.leave_all_of(p, "syd_new")
+        yield self.stop_all()
+        self.assertEqual(len(self.hs.sends("syd_old")), 0, self.describe())
+        self.assert_each_sent_once(["syd_new"])
+
+    @defer.inlineCallbacks
+    def leave_all_of(self, p, delay_id: str):
+        self.lk.set_present(p.room, p.identity, False)
+        yield self.hook("participant_left", p, "CLIENT_INITIATED")
+        yield self.wait_sends([delay_id])
