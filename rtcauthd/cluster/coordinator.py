@@ -165,11 +165,14 @@ class Cluster:
                 lambda f: log.failure("Lease loop stopped", f)
             )
 
-    def stop(self) -> Deferred:
-        """Stop renewing and give the lease up, so the others take over at once."""
+    def stop_renewing(self) -> None:
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
+
+    def stop(self) -> Deferred:
+        """Stop renewing and give the lease up, so the others take over at once."""
+        self.stop_renewing()
         if not self.lease.acquired:
             return succeed(None)
         log.info("Handing this instance's jobs over to the other instances")

@@ -443,3 +443,78 @@ class MemoryStoreIntegrationTests(ManagerTestCase):
         self.assertEqual(set(records), {"alice"})
         self.assertEqual(records["alice"].restarted_at, T0)
         self.assertEqual(self.hs.of("send", "d2"), [])
+
+
+class SeveralInstancesTests(ManagerTestCase):
+    """The job table's side of sharing Redis (docs/several-instances.md)."""
+
+    def connected(self, delay_id: str = "d1") -> None:
+        self.manager.add(params(delay_id))
+        self.manager.route("room", "alice", Signal.ParticipantConnected)
+
+    def test_the_record_is_claimed_before_the_leave_is_sent(self) -> None:
+        self.connected()
+        self.manager.route("room", "alice", Signal.ParticipantDisconnectedIntentionally)
+        kinds = [op[0] for op in self.store.ops]
+        self.assertEqual(kinds[-1], "claim")  # and no delete after the send: the record is gone
+        self.assertEqual(self.hs.of("send", "d1"), [0.0])
+
+    def test_a_job_owned_elsewhere_is_dropped_without_sending(self) -> None:
+        self.store.claim_answer = Claim.LOST
+        self.connected()
+        self.manager.route("room", "alice", Signal.ParticipantDisconnectedIntentionally)
+        self.assertEqual(self.hs.of("send", "d1"), [])
+        self.assertIsNone(self.manager.get("room", "alice"))
+        self.assertNotIn("delete", [op[0] for op in self.store.ops])
+
+    def test_unprovable_ownership_is_retried_and_sends_once_granted(self) -> None:
+        self.store.claim_answer = Claim.UNAVAILABLE
+        self.connected()
+        self.manager.route("room", "alice", Signal.ParticipantDisconnectedIntentionally)
+        self.assertEqual(self.hs.of("send", "d1"), [])
+        self.store.claim_answer = Claim.GRANTED
+        self.at(5)
+        self.assertEqual(len(self.hs.of("send", "d1")), 1)
+        self.assertEqual([op[0] for op in self.store.ops].count("claim"), 2)
+
+    def test_a_send_retry_after_the_claim_does_not_claim_again(self) -> None:
+        self.hs.send_answer["d1"] = Outcome.retry(detail="503")
+        self.connected()
+        self.manager.route("room", "alice", Signal.ParticipantDisconnectedIntentionally)
+        self.at(3)
+        self.assertGreater(len(self.hs.of("send", "d1")), 1)
+        self.assertEqual([op[0] for op in self.store.ops].count("claim"), 1)
+
+    def test_taken_over_jobs_resume_connected_with_their_kept_webhooks(self) -> None:
+        from rtcauthd.cluster.coordinator import TakenJob
+
+        self.manager.taken_over([
+            TakenJob(stored("d1", identity="alice"), True, ()),
+            TakenJob(stored("d2", identity="bob"), False, ("ParticipantConnected", "ParticipantDisconnectedIntentionally")),
+        ])
+        self.assertEqual(self.manager.get("room", "alice").state, State.Connected)
+        self.assertEqual(self.hs.of("restart", "d1"), [0.0])  # restarted at once by its new owner
+        self.assertEqual(self.hs.of("send", "d2"), [0.0])  # the kept leave webhook took effect
+        self.assertIsNone(self.manager.get("room", "bob"))
+
+    def test_lost_jobs_stop_here_and_keep_their_records(self) -> None:
+        self.connected("d1")
+        self.manager.add(params("d2", identity="bob"))
+        self.manager.job_lost("room", "alice")
+        self.assertIsNone(self.manager.get("room", "alice"))
+        self.manager.all_jobs_lost()
+        self.assertEqual(len(self.manager), 0)
+        self.assertEqual(self.deletes(), [])
+        self.at(100)
+        self.assertEqual(self.hs.of("send", "d1") + self.hs.of("send", "d2"), [])
+
+    def test_a_webhook_for_a_job_not_here_is_forwarded(self) -> None:
+        self.assertFalse(self.manager.route("room", "carol", Signal.ParticipantConnected))
+        self.assertEqual(self.store.ops[-1], ("forward", "room", "carol", "ParticipantConnected"))
+
+    def test_a_routed_signal_reaches_the_local_job(self) -> None:
+        self.manager.add(params("d1"))
+        self.manager.deliver("room", "alice", "ParticipantConnected")
+        self.assertEqual(self.manager.get("room", "alice").state, State.Connected)
+        self.manager.deliver("room", "nobody", "ParticipantConnected")  # ignored
+        self.manager.deliver("room", "alice", "NoSuchSignal")  # ignored
