@@ -103,6 +103,8 @@ class Config:
     max_delay_seconds: float = 86400.0  # RTCAUTH_MAX_DELAY_SECONDS
     job_lease_seconds: float = 10.0  # RTCAUTH_JOB_LEASE_SECONDS
     instance_name: str = ""  # RTCAUTH_INSTANCE_NAME; "" = host name + pid
+    redis_sentinels: tuple[tuple[str, int], ...] = ()  # RTCAUTH_REDIS_SENTINELS
+    redis_sentinel_master: str = ""  # RTCAUTH_REDIS_SENTINEL_MASTER
     warnings: tuple[str, ...] = ()
 
     @property
@@ -281,6 +283,22 @@ def _read_max_connections(r: _Reading, s: Setting) -> None:
 def _read_trusted_proxies(r: _Reading, s: Setting) -> None:
     raw = r.raw(s)
     r.fields["trusted_proxies"] = parse_cidrs(s.name, raw if raw.strip() else s.default)
+
+
+def _read_sentinels(r: _Reading, s: Setting) -> None:
+    """RTCAUTH_REDIS_SENTINELS with RTCAUTH_REDIS_SENTINEL_MASTER: both or neither, and only
+    with a redis:// URL (docs/several-instances.md#redis-sentinel)."""
+    from rtcauthd.config_values import host_port_list
+
+    raw, master = r.raw(s).strip(), r.env.get("RTCAUTH_REDIS_SENTINEL_MASTER", "").strip()
+    if not raw and not master:
+        return
+    if not raw or not master:
+        raise ConfigError("RTCAUTH_REDIS_SENTINELS and RTCAUTH_REDIS_SENTINEL_MASTER go together: set both or neither")
+    if not r.fields.get("redis_url", "").startswith("redis://"):
+        raise ConfigError(f"{s.name} needs LIVEKIT_REDIS_URL=redis://… (its password and db are used; no TLS or unix socket)")
+    r.fields["redis_sentinels"] = host_port_list(s.name, raw)
+    r.fields["redis_sentinel_master"] = master
 
 
 def _read_instance_name(r: _Reading, s: Setting) -> None:
@@ -484,6 +502,14 @@ SETTINGS: tuple[Setting, ...] = (
         "LIVEKIT_REDIS_URL", "", "redis://[:password@]host[:port][/db] for delegated-leave jobs", _read_redis_url
     ),
     Setting("LIVEKIT_REDIS_PASSWORD", "", "Redis password, replacing any in LIVEKIT_REDIS_URL"),
+    Setting(
+        "RTCAUTH_REDIS_SENTINELS",
+        "",
+        "host:port,host:port of Redis Sentinels: the master named by RTCAUTH_REDIS_SENTINEL_MASTER "
+        "is asked of them and followed through failovers (password and db from LIVEKIT_REDIS_URL)",
+        _read_sentinels,
+    ),
+    Setting("RTCAUTH_REDIS_SENTINEL_MASTER", "", "the Sentinel service name of the Redis master"),
     Setting(
         "RTCAUTH_JOB_LEASE_SECONDS",
         "10",

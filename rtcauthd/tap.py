@@ -435,15 +435,16 @@ def build_store(config: Config, reactor, tls_policy, metrics=None):
 
         return MemoryStore()
     from rtcauthd.store.redis import RedisStore
-    from rtcauthd.store.redis_url import RedisURLError
+    from rtcauthd.store.redis_url import RedisURLError, parse_redis_url
     from rtcauthd.tls import TLSPolicy
 
     try:
         # LIVEKIT_INSECURE_SKIP_VERIFY_TLS does not reach Redis (upstream's switch doesn't
         # either); rediss:// verifies with the system roots plus RTCAUTH_CA_FILE.
         redis_tls = TLSPolicy(ca_file=config.ca_file, insecure=False) if tls_policy.insecure else tls_policy
-        return RedisStore.from_url(
-            config.redis_url, clock=reactor, tls_policy=redis_tls, metrics=metrics, cluster=cluster_settings(config)
-        )
+        target = parse_redis_url(config.redis_url)
+        if config.redis_sentinels:
+            target = attr.evolve(target, sentinels=config.redis_sentinels, sentinel_master=config.redis_sentinel_master)
+        return RedisStore(target, clock=reactor, tls_policy=redis_tls, metrics=metrics, cluster=cluster_settings(config))
     except RedisURLError as e:
         raise ConfigError(f"Could not connect Redis store: {e}") from None

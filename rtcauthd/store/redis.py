@@ -39,7 +39,14 @@ from rtcauthd.cluster.lease import instance_id
 from rtcauthd.metrics import Metrics
 from rtcauthd.store.interface import Claim, IJobStore
 from rtcauthd.store.model import StoredJob, StoredJobError, decode_value, encode_field, encode_value
-from rtcauthd.store.redis_connection import connect, describe, is_transient, outbound_error, subscribe
+from rtcauthd.store.redis_connection import (
+    connect,
+    describe,
+    is_transient,
+    outbound_error,
+    sentinel_manager,
+    subscribe,
+)
 from rtcauthd.store.redis_url import RedisTarget, parse_redis_url
 from rtcauthd.store.write_queue import WriteQueue
 
@@ -86,6 +93,7 @@ class RedisStore:
         self._tls_policy = tls_policy
         self._owns_connection = _connection is None
         self._next_rebuild = 0.0
+        self._sentinel = sentinel_manager(target) if _connection is None else None
         self._redis = _connection if _connection is not None else self._new_connection()
         self._up = True  # optimistic until an operation says otherwise
         self._closing = False
@@ -119,6 +127,7 @@ class RedisStore:
             tls_policy=self._tls_policy,
             reply_timeout=max(self._op_timeout, self._restore_wait),
             connect_timeout=self._op_timeout,
+            sentinel=self._sentinel,
         )
 
     def _replace_connection(self) -> None:
@@ -294,7 +303,7 @@ class RedisStore:
             if self._cluster is not None and self._subscriber is None and self._owns_connection:
                 self._subscriber = subscribe(
                     self._target, self._cluster.channels, self._cluster.on_message,
-                    tls_policy=self._tls_policy, connect_timeout=self._op_timeout,
+                    tls_policy=self._tls_policy, connect_timeout=self._op_timeout, sentinel=self._sentinel,
                 )
 
         return cluster.start().addErrback(refused).addCallback(listen)
@@ -359,7 +368,10 @@ class RedisStore:
                     count=len(self._queue),
                 )
             self._queue.release_all()
-            return defer.maybeDeferred(self._redis.disconnect).addErrback(lambda _f: None)
+            closing = [defer.maybeDeferred(self._redis.disconnect)]
+            if self._sentinel is not None:
+                closing.append(defer.maybeDeferred(self._sentinel.disconnect))
+            return defer.gatherResults(closing, consumeErrors=True).addErrback(lambda _f: None)
 
         return d.addBoth(disconnect).addCallback(lambda _: None)
 
