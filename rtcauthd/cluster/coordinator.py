@@ -123,6 +123,11 @@ class Cluster:
         self._regaining = False
         self._taking: set[bytes] = set()
         self.takeovers = 0  # jobs taken over from other (or earlier) instances, for metrics
+        self.routed: dict[str, int] = {}  # webhooks handed on, by ROUTE's answer
+        if metrics is not None:
+            from rtcauthd.cluster.metrics import ClusterCollector
+
+            metrics.registry.register(ClusterCollector(self))
 
     @property
     def iid(self) -> bytes:
@@ -385,7 +390,13 @@ class Cluster:
         """A webhook for a job not running here: ``sent`` to its owner, ``kept`` for the next
         owner, ``mine`` or ``none``."""
         d = self._eval(ROUTE, [OWNERS], [field, signal, PREFIX, self.keys.channel_prefix, self.iid])
-        return d.addCallback(lambda r: r.decode() if isinstance(r, bytes) else str(r))
+
+        def counted(reply: Any) -> str:
+            result = reply.decode() if isinstance(reply, bytes) else str(reply)
+            self.routed[result] = self.routed.get(result, 0) + 1
+            return result
+
+        return d.addCallback(counted)
 
     @property
     def channels(self) -> list[bytes]:

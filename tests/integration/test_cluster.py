@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import txredisapi
+from prometheus_client import generate_latest
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
 from rtcauthd.cluster.coordinator import ClusterSettings
+from rtcauthd.metrics import Metrics
 from rtcauthd.store.interface import Claim
 from rtcauthd.store.model import encode_field, encode_value
 from rtcauthd.store.redis import JOBS_KEY, RedisStore
@@ -27,10 +29,10 @@ class ClusterCase(TestCase):
         yield self.server.start()
 
     @inlineCallbacks
-    def instance(self, name: str, lease: float = 3.0):
+    def instance(self, name: str, lease: float = 3.0, metrics=None):
         store = RedisStore.from_url(
             f"redis://127.0.0.1:{self.server.port}/0", op_timeout=1.0, restore_wait=2.0, retry_interval=0.1,
-            cluster=ClusterSettings(name=name, lease_seconds=lease),
+            cluster=ClusterSettings(name=name, lease_seconds=lease), metrics=metrics,
         )
         self.addCleanup(store.close)
         listener = Listener()
@@ -86,6 +88,19 @@ class FencingTests(ClusterCase):
         self.assertEqual(sorted(j.params.delay_id for j in first), ["syd_a", "syd_b", "syd_c"])
         self.assertEqual(second, [])
         self.assertEqual({self.owner(f) for f in GO_VALUES}, {b"a"})
+
+
+    @inlineCallbacks
+    def test_metrics_show_who_holds_what(self):
+        metrics = Metrics()
+        a, _, _ = yield self.instance("a", metrics=metrics)
+        yield a.register(job(room="room-1", identity="ident-1"))
+        routed = yield a.forward("room-2", "nobody", "ParticipantConnected")
+        self.assertEqual(routed, "none")
+        text = generate_latest(metrics.registry).decode()
+        self.assertIn('rtcauthd_lease_held{instance="a"} 1.0', text)
+        self.assertIn('rtcauthd_jobs_owned{instance="a"} 1.0', text)
+        self.assertIn('rtcauthd_webhooks_routed_total{instance="a",result="none"} 1.0', text)
 
 
 class TakeoverTests(ClusterCase):
