@@ -121,6 +121,7 @@ class Cluster:
         self._ticking = False
         self._had_lease = False
         self._regaining = False
+        self._stopping = False
         self._taking: set[bytes] = set()
         self.takeovers = 0  # jobs taken over from other (or earlier) instances, for metrics
         self.routed: dict[str, int] = {}  # webhooks handed on, by ROUTE's answer
@@ -178,6 +179,7 @@ class Cluster:
     def stop(self) -> Deferred:
         """Stop renewing and give the lease up, so the others take over at once."""
         self.stop_renewing()
+        self._stopping = True
         if not self.lease.acquired:
             return succeed(None)
         log.info("Handing this instance's jobs over to the other instances")
@@ -405,7 +407,7 @@ class Cluster:
     def on_message(self, channel: bytes, message: bytes) -> None:
         kind, _, rest = message.partition(b"\n")
         if kind == b"gone":
-            if rest != self.iid and self.lease.acquired:
+            if rest != self.iid and self.lease.acquired and not self._stopping:
                 log.info("Instance {iid} handed its jobs over", iid=rest.decode("utf-8", "replace"))
                 self.take_over(rest).addErrback(lambda f: log.failure("Taking jobs over failed", f))
             return
