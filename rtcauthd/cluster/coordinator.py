@@ -34,6 +34,7 @@ from rtcauthd.cluster.scripts import (
     FINISH,
     FORGET,
     INSTANCES,
+    KEEP,
     OWNERS,
     PREFIX,
     REGISTER,
@@ -123,6 +124,7 @@ class Cluster:
         self._regaining = False
         self._stopping = False
         self._taking: set[bytes] = set()
+        self._unseen_since: dict[bytes, float] = {}  # live-keyed peers without a connection, since
         self.takeovers = 0  # jobs taken over from other (or earlier) instances, for metrics
         self.routed: dict[str, int] = {}  # webhooks handed on, by ROUTE's answer
         if metrics is not None:
@@ -207,7 +209,6 @@ class Cluster:
         if not still_ours:
             yield self.regain()
             return
-        yield self.lease.name_connection()
         yield self.scan_peers()
 
     @inlineCallbacks
@@ -230,8 +231,11 @@ class Cluster:
     # ------------------------------------------------------------------ peers
 
     @inlineCallbacks
-    def dead_instances(self, candidates: Iterable[bytes]):
-        """Which of ``candidates`` are dead: liveness key gone, or no Redis connection of theirs."""
+    def dead_instances(self, candidates: Iterable[bytes], *, at_once: bool = False):
+        """Which of ``candidates`` are dead: liveness key gone, or no Redis connection of
+        theirs. Outside start-up (``at_once``) a missing connection must still be missing a
+        renewal interval later: after a Redis restart or failover everybody reconnects,
+        and the slower ones should not lose their jobs to the quicker ones for that."""
         others = sorted({c for c in candidates if c and c != self.iid})
         if not others:
             return set()
@@ -241,7 +245,15 @@ class Cluster:
         if alive:
             names = yield self.connected_names()
             if names is not None:
-                dead |= {i for i in alive if b"rtcauthd-" + i not in names}
+                now = self._clock.seconds()
+                unseen = {i for i in alive if b"rtcauthd-" + i not in names}
+                for i in list(self._unseen_since):
+                    if i not in unseen:
+                        del self._unseen_since[i]
+                for i in unseen:
+                    since = self._unseen_since.setdefault(i, now)
+                    if at_once or now - since >= self.renew_interval * 0.9:
+                        dead.add(i)
         return dead
 
     @inlineCallbacks
@@ -321,7 +333,7 @@ class Cluster:
         owner or a dead one, before the first /healthz 200."""
         owners = yield self._command("HGETALL", OWNERS)
         owner_map = dict(zip(owners[0::2], owners[1::2])) if owners else {}
-        dead = yield self.dead_instances(owner_of(t) for t in owner_map.values())
+        dead = yield self.dead_instances((owner_of(t) for t in owner_map.values()), at_once=True)
         pairs = []
         for field in fields:
             token = owner_map.get(field, b"")
@@ -400,6 +412,10 @@ class Cluster:
 
         return d.addCallback(counted)
 
+    def keep(self, field: bytes, signal: str) -> Deferred:
+        d = self._eval(KEEP, [PREFIX + b"pending:" + field], [signal])
+        return d.addErrback(lambda f: log.debug("Could not keep a signal: {error}", error=f.getErrorMessage()))
+
     @property
     def channels(self) -> list[bytes]:
         return [self.keys.channel(self.iid), self.keys.broadcast]
@@ -413,7 +429,11 @@ class Cluster:
             return
         first, _, field = rest.partition(b"\n")
         if kind == b"signal" and self.listener is not None:
-            self.listener.deliver(*key_of(field), first.decode("ascii", "replace"))
+            name = first.decode("ascii", "replace")
+            if not self.listener.deliver(*key_of(field), name):
+                # Redis says the job is ours but it is not running here (yet): we are
+                # re-adopting it after a lost lease. Keep the signal for the adoption.
+                self.keep(field, name)
         elif kind == b"superseded":
             token = self.tokens.get(field)
             if token is not None and fence_of(token) < int(first or 0):

@@ -185,6 +185,15 @@ redis.call('PEXPIRE', pending_key, 86400000)
 return 'kept'
 """
 
+#: KEYS: pending list. ARGV: signal. A signal routed to this instance for a job it is
+#: just re-adopting: kept for the adoption, as for a dead owner.
+KEEP = """
+redis.call('RPUSH', KEYS[1], ARGV[1])
+redis.call('LTRIM', KEYS[1], -16, -1)
+redis.call('PEXPIRE', KEYS[1], 86400000)
+return 1
+"""
+
 #: KEYS: instances, owned set of the dead one. ARGV: dead iid. Forget an instance
 #: once nothing of it is left.
 FORGET = """
@@ -203,4 +212,5 @@ SCRIPTS = {
     "adopt": ADOPT,
     "route": ROUTE,
     "forget": FORGET,
+    "keep": KEEP,
 }

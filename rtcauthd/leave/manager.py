@@ -129,10 +129,9 @@ class JobManager:
     def _forwarded(self, result: str, room: str, identity: str, sig: Signal) -> None:
         if result == "mine":
             # Redis says ours: a takeover that is still being started here.
-            job = self._jobs.get((room, identity))
-            if job is not None:
-                job.signal(sig)
-                return
+            if not self.deliver(room, identity, sig.value):
+                self._store.keep_signal(room, identity, sig.value)
+            return
         log.debug(
             "{signal} for {room}/{identity}: {what}",
             signal=sig.value,
@@ -147,18 +146,21 @@ class JobManager:
 
     # -- what the store hears from other instances (docs/several-instances.md) -----------------
 
-    def deliver(self, room: str, identity: str, signal_name: str) -> None:
-        """A webhook signal that another instance routed here."""
+    def deliver(self, room: str, identity: str, signal_name: str) -> bool:
+        """A webhook signal that another instance routed here; False if no job for it runs
+        here (the store then keeps it for the job's adoption)."""
         job = self._jobs.get((room, identity))
         try:
             sig = Signal(signal_name)
         except ValueError:
-            return
+            return True  # nothing anybody could do with it
         if job is None:
-            log.debug("Routed {signal} for {room}/{identity}: no such job here", signal=signal_name,
+            log.debug("Routed {signal} for {room}/{identity}: no such job here (yet)", signal=signal_name,
                       room=room, identity=identity)
-            return
+            return self._stopping  # nothing to keep for when stopping
+
         job.signal(sig)
+        return True
 
     def job_lost(self, room: str, identity: str) -> None:
         """Another instance owns this job now (it was superseded or taken over): stop it
@@ -187,7 +189,9 @@ class JobManager:
             if old is not None:
                 del self._jobs[t.job.key]
                 old.cancel()
-            job = self._resume(t.job, now)
+            # A connected job's record may look expired because its last restarts were
+            # still queued in the dead owner; restarting it tells (404 if really gone).
+            job = self._resume(t.job, now, purge_expired=not t.connected)
             if job is None:
                 continue
             if t.connected:
@@ -303,9 +307,9 @@ class JobManager:
             return False
         return self._resume(stored, now_wall) is not None
 
-    def _resume(self, stored: StoredJob, now_wall: float) -> Optional[DelayedLeaveJob]:
+    def _resume(self, stored: StoredJob, now_wall: float, *, purge_expired: bool = True) -> Optional[DelayedLeaveJob]:
         params = stored.params
-        if params.delay_timeout_ns <= 0 or stored.expires_at <= now_wall:
+        if params.delay_timeout_ns <= 0 or (purge_expired and stored.expires_at <= now_wall):
             # The homeserver has fired (or will fire) the event itself.
             log.info(
                 "Purging expired stored job for {room}/{identity}",

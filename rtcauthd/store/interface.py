@@ -61,6 +61,9 @@ class IJobStore(Interface):
         @return: Deferred[str]: ``sent``, ``kept``, ``mine``, ``none`` or ``unavailable``.
         """
 
+    def keep_signal(room, identity, signal):
+        """Keep a signal for a job this instance is about to adopt (forward said ``mine``)."""
+
     def set_listener(listener):
         """Who hears of jobs lost to, or taken over from, other instances and of signals
         routed here: an object with ``job_lost(room, identity)``, ``all_jobs_lost()``,

@@ -94,6 +94,7 @@ class RedisStore:
         self._owns_connection = _connection is None
         self._next_rebuild = 0.0
         self._sentinel = sentinel_manager(target) if _connection is None else None
+        self._iid = instance_id(cluster.name) if cluster is not None else None
         self._redis = _connection if _connection is not None else self._new_connection()
         self._up = True  # optimistic until an operation says otherwise
         self._closing = False
@@ -110,7 +111,7 @@ class RedisStore:
             self._cluster = Cluster(
                 connection=lambda: self._redis,
                 clock=self._clock,
-                iid=instance_id(cluster.name),
+                iid=self._iid,
                 name=cluster.name,
                 db=max(target.db, 0),
                 lease_seconds=cluster.lease_seconds,
@@ -128,6 +129,7 @@ class RedisStore:
             reply_timeout=max(self._op_timeout, self._restore_wait),
             connect_timeout=self._op_timeout,
             sentinel=self._sentinel,
+            client_name=None if self._iid is None else b"rtcauthd-" + self._iid,
         )
 
     def _replace_connection(self) -> None:
@@ -229,10 +231,15 @@ class RedisStore:
 
     def forward(self, room: str, identity: str, signal: str) -> "Deferred[str]":
         """Hand a webhook signal to the instance that runs the job (docs/several-instances.md#routing)."""
-        if self._cluster is None or not self._up:
-            return succeed("none" if self._cluster is None else "unavailable")
-        field = encode_field(room, identity).encode("utf-8")
+        if self._cluster is None:
+            return succeed("none")
+        field = encode_field(room, identity).encode("utf-8")  # tried even in an outage: it may be over
         return self._cluster.route(field, signal).addErrback(lambda _f: "unavailable")
+
+    def keep_signal(self, room: str, identity: str, signal: str) -> None:
+        """Keep a signal for a job this instance is about to adopt (docs/several-instances.md#routing)."""
+        if self._cluster is not None:
+            self._cluster.keep(encode_field(room, identity).encode("utf-8"), signal)
 
     def set_listener(self, listener: Any) -> None:
         if self._cluster is not None:

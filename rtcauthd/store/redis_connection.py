@@ -48,9 +48,40 @@ def _tls_creator(target: RedisTarget, tls_policy: Optional[Any]) -> Any:
     return tls_policy  # already a connection creator / context factory
 
 
+def _named(base: type, name: bytes) -> type:
+    """``base`` that gives every (re)connection ``name`` (CLIENT SETNAME) once it is ready,
+    so that peers reading CLIENT LIST see a live instance again within a round trip of a
+    reconnect (docs/several-instances.md#the-liveness-rule)."""
+
+    class Named(base):  # type: ignore[misc, valid-type]
+        def connectionMade(self):
+            d = defer.maybeDeferred(base.connectionMade, self)
+
+            def setname(result: Any) -> Any:
+                if self.connected:
+                    self.execute_command("CLIENT", "SETNAME", name).addErrback(lambda _f: None)
+                return result
+
+            return d.addCallback(setname)
+
+    return Named
+
+
 def connect(target: RedisTarget, *, tls_policy: Optional[Any], reply_timeout: float, connect_timeout: float,
-            sentinel: Optional[Any] = None) -> Any:
-    """A lazy, self-reconnecting txredisapi connection (bytes in, bytes out)."""
+            sentinel: Optional[Any] = None, client_name: Optional[bytes] = None) -> Any:
+    """A lazy, self-reconnecting txredisapi connection (bytes in, bytes out), named
+    ``client_name`` on every connect if given."""
+    handler = _connect(target, tls_policy=tls_policy, reply_timeout=reply_timeout,
+                       connect_timeout=connect_timeout, sentinel=sentinel)
+    if client_name is not None:
+        # Connecting happens in a later reactor turn, so the factory builds this protocol.
+        factory = handler._factory
+        factory.protocol = _named(factory.protocol, client_name)
+    return handler
+
+
+def _connect(target: RedisTarget, *, tls_policy: Optional[Any], reply_timeout: float, connect_timeout: float,
+             sentinel: Optional[Any]) -> Any:
     common = _common(target, reply_timeout=reply_timeout, connect_timeout=connect_timeout)
     if sentinel is not None:
         return sentinel.master_for(

@@ -286,3 +286,54 @@ class SharedRedisTests(InstancesCase, unittest.TestCase):
         self.lk.set_present(p.room, p.identity, False)
         yield self.hook("participant_left", p, "CLIENT_INITIATED")
         yield self.wait_sends([delay_id])
+
+
+class SentinelTests(InstancesCase, unittest.TestCase):
+    """Two instances behind Debian's redis-sentinel while the Redis master dies."""
+
+    @defer.inlineCallbacks
+    def test_two_instances_follow_a_sentinel_failover_and_send_each_leave_once(self):
+        from tests.integration.test_sentinel import SERVICE, Sentinel
+        from tests.support.redis_server import RedisServer, raw_hgetall
+
+        master = RedisServer(self)
+        yield master.start()
+        replica = RedisServer(self, "--replicaof", "127.0.0.1", str(master.port))
+        yield replica.start()
+        sentinel = Sentinel(self, master.port)
+        yield self.wait_for(sentinel.knows_replicas, "the Sentinel to find the replica", 30)
+        for i in range(2):
+            env = self.instance_env(f"inst{i}")
+            env.update(LIVEKIT_REDIS_URL="redis://127.0.0.1:1/0",  # host and port come from the Sentinel
+                       RTCAUTH_REDIS_SENTINELS=f"127.0.0.1:{sentinel.port}", RTCAUTH_REDIS_SENTINEL_MASTER=SERVICE)
+            d = self.make_daemon(env, name=f"inst{i}")
+            yield d.start()
+            self.daemons.append(d)
+        self.daemon = self.daemons[0]
+
+        before = self.participant("fay", "syd_before")
+        self.lk.set_present(before.room, before.identity)
+        yield self.delegate(before, "syd_before", 4000)
+        yield self.hook("participant_joined", before)
+        yield self.wait_calls("syd_before", "restart")
+        field = job_field(before.room, before.identity)
+        yield self.wait_for(lambda: field in raw_hgetall(replica.port), "the record to reach the replica")
+
+        master.kill()
+        yield self.wait_for(lambda: sentinel.master_port() == replica.port, "the Sentinel's failover", 60)
+        after = self.participant("gus", "syd_after")
+        self.lk.set_present(after.room, after.identity)
+        yield self.delegate(after, "syd_after", 4000)
+        yield self.hook("participant_joined", after)
+        yield self.wait_calls("syd_after", "restart", timeout=REDIS_BACK_DEADLINE)
+        # the job from before the failover is still driven (by whoever owns it now)
+        seen = len(self.hs.restarts("syd_before"))
+        yield self.wait_calls("syd_before", "restart", seen + 1, timeout=REDIS_BACK_DEADLINE)
+        for p in (before, after):
+            self.lk.set_present(p.room, p.identity, False)
+            yield self.hook("participant_left", p, "CLIENT_INITIATED")
+        yield self.wait_sends(["syd_before", "syd_after"], REDIS_BACK_DEADLINE)
+        yield self.wait_for(lambda: raw_hgetall(replica.port) == {}, "both records to be gone from the new master")
+        for d in self.daemons:
+            yield d.stop()
+        self.assert_each_sent_once(["syd_before", "syd_after"])

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import txredisapi
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
 from prometheus_client import generate_latest
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
@@ -118,7 +120,11 @@ class TakeoverTests(ClusterCase):
         a._cluster = None  # nothing of a acts again
         kept = yield b.forward("room-1", "ident-1", "ParticipantDisconnectedIntentionally")
         self.assertEqual(kept, "kept")
-        yield b.cluster.scan_peers()  # b's next lease round: a's connection is gone, so a is dead
+        b.cluster.stop_renewing()  # b's rounds are run by hand
+        yield b.cluster.scan_peers()  # a's connection is gone ...
+        self.assertEqual(self.owner(), b"a")
+        yield deferLater(reactor, b.cluster.renew_interval, lambda: None)
+        yield b.cluster.scan_peers()  # ... and still gone a renewal interval later: a is dead
         self.assertEqual(self.owner(), b"b")
         (taken,) = [e for e in heard_b.events if e[0] == "taken"]
         self.assertEqual(taken, ("taken", ["syd_integration_1"]))

@@ -76,6 +76,7 @@ class Listener:
 
     def deliver(self, room: str, identity: str, signal: str) -> None:
         self.events.append(("deliver", room, identity, signal))
+        return True
 
 
 class LeaseTests(SynchronousTestCase):
@@ -140,7 +141,7 @@ class ClusterTests(SynchronousTestCase):
     def test_renews_every_third_of_the_lease(self) -> None:
         self.redis.calls.clear()
         self.clock.advance(1)
-        self.assertEqual(self.redis.names()[:2], ["renew", "client"])
+        self.assertEqual(self.redis.names()[:2], ["renew", "smembers"])
         self.clock.advance(1)
         self.assertEqual(self.redis.names().count("renew"), 2)
 
@@ -193,3 +194,30 @@ class ClusterTests(SynchronousTestCase):
         self.clock.advance(1)
         owned_lookups = [c for c in self.redis.calls if c[0] == "smembers" and c[2] != [scripts.INSTANCES]]
         self.assertEqual(owned_lookups, [("smembers", [], [scripts.ClusterKeys(0).owned(b"b#2")])])
+
+
+class GraceTests(SynchronousTestCase):
+    """A peer whose liveness key lives but whose connection is missing is dead only if it
+    is still missing a renewal interval later (at start-up: at once)."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.redis = ScriptedRedis()
+        self.redis.execute_command = self.command
+        self.cluster = Cluster(connection=lambda: self.redis, clock=self.clock, iid=b"a#1", name="a", db=0,
+                               lease_seconds=3, op_timeout=1, decode=decode_value)
+
+    def command(self, *args):
+        if args[0] == "MGET":
+            return succeed([b"b#2"])  # b's liveness key is alive
+        return succeed(b"id=1 name=rtcauthd-a#1\n")  # CLIENT LIST: only our own connection
+
+    def test_missing_connection_must_persist_for_a_renewal_interval(self) -> None:
+        self.assertEqual(self.successResultOf(self.cluster.dead_instances([b"b#2"])), set())
+        self.clock.advance(0.5)
+        self.assertEqual(self.successResultOf(self.cluster.dead_instances([b"b#2"])), set())
+        self.clock.advance(0.5)
+        self.assertEqual(self.successResultOf(self.cluster.dead_instances([b"b#2"])), {b"b#2"})
+
+    def test_at_start_up_at_once(self) -> None:
+        self.assertEqual(self.successResultOf(self.cluster.dead_instances([b"b#2"], at_once=True)), {b"b#2"})

@@ -71,6 +71,9 @@ class FakeStore:
         self.ops.append(("forward", room, identity, signal))
         return succeed("none")
 
+    def keep_signal(self, room: str, identity: str, signal: str) -> None:
+        self.ops.append(("keep", room, identity, signal))
+
     def set_listener(self, listener) -> None:
         self.listener = listener
 
@@ -518,3 +521,17 @@ class SeveralInstancesTests(ManagerTestCase):
         self.assertEqual(self.manager.get("room", "alice").state, State.Connected)
         self.manager.deliver("room", "nobody", "ParticipantConnected")  # ignored
         self.manager.deliver("room", "alice", "NoSuchSignal")  # ignored
+
+    def test_a_signal_for_a_job_being_re_adopted_here_is_kept(self) -> None:
+        self.store.forward = lambda room, identity, signal: succeed("mine")
+        self.manager.route("room", "carol", Signal.ParticipantDisconnectedIntentionally)
+        self.assertEqual(self.store.ops[-1], ("keep", "room", "carol", "ParticipantDisconnectedIntentionally"))
+        self.assertFalse(self.manager.deliver("room", "carol", "ParticipantConnected"))
+
+    def test_a_taken_over_connected_job_is_resumed_even_if_its_record_looks_expired(self) -> None:
+        from rtcauthd.cluster.coordinator import TakenJob
+
+        # its last restarts were still queued in the dead owner: the stored time is old
+        self.manager.taken_over([TakenJob(stored("d1", timeout_s=4, restarted_at=T0 - 10), True, ())])
+        self.assertEqual(self.hs.of("restart", "d1"), [0.0])
+        self.assertEqual(self.manager.get("room", "alice").state, State.Connected)
