@@ -219,7 +219,7 @@ class RedisStore:
     def _claim_offline(self, field: bytes) -> Claim:
         """Redis is unreachable: the leave may go only while our own view of the lease says
         nobody can have taken the job over; its record's removal is queued. (A crash before
-        that lands is the one way a leave is sent twice: docs/several-instances.md#failure-modes.)"""
+        that lands is the one way a leave is sent twice: docs/several-instances.md#exactly-once.)"""
         cluster = self._cluster
         if cluster is None:
             self._enqueue(field, None)
