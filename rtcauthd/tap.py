@@ -472,6 +472,14 @@ def request_policy(config: Config, reactor, metrics):
     )
 
 
+def cluster_settings(config: Config):
+    """Instances sharing LIVEKIT_REDIS_URL share the jobs; nothing to turn on (docs/several-instances.md)."""
+    from rtcauthd.cluster.coordinator import ClusterSettings
+    from rtcauthd.cluster.lease import default_instance_name
+
+    return ClusterSettings(name=config.instance_name or default_instance_name(), lease_seconds=config.job_lease_seconds)
+
+
 def build_store(config: Config, reactor, tls_policy, metrics=None):
     """Redis when LIVEKIT_REDIS_URL is set, else memory (jobs lost on restart; logged)."""
     if not config.redis_url:
@@ -483,9 +491,21 @@ def build_store(config: Config, reactor, tls_policy, metrics=None):
 
     try:
         redis_tls = redis_tls_policy(config, tls_policy)
-        return RedisStore.from_url(config.redis_url, clock=reactor, tls_policy=redis_tls, metrics=metrics)
+        return RedisStore(
+            redis_target(config), clock=reactor, tls_policy=redis_tls, metrics=metrics, cluster=cluster_settings(config)
+        )
     except RedisURLError as e:
         raise ConfigError(f"Could not connect Redis store: {e}") from None
+
+
+def redis_target(config: Config):
+    """``LIVEKIT_REDIS_URL`` parsed (RedisURLError if invalid), with the Sentinels if set."""
+    from rtcauthd.store.redis_url import parse_redis_url
+
+    target = parse_redis_url(config.redis_url)
+    if config.redis_sentinels:
+        target = attr.evolve(target, sentinels=config.redis_sentinels, sentinel_master=config.redis_sentinel_master)
+    return target
 
 
 def redis_tls_policy(config: Config, tls_policy):
