@@ -329,7 +329,7 @@ def build_daemon(
         homeserver = HomeserverAppservice(clock=reactor, http=plain_http, as_token=config.as_token)
         if config.membership_check_interval > 0:
             membership = build_membership(
-                config, reactor, homeserver, cs_api, rooms, manager, delegation, tls_policy, metrics
+                config, reactor, homeserver, cs_api, rooms, manager, delegation, tls_policy, metrics, store
             )
         appservice = build_appservice_app(
             config=config,
@@ -412,11 +412,15 @@ def build_daemon(
     )
 
 
-def build_membership(config: Config, reactor, homeserver, cs_api, rooms, manager, delegation, tls_policy, metrics):
-    """Membership enforcement (docs/membership.md): told of AS tokens and of every webhook."""
+def build_membership(
+    config: Config, reactor, homeserver, cs_api, rooms, manager, delegation, tls_policy, metrics, store=None
+):
+    """Membership enforcement (docs/membership.md): told of AS tokens and of every webhook;
+    on the job store's Redis target, sharing the work with the other instances there."""
     from rtcauthd.membership.monitor import build_monitor
 
     redis_tls = redis_tls_policy(config, tls_policy)
+    target = redis_target(config) if config.redis_url else None
     monitor = build_monitor(
         config=config,
         clock=reactor,
@@ -426,6 +430,8 @@ def build_membership(config: Config, reactor, homeserver, cs_api, rooms, manager
         stop_job=manager.discard,
         tls_policy=redis_tls,
         metrics=metrics,
+        redis_target=target,
+        cluster=(lambda: getattr(store, "cluster", None)) if target is not None else None,
     )
     observers = getattr(delegation, "observers", None)
     if observers is not None:
