@@ -103,8 +103,11 @@ class ParticipantTracker:
 
     def merge(self, participants: Dict[Key, Participant], states: Dict[Key, bytes], unsent: "set[Key]") -> None:
         """Take the shared set in Redis as the truth: entries of other instances are added,
-        removals and connects they saw are applied, and entries nobody has any more are
-        dropped (unless this instance still has a write for them queued)."""
+        and removals and connects they saw are applied. An entry of ours that Redis lacks
+        (another instance saw it leave — or Redis lost its data) is dropped once its token
+        has expired; until then it turns pending and its record is written again, so that
+        a Redis restart without persistence does not end enforcement for running calls
+        (the SFU lookup of the next sweep tells whether it is still there)."""
         for key, participant in participants.items():
             state = states.get(key)
             entry = self._entries.get(key)
@@ -118,7 +121,12 @@ class ParticipantTracker:
             elif state == b"connected":
                 entry.connected = True
         for key in [k for k in self._entries if k not in participants and k not in unsent]:
-            del self._entries[key]
+            entry = self._entries[key]
+            if self.token_expired(entry):
+                del self._entries[key]
+            else:
+                entry.connected = False
+                self._store.put(entry.participant)
 
     # -- from webhooks ------------------------------------------------------------------
 
