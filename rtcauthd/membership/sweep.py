@@ -78,6 +78,7 @@ class MembershipSweep:
         self._join_slots = DeferredSemaphore(PARALLEL_ON_JOIN)
         self._shared = shared
         self._unsent_keys = unsent_keys
+        self._merged_once = False
         self._checks = (metrics if metrics is not None else Metrics()).membership_checks
         self._running: Optional[Deferred] = None
         self._checking: set = set()
@@ -137,7 +138,8 @@ class MembershipSweep:
         snapshot = await self._shared.snapshot()
         if snapshot is not None:
             participants, states = snapshot
-            self._tracker.merge(participants, states, self._unsent_keys())
+            self._tracker.merge(participants, states, self._unsent_keys(), trust_connected=self._merged_once)
+            self._merged_once = True
         return set(await self._shared.claim_rooms(self._tracker.matrix_rooms()))
 
     async def _verify_pending(self, deadline: float, rooms: set) -> None:

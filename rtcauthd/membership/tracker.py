@@ -101,24 +101,31 @@ class ParticipantTracker:
             entry.connected = True
         return entry
 
-    def merge(self, participants: Dict[Key, Participant], states: Dict[Key, bytes], unsent: "set[Key]") -> None:
+    def merge(
+        self, participants: Dict[Key, Participant], states: Dict[Key, bytes], unsent: "set[Key]", *,
+        trust_connected: bool = True,
+    ) -> None:
         """Take the shared set in Redis as the truth: entries of other instances are added,
         and removals and connects they saw are applied. An entry of ours that Redis lacks
         (another instance saw it leave — or Redis lost its data) is dropped once its token
         has expired; until then it turns pending and its record is written again, so that
         a Redis restart without persistence does not end enforcement for running calls
-        (the SFU lookup of the next sweep tells whether it is still there)."""
+        (the SFU lookup of the next sweep tells whether it is still there). The first merge
+        after a start does not trust ``connected``: it may be older than the restart, and
+        recovered entries are looked up on the SFU before anybody is removed."""
         for key, participant in participants.items():
             state = states.get(key)
             entry = self._entries.get(key)
             if entry is None:
-                self._entries[key] = Entry(participant, connected=state == b"connected", removed=state == b"removed")
+                self._entries[key] = Entry(
+                    participant, connected=trust_connected and state == b"connected", removed=state == b"removed"
+                )
                 continue
             if participant.registered_at > entry.participant.registered_at:
                 entry.participant = participant  # a newer token, minted elsewhere
             if state == b"removed":
                 entry.connected, entry.removed = False, True
-            elif state == b"connected":
+            elif state == b"connected" and trust_connected:
                 entry.connected = True
         for key in [k for k in self._entries if k not in participants and k not in unsent]:
             entry = self._entries[key]

@@ -113,7 +113,9 @@ class OneSweepPerRoomTests(InstancesCase):
         for interval in range(1, 4):
             yield self.sweep_both(a, b) if interval % 2 else self.sweep_both(b, a)
             self.assertEqual({r: self.checks(r) for r in ROOMS}, {r: interval for r in ROOMS})
-            self.assertEqual(len(self.sfu.of("GetParticipant")), 0)  # all connected: nothing to look up
+            # a first sweep looks up what it learnt from Redis once; nobody is looked up twice
+            looked_up = [c[2] for c in self.sfu.of("GetParticipant")]
+            self.assertEqual(len(looked_up), len(set(looked_up)))
         # every room was checked in every round, by the instance holding its claim, and only by it
         holders = {r: raw(self.server.port, "GET", b"rtcauth:membership:room:" + r.encode()) for r in ROOMS}
         self.assertEqual(set(holders.values()) - {b"a#0000", b"b#0000"}, set())

@@ -190,6 +190,8 @@ class SweepWithPeersTests(SynchronousTestCase):
         )
         self.monitor = MembershipMonitor(clock=self.clock, tracker=self.tracker, sweep=self.sweep, store=self.store,
                                          interval=30, shared=self.shared)
+        self.shared.snap = ({}, {})
+        self.successResultOf(self.sweep.tick())  # the first merge after start (see the restart test)
 
     def participant(self, name, room="!a:x"):
         return Participant(room, f"@{name}:x", "LK_" + room, "ID_" + name, T0)
@@ -251,6 +253,20 @@ class SweepWithPeersTests(SynchronousTestCase):
         self.shared.found = None
         self.hook("participant_joined", self.participant("stranger"))
         self.assertEqual(len(self.tracker), 1)
+
+    def test_after_a_restart_connected_from_redis_is_verified_on_the_sfu_first(self):
+        sweep = MembershipSweep(
+            clock=self.clock, tracker=self.tracker, remover=self.remover, homeserver=self.hs,
+            resolve_cs_api=lambda name: succeed("https://hs"), server_name=HS,
+            get_participant=self.sfu.get_participant, interval=30, shared=self.shared,
+        )
+        gone, there = self.participant("left-while-down"), self.participant("still-there")
+        self.shared.snap = ({gone.key: gone, there.key: there}, {gone.key: b"connected", there.key: b"connected"})
+        self.sfu.present.add(there.key)
+        self.hs.joined["!a:x"] = set()  # neither is joined any more
+        self.successResultOf(sweep.tick())
+        self.assertEqual(sorted(c[2] for c in self.sfu.of("GetParticipant")), ["ID_left-while-down", "ID_still-there"])
+        self.assertEqual([c[2] for c in self.sfu.of("RemoveParticipant")], ["ID_still-there"])
 
     def test_left_keeps_an_entry_another_instance_removed(self):
         p = self.participant("mallory")
