@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -183,15 +183,18 @@ class SweepWithPeersTests(SynchronousTestCase):
         self.hs, self.sfu, self.shared = FakeHomeserver(), FakeRooms(), FakeShared()
         self.remover = Remover(clock=self.clock, rooms=self.sfu, tracker=self.tracker, stop_job=lambda *k: None,
                                random=lambda: 0.5, shared=self.shared)
-        self.sweep = MembershipSweep(
-            clock=self.clock, tracker=self.tracker, remover=self.remover, homeserver=self.hs,
-            resolve_cs_api=lambda name: succeed("https://hs"), server_name=HS,
-            get_participant=self.sfu.get_participant, interval=30, shared=self.shared,
-        )
+        self.sweep = self.new_sweep()
         self.monitor = MembershipMonitor(clock=self.clock, tracker=self.tracker, sweep=self.sweep, store=self.store,
                                          interval=30, shared=self.shared)
         self.shared.snap = ({}, {})
         self.successResultOf(self.sweep.tick())  # the first merge after start (see the restart test)
+
+    def new_sweep(self):
+        return MembershipSweep(
+            clock=self.clock, tracker=self.tracker, remover=self.remover, homeserver=self.hs,
+            resolve_cs_api=lambda name: succeed("https://hs"), server_name=HS,
+            get_participant=self.sfu.get_participant, interval=30, shared=self.shared,
+        )
 
     def participant(self, name, room="!a:x"):
         return Participant(room, f"@{name}:x", "LK_" + room, "ID_" + name, T0)
@@ -255,11 +258,7 @@ class SweepWithPeersTests(SynchronousTestCase):
         self.assertEqual(len(self.tracker), 1)
 
     def test_after_a_restart_connected_from_redis_is_verified_on_the_sfu_first(self):
-        sweep = MembershipSweep(
-            clock=self.clock, tracker=self.tracker, remover=self.remover, homeserver=self.hs,
-            resolve_cs_api=lambda name: succeed("https://hs"), server_name=HS,
-            get_participant=self.sfu.get_participant, interval=30, shared=self.shared,
-        )
+        sweep = self.new_sweep()  # as after a restart: no merge yet
         gone, there = self.participant("left-while-down"), self.participant("still-there")
         self.shared.snap = ({gone.key: gone, there.key: there}, {gone.key: b"connected", there.key: b"connected"})
         self.sfu.present.add(there.key)
