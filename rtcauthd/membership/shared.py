@@ -123,8 +123,8 @@ class SharedMembership:
     def active(self) -> bool:
         return self._cluster() is not None
 
-    def _eval(self, script: str, keys: list, args: list, timeout: Optional[float] = None) -> Deferred:
-        return self._connection().eval(script, keys, args).addTimeout(timeout or self._op_timeout, self._clock)
+    def _eval(self, script: str, keys: list, args: list) -> Deferred:
+        return self._connection().eval(script, keys, args).addTimeout(self._op_timeout, self._clock)
 
     def _unavailable(self, what: str, failure) -> None:
         if not self._warned:
