@@ -34,7 +34,7 @@ from twisted.internet import defer, reactor  # noqa: E402
 from twisted.web.client import Agent, HTTPConnectionPool  # noqa: E402
 
 from bench.bench_failover import start_redis  # noqa: E402
-from bench.bench_membership import KEY, SECRET, SERVER, SFU, Homeserver, listen  # noqa: E402
+from bench.bench_membership import KEY, SECRET, SERVER, SFU, Homeserver, listen, run_on_reactor  # noqa: E402
 from rtcauthd.cluster.scripts import ClusterKeys  # noqa: E402
 from rtcauthd.livekit.tokens import TokenMinter  # noqa: E402
 from rtcauthd.livekit.twirp import RoomServiceClient  # noqa: E402
@@ -169,15 +169,7 @@ def run() -> None:
     parser.add_argument("--rooms", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--bans", type=int, default=5)
-    args = parser.parse_args()
-
-    def done(result):
-        if hasattr(result, "printTraceback"):
-            result.printTraceback()
-        reactor.stop()
-
-    reactor.callWhenRunning(lambda: main(args).addBoth(done))
-    reactor.run()
+    run_on_reactor(main, parser.parse_args())
 
 
 if __name__ == "__main__":
