@@ -181,7 +181,11 @@ def run() -> None:
     parser.add_argument("--rooms", type=int, default=50)
     parser.add_argument("--interval", type=int, default=2)
     parser.add_argument("--bans", type=int, default=5)
-    args = parser.parse_args()
+    run_on_reactor(main, parser.parse_args())
+
+
+def run_on_reactor(main, args) -> None:
+    """Run ``main(args)`` (a Deferred) on the reactor, print its failure if any, then stop."""
 
     def done(result):
         if isinstance(result, Exception) or hasattr(result, "printTraceback"):

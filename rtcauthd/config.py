@@ -103,6 +103,10 @@ class Config:
     token_ttl: int = 3600  # RTCAUTH_TOKEN_TTL_SECONDS
     max_delay_seconds: float = 86400.0  # RTCAUTH_MAX_DELAY_SECONDS
     membership_check_interval: int = 30  # LIVEKIT_MEMBERSHIP_CHECK_INTERVAL_SECONDS (AS mode only)
+    job_lease_seconds: float = 10.0  # RTCAUTH_JOB_LEASE_SECONDS
+    instance_name: str = ""  # RTCAUTH_INSTANCE_NAME; "" = host name + pid
+    redis_sentinels: tuple[tuple[str, int], ...] = ()  # RTCAUTH_REDIS_SENTINELS
+    redis_sentinel_master: str = ""  # RTCAUTH_REDIS_SENTINEL_MASTER
     warnings: tuple[str, ...] = ()
 
     @property
@@ -295,6 +299,26 @@ def _read_max_connections(r: _Reading, s: Setting) -> None:
 def _read_trusted_proxies(r: _Reading, s: Setting) -> None:
     raw = r.raw(s)
     r.fields["trusted_proxies"] = parse_cidrs(s.name, raw if raw.strip() else s.default)
+
+
+def _read_sentinels(r: _Reading, s: Setting) -> None:
+    """RTCAUTH_REDIS_SENTINELS with RTCAUTH_REDIS_SENTINEL_MASTER: both or neither, and only
+    with a redis:// URL (docs/several-instances.md#redis-sentinel)."""
+    from rtcauthd.config_values import host_port_list
+
+    raw, master = r.raw(s).strip(), r.env.get("RTCAUTH_REDIS_SENTINEL_MASTER", "").strip()
+    if not raw and not master:
+        return
+    if not raw or not master:
+        raise ConfigError("RTCAUTH_REDIS_SENTINELS and RTCAUTH_REDIS_SENTINEL_MASTER go together: set both or neither")
+    if not r.fields.get("redis_url", "").startswith("redis://"):
+        raise ConfigError(f"{s.name} needs LIVEKIT_REDIS_URL=redis://… (its password and db are used; no TLS or unix socket)")
+    r.fields["redis_sentinels"] = host_port_list(s.name, raw)
+    r.fields["redis_sentinel_master"] = master
+
+
+def _read_instance_name(r: _Reading, s: Setting) -> None:
+    r.fields["instance_name"] = r.raw(s).strip()
 
 
 def _read_metrics_listen(r: _Reading, s: Setting) -> None:
@@ -501,6 +525,27 @@ SETTINGS: tuple[Setting, ...] = (
         "application-service mode: every N s remove call participants no longer joined to the "
         "Matrix room; 0 = off",
         _read_membership_interval,
+    ),
+    Setting(
+        "RTCAUTH_REDIS_SENTINELS",
+        "",
+        "host:port,host:port of Redis Sentinels: the master named by RTCAUTH_REDIS_SENTINEL_MASTER "
+        "is asked of them and followed through failovers (password and db from LIVEKIT_REDIS_URL)",
+        _read_sentinels,
+    ),
+    Setting("RTCAUTH_REDIS_SENTINEL_MASTER", "", "the Sentinel service name of the Redis master"),
+    Setting(
+        "RTCAUTH_JOB_LEASE_SECONDS",
+        "10",
+        "with several instances on one Redis: how long a dead instance's jobs wait at most "
+        "before another instance takes them over",
+        _numeric("job_lease_seconds", float),
+    ),
+    Setting(
+        "RTCAUTH_INSTANCE_NAME",
+        "",
+        "this instance's name in logs, metrics and Redis (default: host name and pid)",
+        _read_instance_name,
     ),
     Setting(
         "LIVEKIT_CAN_UPDATE_OWN_METADATA",

@@ -89,3 +89,16 @@ def number(variable: str, value: str, default: float, kind: type, *, zero_allowe
         wanted = "a number >= 0" if zero_allowed else "a positive number"
         raise ConfigError(f"{variable} must be {wanted}, got {go_quote(value)}")
     return number
+
+
+def host_port_list(variable: str, value: str) -> tuple[tuple[str, int], ...]:
+    """``host:port,[v6]:port`` (comma or space separated) as (host, port) pairs."""
+    pairs = []
+    for item in value.replace(",", " ").split():
+        host, sep, port = item.rpartition(":")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"{variable}: {item!r} is not host:port")
+        pairs.append((host, int(port)))
+    return tuple(pairs)

@@ -329,7 +329,7 @@ def build_daemon(
         homeserver = HomeserverAppservice(clock=reactor, http=plain_http, as_token=config.as_token)
         if config.membership_check_interval > 0:
             membership = build_membership(
-                config, reactor, homeserver, cs_api, rooms, manager, delegation, tls_policy, metrics
+                config, reactor, homeserver, cs_api, rooms, manager, delegation, tls_policy, metrics, store
             )
         appservice = build_appservice_app(
             config=config,
@@ -412,11 +412,15 @@ def build_daemon(
     )
 
 
-def build_membership(config: Config, reactor, homeserver, cs_api, rooms, manager, delegation, tls_policy, metrics):
-    """Membership enforcement (docs/membership.md): told of AS tokens and of every webhook."""
+def build_membership(
+    config: Config, reactor, homeserver, cs_api, rooms, manager, delegation, tls_policy, metrics, store=None
+):
+    """Membership enforcement (docs/membership.md): told of AS tokens and of every webhook;
+    on the job store's Redis target, sharing the work with the other instances there."""
     from rtcauthd.membership.monitor import build_monitor
 
     redis_tls = redis_tls_policy(config, tls_policy)
+    target = redis_target(config) if config.redis_url else None
     monitor = build_monitor(
         config=config,
         clock=reactor,
@@ -426,6 +430,8 @@ def build_membership(config: Config, reactor, homeserver, cs_api, rooms, manager
         stop_job=manager.discard,
         tls_policy=redis_tls,
         metrics=metrics,
+        redis_target=target,
+        cluster=(lambda: getattr(store, "cluster", None)) if target is not None else None,
     )
     observers = getattr(delegation, "observers", None)
     if observers is not None:
@@ -472,6 +478,14 @@ def request_policy(config: Config, reactor, metrics):
     )
 
 
+def cluster_settings(config: Config):
+    """Instances sharing LIVEKIT_REDIS_URL share the jobs; nothing to turn on (docs/several-instances.md)."""
+    from rtcauthd.cluster.coordinator import ClusterSettings
+    from rtcauthd.cluster.lease import default_instance_name
+
+    return ClusterSettings(name=config.instance_name or default_instance_name(), lease_seconds=config.job_lease_seconds)
+
+
 def build_store(config: Config, reactor, tls_policy, metrics=None):
     """Redis when LIVEKIT_REDIS_URL is set, else memory (jobs lost on restart; logged)."""
     if not config.redis_url:
@@ -483,9 +497,21 @@ def build_store(config: Config, reactor, tls_policy, metrics=None):
 
     try:
         redis_tls = redis_tls_policy(config, tls_policy)
-        return RedisStore.from_url(config.redis_url, clock=reactor, tls_policy=redis_tls, metrics=metrics)
+        return RedisStore(
+            redis_target(config), clock=reactor, tls_policy=redis_tls, metrics=metrics, cluster=cluster_settings(config)
+        )
     except RedisURLError as e:
         raise ConfigError(f"Could not connect Redis store: {e}") from None
+
+
+def redis_target(config: Config):
+    """``LIVEKIT_REDIS_URL`` parsed (RedisURLError if invalid), with the Sentinels if set."""
+    from rtcauthd.store.redis_url import parse_redis_url
+
+    target = parse_redis_url(config.redis_url)
+    if config.redis_sentinels:
+        target = attr.evolve(target, sentinels=config.redis_sentinels, sentinel_master=config.redis_sentinel_master)
+    return target
 
 
 def redis_tls_policy(config: Config, tls_policy):

@@ -100,7 +100,7 @@ class DelegatedLeave:
             room=event.room_name,
             identity=event.participant_identity,
             signal=signal,
-            dropped="" if routed else " (no job)",
+            dropped="" if routed else " (no job here; handed to its owner if another instance runs it)",
         )
 
 

@@ -10,6 +10,7 @@ Store failures are logged and never change a job's behaviour or an HTTP answer.
 from __future__ import annotations
 
 import random as _random
+import weakref
 from typing import Callable, Dict, Iterator, Optional, Tuple, Union
 
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -22,6 +23,7 @@ from rtcauthd.leave.machine import Signal
 from rtcauthd.leave.record import JobParams
 from rtcauthd.matrix.delayed_events import Outcome
 from rtcauthd.livekit.presence import Presence
+from rtcauthd.store.interface import Claim
 from rtcauthd.store.model import StoredJob
 
 log = Logger()
@@ -56,16 +58,20 @@ class JobManager:
         self._store = store
         self._jobs: Dict[Key, DelayedLeaveJob] = {}
         self._stopping = False
+        self._send = send
+        # jobs whose record is already gone because their leave may be sent (claim_send)
+        self._claimed: "weakref.WeakSet[DelayedLeaveJob]" = weakref.WeakSet()
         self._env = JobEnvironment(
             clock=clock,
             restart=restart,
-            send=send,
+            send=self._claim_and_send,
             lookup_participant=lookup_participant,
             restarted=self._job_restarted,
             done=self._job_done,
             random=random,
             sanity_interval=sanity_interval,
         )
+        store.set_listener(self)
 
     # -- queries -------------------------------------------------------------------------
 
@@ -102,20 +108,19 @@ class JobManager:
             identity=params.identity,
         )
         # The client has just scheduled (or restarted) the event: our best guess for RestartedAt.
-        stored = self._put(StoredJob(params, self._clock.seconds()))
+        stored = self._store_op("register", self._store.register, StoredJob(params, self._clock.seconds()))
         job.start()
         return stored
 
     def route(self, room: str, identity: str, signal: Union[Signal, str]) -> bool:
-        """Deliver a webhook-derived signal; False when no job exists for the key (dropped)."""
+        """Deliver a webhook-derived signal; False when no job for the key runs here (it is
+        then handed to the instance that runs it, if any)."""
         sig = signal if isinstance(signal, Signal) else Signal(signal)
         job = self._jobs.get((room, identity))
         if job is None:
-            log.debug(
-                "No job for {room}/{identity}; dropping {signal}",
-                room=room,
-                identity=identity,
-                signal=sig.value,
+            maybeDeferred(self._store.forward, room, identity, sig.value).addCallbacks(
+                self._forwarded, lambda f: log.failure("Forwarding a webhook failed", f),
+                callbackArgs=(room, identity, sig),
             )
             return False
         job.signal(sig)
@@ -131,6 +136,99 @@ class JobManager:
         self._delete(room, identity)
         log.info("Job {job_id} stopped: its participant was removed from the call", job_id=job.job_id)
         return True
+
+    def _forwarded(self, result: str, room: str, identity: str, sig: Signal) -> None:
+        if result == "mine":
+            # Redis says ours: a takeover that is still being started here.
+            if not self.deliver(room, identity, sig.value):
+                self._store.keep_signal(room, identity, sig.value)
+            return
+        log.debug(
+            "{signal} for {room}/{identity}: {what}",
+            signal=sig.value,
+            room=room,
+            identity=identity,
+            what={
+                "sent": "handed to the instance that runs the job",
+                "kept": "kept for the instance that takes the job over",
+                "unavailable": "dropped, Redis is unavailable",
+            }.get(result, "dropped, no such job"),
+        )
+
+    # -- what the store hears from other instances (docs/several-instances.md) -----------------
+
+    def deliver(self, room: str, identity: str, signal_name: str) -> bool:
+        """A webhook signal that another instance routed here; False if no job for it runs
+        here (the store then keeps it for the job's adoption)."""
+        job = self._jobs.get((room, identity))
+        try:
+            sig = Signal(signal_name)
+        except ValueError:
+            return True  # nothing anybody could do with it
+        if job is None:
+            log.debug("Routed {signal} for {room}/{identity}: no such job here (yet)", signal=signal_name,
+                      room=room, identity=identity)
+            return self._stopping  # nothing to keep for when stopping
+
+        job.signal(sig)
+        return True
+
+    def job_lost(self, room: str, identity: str) -> None:
+        """Another instance owns this job now (it was superseded or taken over): stop it
+        here without touching its record."""
+        job = self._jobs.pop((room, identity), None)
+        if job is not None:
+            job.cancel()
+            log.info("Job {job_id} is driven by another instance now", job_id=job.job_id)
+
+    def all_jobs_lost(self) -> None:
+        """Our lease ran out: none of the jobs here can be proven ours any more."""
+        jobs, self._jobs = list(self._jobs.values()), {}
+        for job in jobs:
+            job.cancel()
+        if jobs:
+            log.warn("Dropped {count} job(s): this instance's lease ran out", count=len(jobs))
+
+    def taken_over(self, taken) -> None:
+        """Jobs adopted from a dead instance: resumed from their records, in Connected if
+        their participant had connected, then fed the webhooks kept for them."""
+        if self._stopping:
+            return
+        now = self._clock.seconds()
+        for t in taken:
+            old = self._jobs.get(t.job.key)
+            if old is not None:
+                del self._jobs[t.job.key]
+                old.cancel()
+            # A connected job's record may look expired because its last restarts were
+            # still queued in the dead owner; restarting it tells (404 if really gone).
+            job = self._resume(t.job, now, purge_expired=not t.connected)
+            if job is None:
+                continue
+            if t.connected:
+                job.signal(Signal.ParticipantConnected)
+            for name in t.pending:
+                self.deliver(*t.job.key, name)
+
+    def _claim_and_send(self, params: JobParams) -> "Deferred[Outcome]":
+        """The leave goes out only after its record is durably gone while the job is still
+        ours (docs/several-instances.md#exactly-once)."""
+        job = self._jobs.get(params.key)
+        if job is None or job in self._claimed:
+            return self._send(params)
+
+        def claimed(claim: Claim) -> "Deferred[Outcome] | Outcome":
+            if job.cancelled:
+                return Outcome.retry(detail="job stopped")
+            if claim is Claim.GRANTED:
+                self._claimed.add(job)
+                return self._send(params)
+            if claim is Claim.LOST:
+                self.job_lost(*params.key)
+                return Outcome.retry(detail="owned by another instance")
+            return Outcome.retry(detail="cannot prove this instance owns the job")
+
+        return maybeDeferred(self._store.claim_send, params.room, params.identity).addCallback(claimed)
 
     def _retire_predecessor(self, key: Key, successor: DelayedLeaveJob) -> None:
         old = self._jobs.pop(key, None)
@@ -148,8 +246,8 @@ class JobManager:
         return self._jobs.get(job.key) is job
 
     def _job_restarted(self, job: DelayedLeaveJob, at: float) -> None:
-        if self._is_current(job):
-            self._put(StoredJob(job.params, at))
+        if self._is_current(job) and job not in self._claimed:
+            self._store_op("write", self._store.put, StoredJob(job.params, at))
 
     def _job_done(self, job: DelayedLeaveJob) -> None:
         if not self._is_current(job):
@@ -158,14 +256,15 @@ class JobManager:
             return
         del self._jobs[job.key]
         job.cancel()
-        self._delete(job.params.room, job.params.identity)
+        if job not in self._claimed:  # a claimed job's record is gone already
+            self._delete(job.params.room, job.params.identity)
         log.info("Job {job_id} finished in {state}", job_id=job.job_id, state=job.state.value)
 
     # -- store -----------------------------------------------------------------------------
 
-    def _put(self, stored: StoredJob) -> "Deferred[None]":
-        d = maybeDeferred(self._store.put, stored)
-        d.addCallbacks(lambda _: None, self._store_failed, errbackArgs=("write",))
+    def _store_op(self, operation: str, method, stored: StoredJob) -> "Deferred[None]":
+        d = maybeDeferred(method, stored)
+        d.addCallbacks(lambda _: None, self._store_failed, errbackArgs=(operation,))
         return d
 
     def _delete(self, room: str, identity: str) -> "Deferred[None]":
@@ -217,8 +316,11 @@ class JobManager:
         if stored.key in self._jobs:
             # A job registered by this process is newer than any stored record.
             return False
+        return self._resume(stored, now_wall) is not None
+
+    def _resume(self, stored: StoredJob, now_wall: float, *, purge_expired: bool = True) -> Optional[DelayedLeaveJob]:
         params = stored.params
-        if params.delay_timeout_ns <= 0 or stored.expires_at <= now_wall:
+        if params.delay_timeout_ns <= 0 or (purge_expired and stored.expires_at <= now_wall):
             # The homeserver has fired (or will fire) the event itself.
             log.info(
                 "Purging expired stored job for {room}/{identity}",
@@ -226,7 +328,7 @@ class JobManager:
                 identity=params.identity,
             )
             self._delete(params.room, params.identity)
-            return False
+            return None
         job = DelayedLeaveJob(params, self._env)
         self._jobs[params.key] = job
         log.info(
@@ -236,7 +338,7 @@ class JobManager:
             identity=params.identity,
         )
         job.start()
-        return True
+        return job
 
     def stop(self) -> None:
         """Refuse new jobs and cancel every running one; stored records stay for the next process."""

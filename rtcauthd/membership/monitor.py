@@ -5,7 +5,9 @@ The AS routes call :meth:`MembershipMonitor.register` for every token they mint;
 webhook route hands every verified event to :meth:`MembershipMonitor.on_webhook`. Start-up
 reads the tracked set back from Redis before the first sweep, which runs at once when
 there was something to read, so that a restart cannot leave a removed user in the call
-for longer than one interval.
+for longer than one interval. With several instances (``shared``) a webhook for a
+participant another instance registered is looked up in Redis and checked all the same,
+and ``participant_left`` asks Redis whether one of the instances removed it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from rtcauthd.membership.shared import SharedMembership
 from rtcauthd.membership.sweep import MembershipSweep
 from rtcauthd.membership.tracker import ParticipantTracker
 
@@ -31,8 +34,16 @@ class MembershipMonitor:
     """``store`` is a membership store (``load_all``, ``flush``, ``close``); the tracker writes to it."""
 
     def __init__(
-        self, *, clock: IReactorTime, tracker: ParticipantTracker, sweep: MembershipSweep, store, interval: float
+        self,
+        *,
+        clock: IReactorTime,
+        tracker: ParticipantTracker,
+        sweep: MembershipSweep,
+        store,
+        interval: float,
+        shared: Optional[SharedMembership] = None,
     ) -> None:
+        self._shared = shared
         self._clock = clock
         self.tracker = tracker
         self.sweep = sweep
@@ -55,14 +66,41 @@ class MembershipMonitor:
     def on_webhook(self, event) -> None:
         """A verified LiveKit webhook (``event``, ``room_name``, ``participant_identity``)."""
         kind, room, identity = event.event, event.room_name, event.participant_identity
+        shared = self._shared if self._shared is not None and self._shared.active else None
         if kind == PARTICIPANT_JOINED:
             entry = self.tracker.joined(room, identity)
-            if entry is not None and not self._stopped:
-                self.sweep.check_now(entry)
+            if entry is not None:
+                if shared is not None:
+                    shared.connected(room, identity)
+                self._check(entry)
+            elif shared is not None and identity:
+                shared.lookup(room, identity).addCallback(self._joined_elsewhere)
         elif kind == PARTICIPANT_LEFT:
-            self.tracker.left(room, identity)
+            if shared is None:
+                self.tracker.left(room, identity)
+            else:
+                shared.left(room, identity).addCallback(self._left, room, identity)
         elif kind == ROOM_FINISHED:
             self.tracker.room_finished(room)
+
+    def _check(self, entry) -> None:
+        if not self._stopped:
+            self.sweep.check_now(entry)
+
+    def _joined_elsewhere(self, participant) -> None:
+        """A join for a participant registered by another instance: tracked and checked here."""
+        if participant is None:
+            return  # not ours (no AS token minted it), ignored
+        entry = self.tracker.adopt(participant, connected=True)
+        self._shared.connected(*participant.key)
+        self._check(entry)
+
+    def _left(self, deleted: Optional[bool], room: str, identity: str) -> None:
+        entry = self.tracker.get(room, identity)
+        if deleted is False and entry is not None:
+            self.tracker.mark_removed(entry)  # an instance removed it: kept for the reconnect
+        elif deleted is not False:
+            self.tracker.left(room, identity)
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -94,19 +132,33 @@ class MembershipMonitor:
 
 
 def build_monitor(
-    *, config, clock, homeserver, resolve_cs_api, rooms, stop_job, tls_policy=None, store=None, metrics=None
+    *, config, clock, homeserver, resolve_cs_api, rooms, stop_job, tls_policy=None, store=None, metrics=None,
+    redis_target=None, cluster=None,
 ) -> MembershipMonitor:
-    """The monitor wired from the Config (AS mode with a non-zero interval; the caller checks)."""
-    from rtcauthd.membership.removal import Remover
+    """The monitor wired from the Config (AS mode with a non-zero interval; the caller checks).
+    ``redis_target`` is the job store's (Sentinels included); ``cluster()`` its Cluster, or
+    None while this instance runs alone."""
+    from rtcauthd.membership.removal import RETRY_BUDGET, Remover
     from rtcauthd.membership.store import MemoryParticipantStore, RedisParticipantStore
 
     if store is None:
-        if config.redis_url:
+        if redis_target is not None:
+            store = RedisParticipantStore(redis_target, clock=clock, tls_policy=tls_policy)
+        elif config.redis_url:
             store = RedisParticipantStore.from_url(config.redis_url, clock=clock, tls_policy=tls_policy)
         else:
             store = MemoryParticipantStore()
+    shared = None
+    if cluster is not None and getattr(store, "persistent", False):
+        shared = SharedMembership(
+            clock=clock,
+            connection=lambda: store.connection,
+            cluster=cluster,
+            interval=config.membership_check_interval,
+            removal_budget=RETRY_BUDGET,
+        )
     tracker = ParticipantTracker(clock=clock, store=store, token_ttl=config.token_ttl)
-    remover = Remover(clock=clock, rooms=rooms, tracker=tracker, stop_job=stop_job, metrics=metrics)
+    remover = Remover(clock=clock, rooms=rooms, tracker=tracker, stop_job=stop_job, metrics=metrics, shared=shared)
     sweep = MembershipSweep(
         clock=clock,
         tracker=tracker,
@@ -117,11 +169,13 @@ def build_monitor(
         get_participant=rooms.get_participant,
         interval=config.membership_check_interval,
         metrics=metrics,
+        shared=shared,
+        unsent_keys=getattr(store, "unsent_keys", set),
     )
     log.info(
         "Membership enforcement on: every {interval} s the homeserver is asked who is joined",
         interval=config.membership_check_interval,
     )
     return MembershipMonitor(
-        clock=clock, tracker=tracker, sweep=sweep, store=store, interval=config.membership_check_interval
+        clock=clock, tracker=tracker, sweep=sweep, store=store, interval=config.membership_check_interval, shared=shared
     )

@@ -5,13 +5,15 @@ Both are retried with the delegated-leave back-off for at most a minute
 participant's delegated-leave job is stopped *before* the removal, so the
 ``participant_left`` webhook the removal causes finds no job that would send a leave for
 somebody who is no longer in the room. A removal already under way for a participant is
-not started again (a sweep and a join webhook may both ask for it).
+not started again (a sweep and a join webhook may both ask for it) — with several
+instances, not on any of them: ``shared`` (membership/shared.py) lets one instance at a
+time remove a participant, and records the removal for all.
 """
 
 from __future__ import annotations
 
 import random as _random
-from typing import Callable, Optional, Set, Tuple
+from typing import Any, Callable, Optional, Set, Tuple
 
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -44,8 +46,10 @@ class Remover:
         random: Callable[[], float] = _random.random,
         budget: float = RETRY_BUDGET,
         metrics: Optional[Metrics] = None,
+        shared: Optional[Any] = None,
     ) -> None:
         self._clock = clock
+        self._shared = shared
         self._rooms = rooms
         self._tracker = tracker
         self._stop_job = stop_job
@@ -65,6 +69,21 @@ class Remover:
         if key in self._removing:
             return succeed(False)
         self._removing.add(key)
+        if self._shared is None:
+            return self._remove(entry, why)
+        d = self._shared.begin_removal(*key)
+
+        def decided(go: bool) -> "Deferred[bool] | bool":
+            if go:
+                return self._remove(entry, why)
+            self._removing.discard(key)
+            self._tracker.mark_removed(entry)  # removed (or being removed) by another instance
+            return False
+
+        return d.addCallback(decided)
+
+    def _remove(self, entry: Entry, why: str) -> "Deferred[bool]":
+        key = entry.key
         p = entry.participant
         self._stop(p.livekit_room, p.livekit_identity)
         log.info(
@@ -80,6 +99,8 @@ class Remover:
             self._removing.discard(key)
             done = outcome.kind is OutcomeKind.OK
             self._counts.labels(action="remove_participant", outcome="done" if done else "failed").inc()
+            if self._shared is not None:
+                self._shared.end_removal(*key, done)
             if done:
                 self._tracker.mark_removed(entry)
                 return True

@@ -6,7 +6,8 @@ change per participant wins) and sent at once while Redis answers. A change that
 written stays queued and is sent again at the next sweep, which thus doubles as the
 outage probe; the outage and the recovery are logged once each. Nothing here ever fails a
 token request or a sweep. It has its own connection because the job store's is tied to
-the ``lk-jwt:jobs`` hash.
+the ``lk-jwt:jobs`` hash, to the same target (Sentinels included); with several instances
+that connection also carries the keys of membership/shared.py.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from rtcauthd.membership.record import (
     encode_field,
     encode_record,
 )
-from rtcauthd.store.redis_connection import connect, describe, is_transient
+from rtcauthd.cluster.coordinator import key_of
+from rtcauthd.store.redis_connection import connect, describe, is_transient, sentinel_manager
 from rtcauthd.store.redis_url import RedisTarget, parse_redis_url
 from rtcauthd.store.write_queue import WriteQueue
 
@@ -48,6 +50,9 @@ class MemoryParticipantStore:
 
     def flush(self) -> None:
         pass
+
+    def unsent_keys(self) -> set:
+        return set()
 
     def load_all(self) -> "Deferred[list[Participant]]":
         return succeed([])
@@ -71,12 +76,15 @@ class RedisParticipantStore:
         load_timeout: float = 10.0,
         _connection: Optional[Any] = None,
     ) -> None:
+        # The same target as the job store, Sentinels included (tap.redis_target).
         self._clock = clock
         self._address = target.address
         self._op_timeout = op_timeout
         self._load_timeout = load_timeout
+        self._sentinel = sentinel_manager(target) if _connection is None else None
         self._redis = _connection if _connection is not None else connect(
-            target, tls_policy=tls_policy, reply_timeout=max(op_timeout, load_timeout), connect_timeout=op_timeout
+            target, tls_policy=tls_policy, reply_timeout=max(op_timeout, load_timeout), connect_timeout=op_timeout,
+            sentinel=self._sentinel,
         )
         self._queue = WriteQueue()
         self._up = True
@@ -89,6 +97,21 @@ class RedisParticipantStore:
     @property
     def pending_count(self) -> int:
         return len(self._queue)
+
+    @property
+    def connection(self) -> Any:
+        """The connection, for the several-instances keys beside the record (membership/shared.py)."""
+        return self._redis
+
+    def unsent_keys(self) -> set:
+        """(room, identity) of every record change not yet written (kept through a merge)."""
+        keys = set()
+        for field in self._queue.fields():
+            try:
+                keys.add(key_of(field))
+            except (ValueError, UnicodeDecodeError, TypeError):
+                pass
+        return keys
 
     def put(self, participant: Participant) -> None:
         field = encode_field(*participant.key).encode("utf-8")
@@ -178,4 +201,7 @@ class RedisParticipantStore:
         if pending:
             log.info("{count} participant record change(s) not written to Redis at shutdown", count=pending)
         self._queue.release_all()
-        return maybeDeferred(self._redis.disconnect).addBoth(lambda _: None)
+        d = maybeDeferred(self._redis.disconnect).addBoth(lambda _: None)
+        if self._sentinel is not None:
+            d.addCallback(lambda _: maybeDeferred(self._sentinel.disconnect)).addBoth(lambda _: None)
+        return d

@@ -11,9 +11,10 @@ never drops a call).
 
 Bounds: at most one sweep at a time, ``parallel`` requests in flight, and a room whose
 check has not started within one interval waits for the next sweep — which starts with
-the rooms checked longest ago. ``claim_room(room_id)`` is asked before each room check;
-it always answers yes today and is where several instances would take a per-room Redis
-lock so that one sweep per room runs across them (docs/membership.md#several-instances).
+the rooms checked longest ago. With several instances (``shared``, membership/shared.py)
+a sweep first merges the tracked set from Redis and then claims its rooms, so that each
+Matrix room is looked at — SFU lookups and homeserver request alike — by one instance per
+interval (docs/membership.md#several-instances).
 
 A ``participant_joined`` webhook for a tracked participant runs :meth:`check_now`: one
 ``is_joined`` for that user, with its own request budget so that a slow sweep cannot
@@ -44,10 +45,6 @@ PARALLEL_ON_JOIN = 8
 MIN_SWEEP_BUDGET = 5.0
 
 
-def _always(_room_id: str) -> "Deferred[bool]":
-    return succeed(True)
-
-
 class MembershipSweep:
     """``homeserver`` offers ``joined_members(base_url, room_id)`` and ``is_joined(base_url,
     room_id, mxid=|server_name=)``; ``resolve_cs_api(server_name)`` the client-server API;
@@ -65,7 +62,8 @@ class MembershipSweep:
         get_participant: Callable[[str, str], "Deferred[Presence]"],
         interval: float,
         parallel: int = PARALLEL,
-        claim_room: Callable[[str], "Deferred[bool]"] = _always,
+        shared: Optional[Any] = None,
+        unsent_keys: Callable[[], set] = set,
         metrics: Optional[Metrics] = None,
     ) -> None:
         self._clock = clock
@@ -78,7 +76,9 @@ class MembershipSweep:
         self._budget = max(float(interval), MIN_SWEEP_BUDGET)
         self._sweep_slots = DeferredSemaphore(parallel)
         self._join_slots = DeferredSemaphore(PARALLEL_ON_JOIN)
-        self._claim_room = claim_room
+        self._shared = shared
+        self._unsent_keys = unsent_keys
+        self._merged_once = False
         self._checks = (metrics if metrics is not None else Metrics()).membership_checks
         self._running: Optional[Deferred] = None
         self._checking: set = set()
@@ -108,8 +108,9 @@ class MembershipSweep:
 
     async def sweep(self) -> None:
         deadline = self._clock.seconds() + self._budget
-        await self._verify_pending(deadline)
-        rooms = self._tracker.connected_by_room()
+        mine = await self._claimed_rooms()
+        await self._verify_pending(deadline, mine)
+        rooms = {r: entries for r, entries in self._tracker.connected_by_room().items() if r in mine}
         if not rooms:
             return
         base_url = await self._cs_api()
@@ -130,8 +131,19 @@ class MembershipSweep:
                 budget=self._budget,
             )
 
-    async def _verify_pending(self, deadline: float) -> None:
-        pending = self._tracker.pending()
+    async def _claimed_rooms(self) -> set:
+        """The Matrix rooms this instance sweeps now: all of them alone, else those Redis gives it."""
+        if self._shared is None:
+            return set(self._tracker.matrix_rooms())
+        snapshot = await self._shared.snapshot()
+        if snapshot is not None:
+            participants, states = snapshot
+            self._tracker.merge(participants, states, self._unsent_keys(), trust_connected=self._merged_once)
+            self._merged_once = True
+        return set(await self._shared.claim_rooms(self._tracker.matrix_rooms()))
+
+    async def _verify_pending(self, deadline: float, rooms: set) -> None:
+        pending = [e for e in self._tracker.pending() if e.participant.matrix_room_id in rooms]
         if pending:
             await gatherResults([self._sweep_slots.run(self._verify_one, entry, deadline) for entry in pending])
 
@@ -143,6 +155,8 @@ class MembershipSweep:
         def got(presence: Presence) -> None:
             if presence is Presence.PRESENT:
                 self._tracker.mark_connected(entry)
+                if self._shared is not None:
+                    self._shared.connected(*entry.key)
             elif presence is Presence.ABSENT and self._tracker.token_expired(entry):
                 self._tracker.forget(entry)
             # UNKNOWN: left as it is; the next sweep asks again
@@ -156,13 +170,6 @@ class MembershipSweep:
         return ensureDeferred(self._check_room(base_url, room_id))
 
     async def _check_room(self, base_url: str, room_id: str) -> None:
-        try:
-            claimed = await self._claim_room(room_id)
-        except Exception as e:
-            log.warn("Could not claim {room_id} for this sweep ({error}); not checked", room_id=room_id, error=describe(e))
-            return
-        if not claimed:
-            return  # another instance checks this room
         self._last_checked[room_id] = self._clock.seconds()
         try:
             joined = await self._homeserver.joined_members(base_url, room_id)

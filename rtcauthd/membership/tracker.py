@@ -91,6 +91,50 @@ class ParticipantTracker:
                 added += 1
         return added
 
+    def adopt(self, participant: Participant, *, connected: bool) -> Entry:
+        """A participant another instance registered (docs/membership.md#several-instances):
+        tracked here too, without writing its record again."""
+        entry = self._entries.get(participant.key)
+        if entry is None:
+            entry = self._entries[participant.key] = Entry(participant, connected=connected)
+        elif connected:
+            entry.connected = True
+        return entry
+
+    def merge(
+        self, participants: Dict[Key, Participant], states: Dict[Key, bytes], unsent: "set[Key]", *,
+        trust_connected: bool = True,
+    ) -> None:
+        """Take the shared set in Redis as the truth: entries of other instances are added,
+        and removals and connects they saw are applied. An entry of ours that Redis lacks
+        (another instance saw it leave — or Redis lost its data) is dropped once its token
+        has expired; until then it turns pending and its record is written again, so that
+        a Redis restart without persistence does not end enforcement for running calls
+        (the SFU lookup of the next sweep tells whether it is still there). The first merge
+        after a start does not trust ``connected``: it may be older than the restart, and
+        recovered entries are looked up on the SFU before anybody is removed."""
+        for key, participant in participants.items():
+            state = states.get(key)
+            entry = self._entries.get(key)
+            if entry is None:
+                self._entries[key] = Entry(
+                    participant, connected=trust_connected and state == b"connected", removed=state == b"removed"
+                )
+                continue
+            if participant.registered_at > entry.participant.registered_at:
+                entry.participant = participant  # a newer token, minted elsewhere
+            if state == b"removed":
+                entry.connected, entry.removed = False, True
+            elif state == b"connected" and trust_connected:
+                entry.connected = True
+        for key in [k for k in self._entries if k not in participants and k not in unsent]:
+            entry = self._entries[key]
+            if self.token_expired(entry):
+                del self._entries[key]
+            else:
+                entry.connected = False
+                self._store.put(entry.participant)
+
     # -- from webhooks ------------------------------------------------------------------
 
     def joined(self, room: str, identity: str) -> Optional[Entry]:
@@ -149,6 +193,10 @@ class ParticipantTracker:
             if entry.connected:
                 rooms[entry.participant.matrix_room_id].append(entry)
         return dict(rooms)
+
+    def matrix_rooms(self) -> List[str]:
+        """Every Matrix room with a tracked participant (what a sweep claims)."""
+        return sorted({e.participant.matrix_room_id for e in self._entries.values()})
 
     def in_matrix_room(self, matrix_room_id: str) -> List[Entry]:
         return [e for e in self._entries.values() if e.participant.matrix_room_id == matrix_room_id]

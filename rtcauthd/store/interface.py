@@ -8,7 +8,17 @@ change an HTTP response or a job's behaviour).
 
 from __future__ import annotations
 
+import enum
+
 from zope.interface import Attribute, Interface
+
+
+class Claim(enum.Enum):
+    """The answer to "may this instance send the leave now?" (docs/several-instances.md#exactly-once)."""
+
+    GRANTED = "granted"  # the record is gone (or its removal queued): send, once
+    LOST = "lost"  # another instance owns the job now: drop it here, send nothing
+    UNAVAILABLE = "unavailable"  # ownership cannot be proven now (Redis away, lease run out): retry later
 
 
 class IJobStore(Interface):
@@ -29,6 +39,35 @@ class IJobStore(Interface):
 
         @return: Deferred[None]
         """
+
+    def register(job):
+        """Store a newly delegated job: like ``put``, and with several instances it also
+        makes this instance the job's owner, superseding the job wherever it ran.
+
+        @return: Deferred[None]
+        """
+
+    def claim_send(room, identity):
+        """Before the leave is sent: remove the record durably while this instance still
+        owns the job, so that no restart or other instance sends it again.
+
+        @return: Deferred[Claim]; never fails.
+        """
+
+    def forward(room, identity, signal):
+        """A webhook signal for a job this process does not run: to the instance that
+        does, or kept for the next owner.
+
+        @return: Deferred[str]: ``sent``, ``kept``, ``mine``, ``none`` or ``unavailable``.
+        """
+
+    def keep_signal(room, identity, signal):
+        """Keep a signal for a job this instance is about to adopt (forward said ``mine``)."""
+
+    def set_listener(listener):
+        """Who hears of jobs lost to, or taken over from, other instances and of signals
+        routed here: an object with ``job_lost(room, identity)``, ``all_jobs_lost()``,
+        ``taken_over(taken_jobs)`` and ``deliver(room, identity, signal_name)``."""
 
     def load_all(on_late=None):
         """All parsable stored jobs, for restore on start (docs/redis-format.md#start-up-restore).

@@ -12,7 +12,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from rtcauthd.store.interface import IJobStore
+from rtcauthd.store.interface import Claim, IJobStore
 from rtcauthd.store.model import StoredJob
 
 log = Logger()
@@ -35,6 +35,23 @@ class MemoryStore:
     def delete(self, room: str, identity: str) -> "Deferred[None]":
         self._jobs.pop((room, identity), None)
         return succeed(None)
+
+    def register(self, job: StoredJob) -> "Deferred[None]":
+        return self.put(job)
+
+    def claim_send(self, room: str, identity: str) -> "Deferred[Claim]":
+        # Nobody else can own a job of this process; the record dies with it anyway.
+        self._jobs.pop((room, identity), None)
+        return succeed(Claim.GRANTED)
+
+    def forward(self, room: str, identity: str, signal: str) -> "Deferred[str]":
+        return succeed("none")
+
+    def keep_signal(self, room: str, identity: str, signal: str) -> None:
+        pass  # never asked: forward() never answers "mine"
+
+    def set_listener(self, listener) -> None:
+        pass  # jobs are never lost to, nor taken from, another process
 
     def load_all(self, on_late: Optional[Callable[[list[StoredJob]], object]] = None) -> "Deferred[list[StoredJob]]":
         # Never late: everything is here already.

@@ -34,14 +34,23 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from rtcauthd.cluster.coordinator import Cluster, ClusterSettings, TakenJob, key_of
+from rtcauthd.cluster.lease import instance_id
 from rtcauthd.metrics import Metrics
-from rtcauthd.store.interface import IJobStore
+from rtcauthd.store.interface import Claim, IJobStore
 from rtcauthd.store.model import StoredJob, StoredJobError, decode_value, encode_field, encode_value
-from rtcauthd.store.redis_connection import connect, describe, is_transient, outbound_error
+from rtcauthd.store.redis_connection import (
+    connect,
+    describe,
+    is_transient,
+    outbound_error,
+    sentinel_manager,
+    subscribe,
+)
 from rtcauthd.store.redis_url import RedisTarget, parse_redis_url
 from rtcauthd.store.write_queue import WriteQueue
 
-__all__ = ["JOBS_KEY", "PING_STEP", "REBUILD_INTERVAL", "RedisStore"]
+__all__ = ["JOBS_KEY", "PING_STEP", "REBUILD_INTERVAL", "ClusterSettings", "RedisStore"]
 
 log = Logger()
 
@@ -70,6 +79,7 @@ class RedisStore:
         restore_wait: float = 30.0,
         retry_interval: float = 1.0,
         metrics: Optional[Metrics] = None,
+        cluster: Optional[ClusterSettings] = None,
         _connection: Optional[Any] = None,
     ) -> None:
         self._metrics = metrics if metrics is not None else Metrics()
@@ -83,6 +93,8 @@ class RedisStore:
         self._tls_policy = tls_policy
         self._owns_connection = _connection is None
         self._next_rebuild = 0.0
+        self._sentinel = sentinel_manager(target) if _connection is None else None
+        self._iid = instance_id(cluster.name) if cluster is not None else None
         self._redis = _connection if _connection is not None else self._new_connection()
         self._up = True  # optimistic until an operation says otherwise
         self._closing = False
@@ -92,6 +104,21 @@ class RedisStore:
         self._late: Optional[Callable[[list[StoredJob]], object]] = None
         self._touched: Optional[set[bytes]] = None
         self._restoring = False
+        self._cluster: Optional[Cluster] = None
+        self._subscriber: Optional[Any] = None
+        self._listener: Any = None
+        if cluster is not None:
+            self._cluster = Cluster(
+                connection=lambda: self._redis,
+                clock=self._clock,
+                iid=self._iid,
+                name=cluster.name,
+                db=max(target.db, 0),
+                lease_seconds=cluster.lease_seconds,
+                op_timeout=op_timeout,
+                decode=decode_value,
+                metrics=self._metrics,
+            )
 
     def _new_connection(self) -> Any:
         # Replies may be as slow as the start-up HGETALL of every job; each operation is
@@ -101,6 +128,8 @@ class RedisStore:
             tls_policy=self._tls_policy,
             reply_timeout=max(self._op_timeout, self._restore_wait),
             connect_timeout=self._op_timeout,
+            sentinel=self._sentinel,
+            client_name=None if self._iid is None else b"rtcauthd-" + self._iid,
         )
 
     def _replace_connection(self) -> None:
@@ -141,22 +170,98 @@ class RedisStore:
 
     def put(self, job: StoredJob) -> "Deferred[None]":
         field = encode_field(*job.key).encode("utf-8")
-        return self._enqueue(field, encode_value(job).encode("utf-8"))
+        value = encode_value(job).encode("utf-8")
+        if self._cluster is None:
+            return self._enqueue(field, value)
+        return self._enqueue_op(field, "restarted", value)
+
+    def register(self, job: StoredJob) -> "Deferred[None]":
+        if self._cluster is None:
+            return self.put(job)
+        return self._enqueue_op(field_of(job), "register", encode_value(job).encode("utf-8"))
 
     def delete(self, room: str, identity: str) -> "Deferred[None]":
-        return self._enqueue(encode_field(room, identity).encode("utf-8"), None)
+        field = encode_field(room, identity).encode("utf-8")
+        if self._cluster is None:
+            return self._enqueue(field, None)
+        return self._enqueue_op(field, "finish", None)
+
+    def claim_send(self, room: str, identity: str) -> "Deferred[Claim]":
+        field = encode_field(room, identity).encode("utf-8")
+        if self._cluster is None:
+            # The only instance: the record goes before the leave does (landed, or queued
+            # while Redis is away), so a restart never sends it again.
+            return self._enqueue(field, None).addCallback(lambda _: Claim.GRANTED)
+        if not self._up or self._closing:
+            return succeed(self._claim_offline(field))
+        version = self._queue.version_of(field)
+        d = self._queue.wait_for(field, version) if version is not None else succeed(None)
+        self._pump(field)
+
+        def now(_: object) -> Any:
+            if not self._up or self._cluster is None:
+                return self._claim_offline(field)
+            return self._cluster.claim(field).addCallbacks(
+                lambda r: Claim.GRANTED if r == 1 else Claim.LOST, self._claim_failed, errbackArgs=(field,)
+            )
+
+        return d.addCallback(now)
+
+    def _claim_failed(self, failure: Failure, field: bytes) -> Claim:
+        self._metrics.redis_errors.labels(operation="claim").inc()
+        if not is_transient(failure):
+            log.error("Redis refused the send claim for {field}: {error}", field=field.decode("utf-8", "replace"),
+                      error=describe(failure))
+            return Claim.UNAVAILABLE
+        self._went_down(failure)
+        return self._claim_offline(field)
+
+    def _claim_offline(self, field: bytes) -> Claim:
+        """Redis is unreachable: the leave may go only while our own view of the lease says
+        nobody can have taken the job over; its record's removal is queued. (A crash before
+        that lands is the one way a leave is sent twice: docs/several-instances.md#exactly-once.)"""
+        cluster = self._cluster
+        if cluster is None:
+            self._enqueue(field, None)
+            return Claim.GRANTED
+        if cluster.lease.holds() and field in cluster.tokens:
+            self._enqueue_op(field, "finish", None)
+            return Claim.GRANTED
+        return Claim.UNAVAILABLE
+
+    def forward(self, room: str, identity: str, signal: str) -> "Deferred[str]":
+        """Hand a webhook signal to the instance that runs the job (docs/several-instances.md#routing)."""
+        if self._cluster is None:
+            return succeed("none")
+        field = encode_field(room, identity).encode("utf-8")  # tried even in an outage: it may be over
+        return self._cluster.route(field, signal).addErrback(lambda _f: "unavailable")
+
+    def keep_signal(self, room: str, identity: str, signal: str) -> None:
+        """Keep a signal for a job this instance is about to adopt (docs/several-instances.md#routing)."""
+        if self._cluster is not None:
+            self._cluster.keep(encode_field(room, identity).encode("utf-8"), signal)
+
+    def set_listener(self, listener: Any) -> None:
+        if self._cluster is not None:
+            self._cluster.listener = listener
+        self._listener = listener
+
+    @property
+    def cluster(self) -> Optional[Cluster]:
+        return self._cluster
 
     def load_all(self, on_late: Optional[Callable[[list[StoredJob]], object]] = None) -> "Deferred[list[StoredJob]]":
         self._touched = set()
         # A quick PING tells "down" (start without jobs, restore later) from "up but a big
         # hash" (100 000 jobs take seconds to read): only the second waits restore_wait.
         d = self._bounded(self._redis.ping(), self._op_timeout)
+        d.addCallback(lambda _: self._start_cluster())
         d.addCallback(lambda _: self._bounded(self._redis.hgetall(JOBS_KEY), self._restore_wait))
 
-        def loaded(mapping: dict) -> list[StoredJob]:
+        def loaded(mapping: dict) -> Any:
             self._touched = None
             self._mark_up()
-            return self._decode_all(mapping)
+            return self._adopt(self._decode_all(mapping))
 
         def failed(failure: Failure) -> list[StoredJob]:
             self._metrics.redis_errors.labels(operation="load").inc()
@@ -182,6 +287,61 @@ class RedisStore:
 
         return d.addCallbacks(loaded, failed)
 
+    # ------------------------------------------------------------------ several instances
+
+    def _start_cluster(self) -> "Deferred[None]":
+        """Take this instance's lease (and listen for its messages) before reading any job."""
+        cluster = self._cluster
+        if cluster is None or cluster.lease.acquired:
+            return succeed(None)
+
+        def refused(failure: Failure) -> None:
+            if is_transient(failure):
+                return failure
+            log.warn(
+                "Redis at {address} refused the commands instances share jobs with ({error}); "
+                "this instance runs as if it were the only one",
+                address=self._target.address, error=describe(failure),
+            )
+            self._cluster = None
+            return None
+
+        def listen(_: object) -> None:
+            if self._cluster is not None and self._subscriber is None and self._owns_connection:
+                self._subscriber = subscribe(
+                    self._target, self._cluster.channels, self._cluster.on_message,
+                    tls_policy=self._tls_policy, connect_timeout=self._op_timeout, sentinel=self._sentinel,
+                )
+
+        return cluster.start().addErrback(refused).addCallback(listen)
+
+    def _adopt(self, decoded: list[tuple[bytes, StoredJob]]) -> Any:
+        """Only the jobs this instance now owns are resumed; their kept signals follow."""
+        if self._cluster is None:
+            return [job for _field, job in decoded]
+
+        def started(taken: list[TakenJob]) -> list[StoredJob]:
+            if any(t.pending for t in taken):
+                self._clock.callLater(0, self._deliver_pending, taken)
+            return [t.job for t in taken]
+
+        return self._cluster.adopt_at_start([field for field, _job in decoded]).addCallback(started)
+
+    def _deliver_pending(self, taken: list[TakenJob]) -> None:
+        listener = self._listener
+        if listener is None:
+            return
+        for t in taken:
+            for signal in t.pending:
+                listener.deliver(t.job.params.room, t.job.params.identity, signal)
+
+    def _enqueue_op(self, field: bytes, kind: str, value: Optional[bytes]) -> "Deferred[None]":
+        # A registration not sent yet still has to take the job over when it goes out.
+        before = self._queue.unsent(field)
+        if isinstance(before, tuple) and before[0] in ("register", "drop"):
+            kind = {"restarted": "register", "finish": "drop"}.get(kind, kind)
+        return self._enqueue(field, (kind, value))
+
     def close(self) -> "Deferred[None]":
         self._closing = True
         self._stop_probe()
@@ -198,14 +358,27 @@ class RedisStore:
         else:
             d = succeed(None)
 
+        def release(_: object) -> Any:
+            if self._cluster is not None:
+                return self._cluster.stop()
+            return None
+
+        d.addBoth(release)
+
         def disconnect(_: object) -> "Deferred[None]":
+            if self._subscriber is not None:
+                subscriber, self._subscriber = self._subscriber, None
+                defer.maybeDeferred(subscriber.disconnect).addErrback(lambda _f: None)
             if self._queue:
                 log.warn(
                     "{count} job change(s) could not be written to Redis before shutdown",
                     count=len(self._queue),
                 )
             self._queue.release_all()
-            return defer.maybeDeferred(self._redis.disconnect).addErrback(lambda _f: None)
+            closing = [defer.maybeDeferred(self._redis.disconnect)]
+            if self._sentinel is not None:
+                closing.append(defer.maybeDeferred(self._sentinel.disconnect))
+            return defer.gatherResults(closing, consumeErrors=True).addErrback(lambda _f: None)
 
         return d.addBoth(disconnect).addCallback(lambda _: None)
 
@@ -250,7 +423,15 @@ class RedisStore:
         if write is None:
             return
         version, value = write
-        if value is None:
+        if isinstance(value, tuple):
+            kind, payload = value
+            if self._cluster is not None:
+                command = self._cluster.write(kind, field, payload)
+            elif kind in ("finish", "drop"):
+                command = self._redis.hdel(JOBS_KEY, [field])
+            else:
+                command = self._redis.hset(JOBS_KEY, field, payload)
+        elif value is None:
             command = self._redis.hdel(JOBS_KEY, [field])
         else:
             command = self._redis.hset(JOBS_KEY, field, value)
@@ -330,6 +511,16 @@ class RedisStore:
         if self._closing:
             return
         self._mark_up()
+        cluster = self._cluster
+        if cluster is not None and not cluster.lease.acquired and not cluster.had_lease:
+            # Down since start-up: take the lease before anything is written or restored.
+            self._start_cluster().addCallbacks(lambda _: self._resume_writes(), self._went_down)
+            return
+        if cluster is not None:
+            cluster.lease.name_connection().addErrback(lambda _f: None)  # a new connection: say who we are
+        self._resume_writes()
+
+    def _resume_writes(self) -> None:
         if self._late is not None:
             self._late_restore()
         for field in self._queue.fields():
@@ -354,11 +545,10 @@ class RedisStore:
             self._restoring = False
             callback, self._late = self._late, None
             touched, self._touched = self._touched or set(), None
-            jobs = [
-                job
-                for job in self._decode_all(mapping)
-                if encode_field(*job.key).encode("utf-8") not in touched
-            ]
+            fresh = [(field, job) for field, job in self._decode_all(mapping) if field not in touched]
+            return defer.maybeDeferred(self._adopt, fresh).addCallback(restore, callback)
+
+        def restore(jobs: list[StoredJob], callback: Any) -> None:
             log.info("Restoring {count} job(s) read from Redis after the outage", count=len(jobs))
             if callback is not None and not self._closing:
                 try:
@@ -374,18 +564,18 @@ class RedisStore:
                 return
             self._went_down(failure)
 
-        d.addCallbacks(loaded, failed)
+        d.addCallbacks(loaded, failed).addErrback(lambda f: log.failure("Restoring jobs read late from Redis failed", f))
 
     # ------------------------------------------------------------------ helpers
 
     def _bounded(self, d: Deferred, seconds: float) -> Deferred:
         return d.addTimeout(seconds, self._clock)
 
-    def _decode_all(self, mapping: dict) -> list[StoredJob]:
+    def _decode_all(self, mapping: dict) -> list[tuple[bytes, StoredJob]]:
         jobs = []
         for field, value in mapping.items():
             try:
-                jobs.append(decode_value(value))
+                jobs.append((field, decode_value(value)))
             except StoredJobError as e:
                 log.warn(
                     "Skipping unparsable job record {field} in Redis (left in place): {error}",
@@ -393,3 +583,7 @@ class RedisStore:
                     error=str(e),
                 )
         return jobs
+
+
+def field_of(job: StoredJob) -> bytes:
+    return encode_field(*job.key).encode("utf-8")

@@ -52,10 +52,15 @@ class RedisTarget:
     password: str = attr.ib(default="", repr=False)
     skip_verify: bool = False
     redacted: str = ""
+    #: RTCAUTH_REDIS_SENTINELS / _MASTER: ask these for the master instead of host:port
+    sentinels: tuple = ()
+    sentinel_master: str = ""
 
     @property
     def address(self) -> str:
         """For log lines; never contains the password."""
+        if self.sentinels:
+            return f"Sentinel master {self.sentinel_master!r}"
         if self.transport == "unix":
             return f"unix:{self.path}"
         host = f"[{self.host}]" if ":" in self.host else self.host

@@ -17,7 +17,8 @@ __all__ = ["WriteQueue"]
 
 
 class WriteQueue:
-    """Pending writes per field (``value`` ``None`` means HDEL), versioned in call order."""
+    """Pending writes per field (``value`` ``None`` means HDEL; with several instances an
+    operation tuple, see RedisStore), versioned in call order."""
 
     def __init__(self) -> None:
         self._version = 0
@@ -39,6 +40,18 @@ class WriteQueue:
         self._version += 1
         self._pending[field] = (self._version, value)
         return self._version
+
+    def unsent(self, field: bytes) -> Optional[object]:
+        """The newest pending value for ``field`` if it has not been sent yet, else None."""
+        entry = self._pending.get(field)
+        if entry is None or self._inflight.get(field) == entry[0]:
+            return None
+        return entry[1]
+
+    def version_of(self, field: bytes) -> Optional[int]:
+        """The version of the newest pending write for ``field``, None if nothing is pending."""
+        entry = self._pending.get(field)
+        return None if entry is None else entry[0]
 
     def wait_for(self, field: bytes, version: int) -> Deferred:
         """A Deferred that fires (with None) once ``version`` of ``field`` has settled."""

@@ -152,6 +152,8 @@ class AppserviceCall:
     request: RecordedRequest
     #: is_joined: the room ID from the path; lookup: the delay ID
     subject: str = ""
+    #: reactor time of the call (joined_members only; spacing checks of the sweep)
+    at: float = 0.0
 
     @property
     def bearer(self) -> Optional[str]:
@@ -414,7 +416,8 @@ class FakeHomeserver(FakeServer):
         if answer is None:
             joined = {user: {"display_name": None, "avatar_url": None} for user in self.joined_users.get(room_id, ())}
             answer = Answer.json(200, {"joined": joined})
-        self.appservice_calls.append(AppserviceCall("joined_members", "v3", answer.status, recorded, room_id))
+        self.appservice_calls.append(AppserviceCall("joined_members", "v3", answer.status, recorded, room_id,
+                                                   self.reactor.seconds()))
         return answer
 
     def _fed_proxy(self, request, match, recorded: RecordedRequest) -> Answer:

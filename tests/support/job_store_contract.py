@@ -13,7 +13,7 @@ from typing import Any
 from twisted.internet.defer import gatherResults, inlineCallbacks
 from zope.interface.verify import verifyObject
 
-from rtcauthd.store.interface import IJobStore
+from rtcauthd.store.interface import Claim, IJobStore
 from rtcauthd.leave.record import JobParams
 from rtcauthd.store.model import StoredJob
 
@@ -232,3 +232,28 @@ class JobStoreContract:
         yield first.close()
         loaded = yield self.open_store().load_all()
         self.assertEqual(loaded, [make_job()] if self.persistent else [])
+
+    @inlineCallbacks
+    def test_register_stores_like_put(self):
+        store = self.open_store()
+        result = yield store.register(make_job())
+        self.assertIsNone(result)
+        loaded = yield store.load_all()
+        self.assertEqual(loaded, [make_job()])
+
+    @inlineCallbacks
+    def test_a_granted_send_claim_has_removed_the_record(self):
+        store = self.open_store()
+        yield store.register(make_job())
+        yield store.register(make_job(room="other"))
+        claim = yield store.claim_send(*make_job().key)
+        self.assertIs(claim, Claim.GRANTED)
+        loaded = yield store.load_all()
+        self.assertEqual(loaded, [make_job(room="other")])
+
+    @inlineCallbacks
+    def test_forwarding_a_signal_for_no_job_answers_none(self):
+        store = self.open_store()
+        store.set_listener(object())
+        result = yield store.forward("room", "nobody", "ParticipantConnected")
+        self.assertEqual(result, "none")

@@ -13,6 +13,7 @@ from rtcauthd.leave.record import JobParams
 from rtcauthd.leave.manager import JobManager, ShuttingDown
 from rtcauthd.matrix.delayed_events import Outcome
 from rtcauthd.livekit.presence import Presence
+from rtcauthd.store.interface import Claim
 from rtcauthd.store.memory import MemoryStore
 from rtcauthd.store.model import StoredJob
 
@@ -37,6 +38,7 @@ class FakeStore:
         self.fail_writes = False
         self.load_result: Any = None  # None: answer the records
         self.on_late: Any = None
+        self.claim_answer = Claim.GRANTED
 
     def _answer(self) -> Deferred:
         if self.fail_writes:
@@ -56,6 +58,24 @@ class FakeStore:
         self.ops.append(("delete", room, identity))
         self.records.pop((room, identity), None)
         return self._answer()
+
+    def register(self, job: StoredJob) -> Deferred:
+        return self.put(job)
+
+    def claim_send(self, room: str, identity: str) -> Deferred:
+        self.ops.append(("claim", room, identity))
+        self.records.pop((room, identity), None)
+        return succeed(self.claim_answer)
+
+    def forward(self, room: str, identity: str, signal: str) -> Deferred:
+        self.ops.append(("forward", room, identity, signal))
+        return succeed("none")
+
+    def keep_signal(self, room: str, identity: str, signal: str) -> None:
+        self.ops.append(("keep", room, identity, signal))
+
+    def set_listener(self, listener) -> None:
+        self.listener = listener
 
     def load_all(self, on_late=None) -> Deferred:
         self.on_late = on_late
@@ -146,7 +166,8 @@ class ManagerTestCase(SynchronousTestCase):
         return [op[1] for op in self.store.ops if op[0] == "put"]
 
     def deletes(self) -> List[Tuple[str, str]]:
-        return [(op[1], op[2]) for op in self.store.ops if op[0] == "delete"]
+        """Records removed: deleted when a job ended, or claimed just before its leave went out."""
+        return [(op[1], op[2]) for op in self.store.ops if op[0] in ("delete", "claim")]
 
 
 class AddTests(ManagerTestCase):
@@ -218,7 +239,11 @@ class ReplacementTests(ManagerTestCase):
         self.manager.route("room", "alice", Signal.ParticipantDisconnectedIntentionally)
         self.manager.add(params("d2"))
         self.hs.pending[0].callback(OK)  # the old send completes
-        self.assertEqual(self.deletes(), [])
+        # d1's record was claimed before its send, d2's written after; nothing is deleted later
+        kinds = [op[0] for op in self.store.ops]
+        self.assertNotIn("delete", kinds)
+        self.assertLess(kinds.index("claim"), len(kinds) - 1)
+        self.assertEqual(self.puts()[-1].params.delay_id, "d2")
         self.assertEqual(self.store.records[("room", "alice")].params.delay_id, "d2")
         self.assertEqual(self.manager.get("room", "alice").params.delay_id, "d2")
 
@@ -421,3 +446,92 @@ class MemoryStoreIntegrationTests(ManagerTestCase):
         self.assertEqual(set(records), {"alice"})
         self.assertEqual(records["alice"].restarted_at, T0)
         self.assertEqual(self.hs.of("send", "d2"), [])
+
+
+class SeveralInstancesTests(ManagerTestCase):
+    """The job table's side of sharing Redis (docs/several-instances.md)."""
+
+    def connected(self, delay_id: str = "d1") -> None:
+        self.manager.add(params(delay_id))
+        self.manager.route("room", "alice", Signal.ParticipantConnected)
+
+    def test_the_record_is_claimed_before_the_leave_is_sent(self) -> None:
+        self.connected()
+        self.manager.route("room", "alice", Signal.ParticipantDisconnectedIntentionally)
+        kinds = [op[0] for op in self.store.ops]
+        self.assertEqual(kinds[-1], "claim")  # and no delete after the send: the record is gone
+        self.assertEqual(self.hs.of("send", "d1"), [0.0])
+
+    def test_a_job_owned_elsewhere_is_dropped_without_sending(self) -> None:
+        self.store.claim_answer = Claim.LOST
+        self.connected()
+        self.manager.route("room", "alice", Signal.ParticipantDisconnectedIntentionally)
+        self.assertEqual(self.hs.of("send", "d1"), [])
+        self.assertIsNone(self.manager.get("room", "alice"))
+        self.assertNotIn("delete", [op[0] for op in self.store.ops])
+
+    def test_unprovable_ownership_is_retried_and_sends_once_granted(self) -> None:
+        self.store.claim_answer = Claim.UNAVAILABLE
+        self.connected()
+        self.manager.route("room", "alice", Signal.ParticipantDisconnectedIntentionally)
+        self.assertEqual(self.hs.of("send", "d1"), [])
+        self.store.claim_answer = Claim.GRANTED
+        self.at(5)
+        self.assertEqual(len(self.hs.of("send", "d1")), 1)
+        self.assertEqual([op[0] for op in self.store.ops].count("claim"), 2)
+
+    def test_a_send_retry_after_the_claim_does_not_claim_again(self) -> None:
+        self.hs.send_answer["d1"] = Outcome.retry(detail="503")
+        self.connected()
+        self.manager.route("room", "alice", Signal.ParticipantDisconnectedIntentionally)
+        self.at(3)
+        self.assertGreater(len(self.hs.of("send", "d1")), 1)
+        self.assertEqual([op[0] for op in self.store.ops].count("claim"), 1)
+
+    def test_taken_over_jobs_resume_connected_with_their_kept_webhooks(self) -> None:
+        from rtcauthd.cluster.coordinator import TakenJob
+
+        self.manager.taken_over([
+            TakenJob(stored("d1", identity="alice"), True, ()),
+            TakenJob(stored("d2", identity="bob"), False, ("ParticipantConnected", "ParticipantDisconnectedIntentionally")),
+        ])
+        self.assertEqual(self.manager.get("room", "alice").state, State.Connected)
+        self.assertEqual(self.hs.of("restart", "d1"), [0.0])  # restarted at once by its new owner
+        self.assertEqual(self.hs.of("send", "d2"), [0.0])  # the kept leave webhook took effect
+        self.assertIsNone(self.manager.get("room", "bob"))
+
+    def test_lost_jobs_stop_here_and_keep_their_records(self) -> None:
+        self.connected("d1")
+        self.manager.add(params("d2", identity="bob"))
+        self.manager.job_lost("room", "alice")
+        self.assertIsNone(self.manager.get("room", "alice"))
+        self.manager.all_jobs_lost()
+        self.assertEqual(len(self.manager), 0)
+        self.assertEqual(self.deletes(), [])
+        self.at(100)
+        self.assertEqual(self.hs.of("send", "d1") + self.hs.of("send", "d2"), [])
+
+    def test_a_webhook_for_a_job_not_here_is_forwarded(self) -> None:
+        self.assertFalse(self.manager.route("room", "carol", Signal.ParticipantConnected))
+        self.assertEqual(self.store.ops[-1], ("forward", "room", "carol", "ParticipantConnected"))
+
+    def test_a_routed_signal_reaches_the_local_job(self) -> None:
+        self.manager.add(params("d1"))
+        self.manager.deliver("room", "alice", "ParticipantConnected")
+        self.assertEqual(self.manager.get("room", "alice").state, State.Connected)
+        self.manager.deliver("room", "nobody", "ParticipantConnected")  # ignored
+        self.manager.deliver("room", "alice", "NoSuchSignal")  # ignored
+
+    def test_a_signal_for_a_job_being_re_adopted_here_is_kept(self) -> None:
+        self.store.forward = lambda room, identity, signal: succeed("mine")
+        self.manager.route("room", "carol", Signal.ParticipantDisconnectedIntentionally)
+        self.assertEqual(self.store.ops[-1], ("keep", "room", "carol", "ParticipantDisconnectedIntentionally"))
+        self.assertFalse(self.manager.deliver("room", "carol", "ParticipantConnected"))
+
+    def test_a_taken_over_connected_job_is_resumed_even_if_its_record_looks_expired(self) -> None:
+        from rtcauthd.cluster.coordinator import TakenJob
+
+        # its last restarts were still queued in the dead owner: the stored time is old
+        self.manager.taken_over([TakenJob(stored("d1", timeout_s=4, restarted_at=T0 - 10), True, ())])
+        self.assertEqual(self.hs.of("restart", "d1"), [0.0])
+        self.assertEqual(self.manager.get("room", "alice").state, State.Connected)

@@ -120,3 +120,19 @@ class DaemonWiringTests(SynchronousTestCase):
             if built:
                 self.assertIn(daemon.membership.on_webhook, daemon.delegation.observers)
                 self.assertIs(daemon.appservice._authorizer._participants, daemon.membership)
+
+    def test_the_participants_store_uses_the_job_stores_redis_target_sentinels_included(self):
+        from rtcauthd.membership import store as store_module
+
+        connected = []
+        fake_sentinel = object()
+        self.patch(store_module, "sentinel_manager", lambda target: fake_sentinel if target.sentinels else None)
+        self.patch(store_module, "connect", lambda target, **kw: connected.append((target, kw["sentinel"])) or object())
+        env = {**self.ENV, **self.AS, "LIVEKIT_REDIS_URL": "redis://127.0.0.1:1/3",
+               "RTCAUTH_REDIS_SENTINELS": "127.0.0.1:26379,127.0.0.1:26380", "RTCAUTH_REDIS_SENTINEL_MASTER": "calls"}
+        daemon = build_test_daemon(env, MemoryReactorClock())
+        [(target, sentinel)] = connected
+        self.assertEqual((target.db, target.sentinel_master), (3, "calls"))
+        self.assertEqual(list(target.sentinels), [("127.0.0.1", 26379), ("127.0.0.1", 26380)])
+        self.assertIs(sentinel, fake_sentinel)
+        self.assertIsNotNone(daemon.membership)

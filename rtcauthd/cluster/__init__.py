@@ -1,0 +1,1 @@
+"""Several instances on one Redis: leases, fencing tokens, takeover, webhook routing."""
