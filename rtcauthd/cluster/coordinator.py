@@ -10,8 +10,8 @@ but slow peer keeps its connection open and so keeps its jobs until its lease ex
 (docs/several-instances.md#the-liveness-rule).
 
 Everything that reaches the job table goes through a listener (the
-:class:`~rtcauthd.leave.manager.JobManager`): ``job_lost``, ``all_jobs_lost``,
-``taken_over`` and ``deliver`` (a webhook routed here from another instance).
+:class:`~rtcauthd.leave.manager.JobManager`): ``job_lost``, ``taken_over`` and
+``deliver`` (a webhook routed here from another instance).
 """
 
 from __future__ import annotations
@@ -217,11 +217,14 @@ class Cluster:
         any more. Drop every job, get a lease again and take back what nobody else took."""
         if self.lease.acquired is False and not self._regaining:
             self._regaining = True
-            log.warn("Lease of instance {iid} was lost; its jobs are dropped here and taken over afresh",
-                     iid=self.iid.decode())
-            self.tokens.clear()
+            log.warn("Lease of instance {iid} was lost; its {count} job(s) are dropped here and taken over afresh",
+                     iid=self.iid.decode(), count=len(self.tokens))
+            # Jobs whose registration has not landed yet keep running: it supersedes
+            # whatever Redis holds when it does, and gives them a token then.
+            lost, self.tokens = list(self.tokens), {}
             if self.listener is not None:
-                self.listener.all_jobs_lost()
+                for field in lost:
+                    self.listener.job_lost(*key_of(field))
         acquired = yield self.lease.acquire()
         if acquired:
             self._regaining = False
