@@ -328,6 +328,10 @@ class SentinelTests(InstancesCase, unittest.TestCase):
         yield self.delegate(after, "syd_after", 30000)
         yield self.hook("participant_joined", after)
         yield self.wait_calls("syd_after", "restart", timeout=REDIS_BACK_DEADLINE)
+        # accepted while an instance may still be finding the new master: queued, then written
+        after_field = job_field(after.room, after.identity)
+        yield self.wait_for(lambda: after_field in raw_hgetall(replica.port), "the new job's record on the new master",
+                            REDIS_BACK_DEADLINE)
         # webhooks may meet an instance still finding the new master: they are retried
         for p in (before, after):
             self.lk.set_present(p.room, p.identity, False)
