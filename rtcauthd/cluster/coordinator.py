@@ -29,6 +29,7 @@ from rtcauthd.cluster.lease import InstanceLease
 from rtcauthd.cluster.scripts import (
     ADOPT,
     CONNECTED,
+    DRAIN,
     DROP,
     FENCE,
     FINISH,
@@ -209,7 +210,25 @@ class Cluster:
         if not still_ours:
             yield self.regain()
             return
+        yield self.read_inbox(self.iid)
         yield self.scan_peers()
+
+    @inlineCallbacks
+    def read_inbox(self, iid: bytes):
+        """Signals routed to ``iid`` while it was not listening (reconnecting after a Redis
+        restart or failover); for a dead ``iid``, after its jobs were taken over."""
+        for _ in range(100):  # bounded: 100 x 100 messages a round at most
+            messages = yield self._eval(DRAIN, [PREFIX + b"inbox:" + iid], [100])
+            for message in messages or []:
+                if iid == self.iid:
+                    self.on_message(b"inbox", message)
+                else:
+                    _kind, _, rest = message.partition(b"\n")
+                    signal, _, field = rest.partition(b"\n")
+                    if self.listener is not None:
+                        self.listener.redeliver(*key_of(field), signal.decode("ascii", "replace"))
+            if not messages or len(messages) < 100:
+                return
 
     @inlineCallbacks
     def regain(self):
@@ -308,6 +327,8 @@ class Cluster:
                 log.info("Took over {count} job(s) of instance {dead}", count=len(taken), dead=dead.decode())
                 if self.listener is not None:
                     self.listener.taken_over(taken)
+            if dead != self.iid:
+                yield self.read_inbox(dead)  # its undelivered signals go to the jobs' new owners
         finally:
             self._taking.discard(dead)
 

@@ -151,6 +151,7 @@ class JobManager:
             identity=identity,
             what={
                 "sent": "handed to the instance that runs the job",
+                "queued": "queued for the instance that runs the job (it is reconnecting)",
                 "kept": "kept for the instance that takes the job over",
                 "unavailable": "dropped, Redis is unavailable",
             }.get(result, "dropped, no such job"),
@@ -166,6 +167,15 @@ class JobManager:
             job.signal(sig)
             return
         self._forward(room, identity, sig, attempts_left)
+
+    def redeliver(self, room: str, identity: str, signal_name: str) -> None:
+        """A signal left in a dead instance's inbox: to the job here, or routed on."""
+        try:
+            sig = Signal(signal_name)
+        except ValueError:
+            return
+        if not self._stopping:
+            self.route(room, identity, sig)
 
     def deliver(self, room: str, identity: str, signal_name: str) -> bool:
         """A webhook signal that another instance routed here; False if no job for it runs

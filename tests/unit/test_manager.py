@@ -556,3 +556,10 @@ class SeveralInstancesTests(ManagerTestCase):
         self.manager.taken_over([TakenJob(stored("d1"), True, ())])
         self.assertEqual(self.hs.of("send", "d1"), [0.0])
         self.assertIsNone(self.manager.get("room", "alice"))
+
+    def test_a_signal_from_a_dead_instances_inbox_goes_to_the_job_or_on(self) -> None:
+        self.manager.add(params("d1"))
+        self.manager.redeliver("room", "alice", "ParticipantConnected")
+        self.assertEqual(self.manager.get("room", "alice").state, State.Connected)
+        self.manager.redeliver("room", "carol", "ParticipantConnected")
+        self.assertEqual(self.store.ops[-1], ("forward", "room", "carol", "ParticipantConnected"))
