@@ -114,10 +114,14 @@ class ExactlyOnceAfterKillTests(InstancesCase, unittest.TestCase):
             yield self.hook("participant_joined", p)
         yield self.wait_for(lambda: all(self.hs.restarts(d) for d in ids), "every job to be restarted once")
 
+        # the homeserver takes the sends in and never answers: the daemon is killed with
+        # every leave sent and none of the sends finished
+        self.hs.never_answer()
         for p in people:
             yield self.hook("participant_left", p, "CLIENT_INITIATED")
         yield self.wait_sends(ids)
         yield daemon.kill()  # no clean shutdown: whatever is not in Redis yet is lost
+        self.hs.answer_normally()
 
         # every sent leave's record was gone from Redis before its send went out
         records = yield self.stored()
