@@ -227,7 +227,7 @@ def bench_steady_ops(port: int, jobs: int, window: float):
     calls = (sent.count - sent_before) / window * 60
     print(f"2. steady state, {jobs} connected jobs (60 s timeout: a restart every 48 s) over 3 instances: "
           f"{calls / jobs:.2f} Redis calls per job per minute ({calls:.0f}/min in all, of which lease rounds "
-          f"{3 * 4 * 60 / (10 / 3):.0f}/min); Redis executes {executed / jobs:.2f} commands per job per minute "
+          f"{3 * 5 * 60 / (10 / 3):.0f}/min); Redis executes {executed / jobs:.2f} commands per job per minute "
           f"counting those inside the scripts")
     yield close(made)
 

@@ -10,8 +10,8 @@ but slow peer keeps its connection open and so keeps its jobs until its lease ex
 (docs/several-instances.md#the-liveness-rule).
 
 Everything that reaches the job table goes through a listener (the
-:class:`~rtcauthd.leave.manager.JobManager`): ``job_lost``, ``all_jobs_lost``,
-``taken_over`` and ``deliver`` (a webhook routed here from another instance).
+:class:`~rtcauthd.leave.manager.JobManager`): ``job_lost``, ``taken_over`` and
+``deliver`` (a webhook routed here from another instance).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from rtcauthd.cluster.lease import InstanceLease
 from rtcauthd.cluster.scripts import (
     ADOPT,
     CONNECTED,
+    DRAIN,
     DROP,
     FENCE,
     FINISH,
@@ -209,7 +210,25 @@ class Cluster:
         if not still_ours:
             yield self.regain()
             return
+        yield self.read_inbox(self.iid)
         yield self.scan_peers()
+
+    @inlineCallbacks
+    def read_inbox(self, iid: bytes):
+        """Signals routed to ``iid`` while it was not listening (reconnecting after a Redis
+        restart or failover); for a dead ``iid``, after its jobs were taken over."""
+        for _ in range(100):  # bounded: 100 x 100 messages a round at most
+            messages = yield self._eval(DRAIN, [PREFIX + b"inbox:" + iid], [100])
+            for message in messages or []:
+                if iid == self.iid:
+                    self.on_message(b"inbox", message)
+                else:
+                    _kind, _, rest = message.partition(b"\n")
+                    signal, _, field = rest.partition(b"\n")
+                    if self.listener is not None:
+                        self.listener.redeliver(*key_of(field), signal.decode("ascii", "replace"))
+            if not messages or len(messages) < 100:
+                return
 
     @inlineCallbacks
     def regain(self):
@@ -217,11 +236,14 @@ class Cluster:
         any more. Drop every job, get a lease again and take back what nobody else took."""
         if self.lease.acquired is False and not self._regaining:
             self._regaining = True
-            log.warn("Lease of instance {iid} was lost; its jobs are dropped here and taken over afresh",
-                     iid=self.iid.decode())
-            self.tokens.clear()
+            log.warn("Lease of instance {iid} was lost; its {count} job(s) are dropped here and taken over afresh",
+                     iid=self.iid.decode(), count=len(self.tokens))
+            # Jobs whose registration has not landed yet keep running: it supersedes
+            # whatever Redis holds when it does, and gives them a token then.
+            lost, self.tokens = list(self.tokens), {}
             if self.listener is not None:
-                self.listener.all_jobs_lost()
+                for field in lost:
+                    self.listener.job_lost(*key_of(field))
         acquired = yield self.lease.acquire()
         if acquired:
             self._regaining = False
@@ -305,6 +327,8 @@ class Cluster:
                 log.info("Took over {count} job(s) of instance {dead}", count=len(taken), dead=dead.decode())
                 if self.listener is not None:
                     self.listener.taken_over(taken)
+            if dead != self.iid:
+                yield self.read_inbox(dead)  # its undelivered signals go to the jobs' new owners
         finally:
             self._taking.discard(dead)
 

@@ -168,8 +168,9 @@ return out
 """
 
 #: KEYS: owners. ARGV: field, signal, key prefix, channel prefix, iid.
-#: A webhook for a job this instance does not run: to its owner, or kept for whoever
-#: takes it over. 'sent', 'kept', 'mine' (ours by Redis) or 'none' (no such job).
+#: A webhook for a job this instance does not run: to its owner ('sent'), into the
+#: inbox of a live owner that is not listening ('queued'), kept for whoever takes the
+#: job of a dead owner over ('kept'), 'mine' (ours by Redis) or 'none' (no such job).
 ROUTE = _OWNER_OF + """
 local owner = owner_of(redis.call('HGET', KEYS[1], ARGV[1]))
 if not owner then return 'none' end
@@ -177,6 +178,12 @@ if owner == ARGV[5] then return 'mine' end
 if redis.call('EXISTS', ARGV[3] .. 'instance:' .. owner) == 1 then
   local message = 'signal\\n' .. ARGV[2] .. '\\n' .. ARGV[1]
   if redis.call('PUBLISH', ARGV[4] .. owner, message) > 0 then return 'sent' end
+  -- alive but not listening (reconnecting): its inbox, read every lease round
+  local inbox = ARGV[3] .. 'inbox:' .. owner
+  redis.call('RPUSH', inbox, message)
+  redis.call('LTRIM', inbox, -10000, -1)
+  redis.call('PEXPIRE', inbox, 86400000)
+  return 'queued'
 end
 local pending_key = ARGV[3] .. 'pending:' .. ARGV[1]
 redis.call('RPUSH', pending_key, ARGV[2])
@@ -192,6 +199,13 @@ redis.call('RPUSH', KEYS[1], ARGV[1])
 redis.call('LTRIM', KEYS[1], -16, -1)
 redis.call('PEXPIRE', KEYS[1], 86400000)
 return 1
+"""
+
+#: KEYS: an instance's inbox. ARGV: how many. Takes the oldest messages out.
+DRAIN = """
+local messages = redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
+if #messages > 0 then redis.call('LTRIM', KEYS[1], #messages, -1) end
+return messages
 """
 
 #: KEYS: instances, owned set of the dead one. ARGV: dead iid. Forget an instance
@@ -213,4 +227,5 @@ SCRIPTS = {
     "route": ROUTE,
     "forget": FORGET,
     "keep": KEEP,
+    "drain": DRAIN,
 }

@@ -19,7 +19,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from rtcauthd.leave.jobs import DelayedLeaveJob, JobEnvironment
-from rtcauthd.leave.machine import Signal
+from rtcauthd.leave.machine import Signal, State
 from rtcauthd.leave.record import JobParams
 from rtcauthd.matrix.delayed_events import Outcome
 from rtcauthd.livekit.presence import Presence
@@ -29,6 +29,11 @@ from rtcauthd.store.model import StoredJob
 log = Logger()
 
 Key = Tuple[str, str]
+
+
+#: a webhook for a job run elsewhere is retried this often while Redis cannot be asked
+FORWARD_ATTEMPTS = 30
+FORWARD_RETRY_SECONDS = 1.0
 
 
 class ShuttingDown(Exception):
@@ -118,10 +123,7 @@ class JobManager:
         sig = signal if isinstance(signal, Signal) else Signal(signal)
         job = self._jobs.get((room, identity))
         if job is None:
-            maybeDeferred(self._store.forward, room, identity, sig.value).addCallbacks(
-                self._forwarded, lambda f: log.failure("Forwarding a webhook failed", f),
-                callbackArgs=(room, identity, sig),
-            )
+            self._forward(room, identity, sig, FORWARD_ATTEMPTS)
             return False
         job.signal(sig)
         return True
@@ -137,7 +139,17 @@ class JobManager:
         log.info("Job {job_id} stopped: its participant was removed from the call", job_id=job.job_id)
         return True
 
-    def _forwarded(self, result: str, room: str, identity: str, sig: Signal) -> None:
+    def _forward(self, room: str, identity: str, sig: Signal, attempts_left: int) -> None:
+        maybeDeferred(self._store.forward, room, identity, sig.value).addCallbacks(
+            self._forwarded, lambda f: log.failure("Forwarding a webhook failed", f),
+            callbackArgs=(room, identity, sig, attempts_left),
+        )
+
+    def _forwarded(self, result: str, room: str, identity: str, sig: Signal, attempts_left: int = 1) -> None:
+        if result == "unavailable" and attempts_left > 1 and not self._stopping:
+            # Redis is away (a failover, a restart): the owner can only be found through it.
+            self._clock.callLater(FORWARD_RETRY_SECONDS, self._retry_forward, room, identity, sig, attempts_left - 1)
+            return
         if result == "mine":
             # Redis says ours: a takeover that is still being started here.
             if not self.deliver(room, identity, sig.value):
@@ -150,12 +162,31 @@ class JobManager:
             identity=identity,
             what={
                 "sent": "handed to the instance that runs the job",
+                "queued": "queued for the instance that runs the job (it is reconnecting)",
                 "kept": "kept for the instance that takes the job over",
                 "unavailable": "dropped, Redis is unavailable",
             }.get(result, "dropped, no such job"),
         )
 
     # -- what the store hears from other instances (docs/several-instances.md) -----------------
+
+    def _retry_forward(self, room: str, identity: str, sig: Signal, attempts_left: int) -> None:
+        if self._stopping:
+            return
+        job = self._jobs.get((room, identity))
+        if job is not None:  # taken over here meanwhile
+            job.signal(sig)
+            return
+        self._forward(room, identity, sig, attempts_left)
+
+    def redeliver(self, room: str, identity: str, signal_name: str) -> None:
+        """A signal left in a dead instance's inbox: to the job here, or routed on."""
+        try:
+            sig = Signal(signal_name)
+        except ValueError:
+            return
+        if not self._stopping:
+            self.route(room, identity, sig)
 
     def deliver(self, room: str, identity: str, signal_name: str) -> bool:
         """A webhook signal that another instance routed here; False if no job for it runs
@@ -181,14 +212,6 @@ class JobManager:
             job.cancel()
             log.info("Job {job_id} is driven by another instance now", job_id=job.job_id)
 
-    def all_jobs_lost(self) -> None:
-        """Our lease ran out: none of the jobs here can be proven ours any more."""
-        jobs, self._jobs = list(self._jobs.values()), {}
-        for job in jobs:
-            job.cancel()
-        if jobs:
-            log.warn("Dropped {count} job(s): this instance's lease ran out", count=len(jobs))
-
     def taken_over(self, taken) -> None:
         """Jobs adopted from a dead instance: resumed from their records, in Connected if
         their participant had connected, then fed the webhooks kept for them."""
@@ -207,8 +230,23 @@ class JobManager:
                 continue
             if t.connected:
                 job.signal(Signal.ParticipantConnected)
+                self._check_still_there(job)
             for name in t.pending:
                 self.deliver(*t.job.key, name)
+
+    def _check_still_there(self, job: DelayedLeaveJob) -> None:
+        """One SFU look-up for a job taken over in Connected: its previous owner may have
+        handled (or been about to send) the leave when it died, and a webhook that reached
+        it is gone with it."""
+
+        def answer(presence: Presence) -> None:
+            if presence is Presence.ABSENT and self._is_current(job) and job.state is State.Connected:
+                log.info("Job {job_id}: the participant left while the job changed hands", job_id=job.job_id)
+                job.signal(Signal.SFUParticipantGone)
+
+        maybeDeferred(self._env.lookup_participant, job.params).addCallbacks(
+            answer, lambda f: log.debug("Look-up after takeover failed: {error}", error=f.getErrorMessage())
+        )
 
     def _claim_and_send(self, params: JobParams) -> "Deferred[Outcome]":
         """The leave goes out only after its record is durably gone while the job is still

@@ -66,8 +66,8 @@ class IJobStore(Interface):
 
     def set_listener(listener):
         """Who hears of jobs lost to, or taken over from, other instances and of signals
-        routed here: an object with ``job_lost(room, identity)``, ``all_jobs_lost()``,
-        ``taken_over(taken_jobs)`` and ``deliver(room, identity, signal_name)``."""
+        routed here: an object with ``job_lost(room, identity)``, ``taken_over(taken_jobs)`` and
+        ``deliver(room, identity, signal_name)`` (False if no such job runs here)."""
 
     def load_all(on_late=None):
         """All parsable stored jobs, for restore on start (docs/redis-format.md#start-up-restore).

@@ -336,8 +336,9 @@ class RedisStore:
                 listener.deliver(t.job.params.room, t.job.params.identity, signal)
 
     def _enqueue_op(self, field: bytes, kind: str, value: Optional[bytes]) -> "Deferred[None]":
-        # A registration not sent yet still has to take the job over when it goes out.
-        before = self._queue.unsent(field)
+        # A registration that has not landed (queued, or in flight and maybe lost) must
+        # still take the job over: what replaces it in the queue registers again.
+        before = self._queue.newest(field)
         if isinstance(before, tuple) and before[0] in ("register", "drop"):
             kind = {"restarted": "register", "finish": "drop"}.get(kind, kind)
         return self._enqueue(field, (kind, value))

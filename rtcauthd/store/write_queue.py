@@ -41,12 +41,11 @@ class WriteQueue:
         self._pending[field] = (self._version, value)
         return self._version
 
-    def unsent(self, field: bytes) -> Optional[object]:
-        """The newest pending value for ``field`` if it has not been sent yet, else None."""
+    def newest(self, field: bytes) -> Optional[object]:
+        """The newest value recorded for ``field`` that has not settled yet (it may be in
+        flight), else None."""
         entry = self._pending.get(field)
-        if entry is None or self._inflight.get(field) == entry[0]:
-            return None
-        return entry[1]
+        return None if entry is None else entry[1]
 
     def version_of(self, field: bytes) -> Optional[int]:
         """The version of the newest pending write for ``field``, None if nothing is pending."""

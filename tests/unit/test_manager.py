@@ -505,7 +505,7 @@ class SeveralInstancesTests(ManagerTestCase):
         self.manager.add(params("d2", identity="bob"))
         self.manager.job_lost("room", "alice")
         self.assertIsNone(self.manager.get("room", "alice"))
-        self.manager.all_jobs_lost()
+        self.manager.job_lost("room", "bob")
         self.assertEqual(len(self.manager), 0)
         self.assertEqual(self.deletes(), [])
         self.at(100)
@@ -535,3 +535,31 @@ class SeveralInstancesTests(ManagerTestCase):
         self.manager.taken_over([TakenJob(stored("d1", timeout_s=4, restarted_at=T0 - 10), True, ())])
         self.assertEqual(self.hs.of("restart", "d1"), [0.0])
         self.assertEqual(self.manager.get("room", "alice").state, State.Connected)
+
+    def test_a_webhook_for_a_job_elsewhere_is_retried_while_redis_is_away(self) -> None:
+        answers = ["unavailable", "unavailable", "sent"]
+        tried = []
+
+        def forward(room, identity, signal):
+            tried.append(self.clock.seconds() - T0)
+            return succeed(answers.pop(0))
+
+        self.store.forward = forward
+        self.manager.route("room", "carol", Signal.ParticipantConnected)
+        self.at(5)
+        self.assertEqual(tried, [0.0, 1.0, 2.0])
+
+    def test_a_taken_over_connected_job_whose_participant_is_gone_sends_the_leave(self) -> None:
+        from rtcauthd.cluster.coordinator import TakenJob
+
+        self.hs.lookup_answer = Presence.ABSENT  # it left while its old owner was dying
+        self.manager.taken_over([TakenJob(stored("d1"), True, ())])
+        self.assertEqual(self.hs.of("send", "d1"), [0.0])
+        self.assertIsNone(self.manager.get("room", "alice"))
+
+    def test_a_signal_from_a_dead_instances_inbox_goes_to_the_job_or_on(self) -> None:
+        self.manager.add(params("d1"))
+        self.manager.redeliver("room", "alice", "ParticipantConnected")
+        self.assertEqual(self.manager.get("room", "alice").state, State.Connected)
+        self.manager.redeliver("room", "carol", "ParticipantConnected")
+        self.assertEqual(self.store.ops[-1], ("forward", "room", "carol", "ParticipantConnected"))

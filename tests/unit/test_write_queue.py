@@ -72,3 +72,16 @@ class WriteQueueTests(SynchronousTestCase):
         self.assertNoResult(drained)
         q.settled(b"f", v)
         self.assertIsNone(self.successResultOf(drained))
+
+
+class NewestTests(SynchronousTestCase):
+    def test_newest_is_the_latest_recorded_value_until_it_settles(self) -> None:
+        q = WriteQueue()
+        self.assertIsNone(q.newest(b"f"))
+        v1 = q.record(b"f", ("register", b"1"))
+        q.take(b"f")  # in flight: still the newest until it settles
+        self.assertEqual(q.newest(b"f"), ("register", b"1"))
+        q.record(b"f", ("restarted", b"2"))
+        self.assertEqual(q.newest(b"f"), ("restarted", b"2"))
+        q.settled(b"f", v1)
+        self.assertEqual(q.newest(b"f"), ("restarted", b"2"))
