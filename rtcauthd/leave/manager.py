@@ -20,6 +20,10 @@ from twisted.python.failure import Failure
 
 from rtcauthd.leave.jobs import DelayedLeaveJob, JobEnvironment
 from rtcauthd.leave.machine import Signal, State
+
+#: Routed between instances like a webhook signal, but not one: "the participant was removed
+#: from the call (membership enforcement), stop the job without sending its leave".
+DISCARD = "rtcauth.discard"
 from rtcauthd.leave.record import JobParams
 from rtcauthd.matrix.delayed_events import Outcome
 from rtcauthd.livekit.presence import Presence
@@ -130,7 +134,22 @@ class JobManager:
 
     def discard(self, room: str, identity: str) -> bool:
         """Stop the job for the key without sending its leave, and delete its record (the
-        participant was removed from the room: docs/membership.md#removal). False: no job."""
+        participant was removed from the room: docs/membership.md#removal).
+
+        False when the job does not run here: with several instances the request is then
+        routed to the instance that runs it, or kept for whoever takes it over, like a
+        webhook (docs/several-instances.md#routing).
+        """
+        if self._discard_here(room, identity):
+            return True
+        maybeDeferred(self._store.forward, room, identity, DISCARD).addCallbacks(
+            self._discard_forwarded,
+            lambda f: log.failure("Forwarding a job's removal failed", f),
+            callbackArgs=(room, identity),
+        )
+        return False
+
+    def _discard_here(self, room: str, identity: str) -> bool:
         job = self._jobs.pop((room, identity), None)
         if job is None:
             return False
@@ -138,6 +157,11 @@ class JobManager:
         self._delete(room, identity)
         log.info("Job {job_id} stopped: its participant was removed from the call", job_id=job.job_id)
         return True
+
+    def _discard_forwarded(self, result: str, room: str, identity: str) -> None:
+        if result == "mine" and not self._discard_here(room, identity):
+            self._store.keep_signal(room, identity, DISCARD)  # being adopted here right now
+        log.debug("Removal of the job for {room}/{identity}: {result}", room=room, identity=identity, result=result)
 
     def _forward(self, room: str, identity: str, sig: Signal, attempts_left: int) -> None:
         maybeDeferred(self._store.forward, room, identity, sig.value).addCallbacks(
@@ -181,6 +205,10 @@ class JobManager:
 
     def redeliver(self, room: str, identity: str, signal_name: str) -> None:
         """A signal left in a dead instance's inbox: to the job here, or routed on."""
+        if signal_name == DISCARD:
+            if not self._stopping:
+                self.discard(room, identity)
+            return
         try:
             sig = Signal(signal_name)
         except ValueError:
@@ -191,6 +219,8 @@ class JobManager:
     def deliver(self, room: str, identity: str, signal_name: str) -> bool:
         """A webhook signal that another instance routed here; False if no job for it runs
         here (the store then keeps it for the job's adoption)."""
+        if signal_name == DISCARD:
+            return self._discard_here(room, identity) or self._stopping
         job = self._jobs.get((room, identity))
         try:
             sig = Signal(signal_name)

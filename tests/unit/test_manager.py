@@ -511,6 +511,36 @@ class SeveralInstancesTests(ManagerTestCase):
         self.at(100)
         self.assertEqual(self.hs.of("send", "d1") + self.hs.of("send", "d2"), [])
 
+    def test_a_removal_for_a_job_elsewhere_is_routed_to_its_owner(self) -> None:
+        from rtcauthd.leave.manager import DISCARD
+
+        self.assertFalse(self.manager.discard("room", "carol"))
+        self.assertEqual(self.store.ops[-1], ("forward", "room", "carol", DISCARD))
+
+    def test_a_routed_removal_stops_the_job_here_without_its_leave(self) -> None:
+        from rtcauthd.leave.manager import DISCARD
+
+        self.connected("d1")
+        self.assertTrue(self.manager.deliver("room", "alice", DISCARD))
+        self.assertIsNone(self.manager.get("room", "alice"))
+        self.assertEqual(self.deletes(), [("room", "alice")])
+        self.manager.deliver("room", "alice", "ParticipantDisconnectedIntentionally")  # the webhook that follows
+        self.at(100)
+        self.assertEqual(self.hs.of("send", "d1"), [])
+        self.assertFalse(self.manager.deliver("room", "nobody", DISCARD))  # kept for an adoption
+
+    def test_a_removal_for_a_job_being_adopted_here_is_kept_for_it(self) -> None:
+        from rtcauthd.cluster.coordinator import TakenJob
+        from rtcauthd.leave.manager import DISCARD
+
+        self.store.forward = lambda room, identity, signal: succeed("mine")
+        self.manager.discard("room", "alice")
+        self.assertEqual(self.store.ops[-1], ("keep", "room", "alice", DISCARD))
+        self.manager.taken_over([TakenJob(stored("d1", identity="alice"), True, (DISCARD,))])
+        self.assertIsNone(self.manager.get("room", "alice"))
+        self.at(100)
+        self.assertEqual(self.hs.of("send", "d1"), [])
+
     def test_a_webhook_for_a_job_not_here_is_forwarded(self) -> None:
         self.assertFalse(self.manager.route("room", "carol", Signal.ParticipantConnected))
         self.assertEqual(self.store.ops[-1], ("forward", "room", "carol", "ParticipantConnected"))
