@@ -9,16 +9,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tests.support.config_loading import BASE, ConfigLoading
 from tests.support.files import files
-from rtcauthd.config import (
-    KNOWN_VARIABLES,
-    SETTINGS,
-    ConfigError,
-    bind_to_endpoints,
-    load_config,
-    parse_cs_api_overrides,
-    parse_env_file,
-    settings_help,
-)
+from rtcauthd.config import KNOWN_VARIABLES, SETTINGS, ConfigError, load_config, settings_help
+from rtcauthd.config_sources import parse_env_file
+from rtcauthd.config_values import bind_to_endpoints, parse_cs_api_overrides
 
 
 

@@ -9,7 +9,8 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 import treq
 
-from rtcauthd.config import load_config, metrics_endpoint
+from rtcauthd.config import load_config
+from rtcauthd.config_values import metrics_endpoint
 from rtcauthd.leave.machine import State
 from rtcauthd.leave.record import JobParams
 from rtcauthd.leave.manager import JobManager
