@@ -43,13 +43,12 @@ from rtcauthd.cluster.scripts import (
     ROUTE,
     ClusterKeys,
 )
-from rtcauthd.store.model import StoredJob
+from rtcauthd.store.model import JOBS_KEY, StoredJob
 
 __all__ = ["Cluster", "ClusterSettings", "TakenJob", "key_of", "owner_of"]
 
 log = Logger()
 
-JOBS_KEY = b"lk-jwt:jobs"
 #: jobs per ADOPT call, so that one script never blocks Redis for long
 ADOPT_BATCH = 500
 

@@ -28,7 +28,7 @@ from rtcauthd.membership.record import (
     encode_record,
 )
 from rtcauthd.cluster.coordinator import key_of
-from rtcauthd.store.redis_connection import connect, describe, is_transient, sentinel_manager
+from rtcauthd.store.redis_connection import connect, decode_hash, describe, is_transient, sentinel_manager
 from rtcauthd.store.redis_url import RedisTarget, parse_redis_url
 from rtcauthd.store.write_queue import WriteQueue
 
@@ -173,17 +173,7 @@ class RedisParticipantStore:
         d = self._redis.hgetall(PARTICIPANTS_KEY).addTimeout(self._load_timeout, self._clock)
 
         def loaded(mapping: dict) -> list[Participant]:
-            participants = []
-            for field, value in mapping.items():
-                try:
-                    participants.append(decode_record(value))
-                except ParticipantRecordError as e:
-                    log.warn(
-                        "Skipping unparsable participant record {field} in Redis: {error}",
-                        field=field.decode("utf-8", "replace") if isinstance(field, bytes) else str(field),
-                        error=str(e),
-                    )
-            return participants
+            return [p for _, p in decode_hash(mapping, decode_record, ParticipantRecordError, "participant record", log)]
 
         def failed(failure: Failure) -> list[Participant]:
             log.warn(

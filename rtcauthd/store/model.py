@@ -34,6 +34,7 @@ from rtcauthd.gojson import (
 
 __all__ = [
     "GO_ZERO_TIME",
+    "JOBS_KEY",
     "StoredJob",
     "StoredJobError",
     "decode_value",
@@ -44,6 +45,9 @@ __all__ = [
 ]
 
 _NS_PER_S = 1_000_000_000
+
+#: The one hash every job lives in, as upstream names it (docs/redis-format.md#key-field-value).
+JOBS_KEY = b"lk-jwt:jobs"
 
 #: Go's zero ``time.Time`` (0001-01-01T00:00:00Z) in unix seconds: what a record without
 #: ``RestartedAt`` decodes to; such a job is long expired.

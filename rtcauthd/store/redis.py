@@ -34,13 +34,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from rtcauthd.cluster.coordinator import Cluster, ClusterSettings, TakenJob, key_of
+from rtcauthd.cluster.coordinator import Cluster, ClusterSettings, TakenJob
 from rtcauthd.cluster.lease import instance_id
 from rtcauthd.metrics import Metrics
 from rtcauthd.store.interface import Claim, IJobStore
-from rtcauthd.store.model import StoredJob, StoredJobError, decode_value, encode_field, encode_value
+from rtcauthd.store.model import JOBS_KEY, StoredJob, StoredJobError, decode_value, encode_field, encode_value
 from rtcauthd.store.redis_connection import (
     connect,
+    decode_hash,
     describe,
     is_transient,
     outbound_error,
@@ -54,8 +55,6 @@ __all__ = ["JOBS_KEY", "PING_STEP", "REBUILD_INTERVAL", "ClusterSettings", "Redi
 
 log = Logger()
 
-#: the one hash every job lives in (docs/redis-format.md#key-field-value)
-JOBS_KEY = b"lk-jwt:jobs"
 
 #: seconds between fresh connections when txredisapi has given up on its own
 REBUILD_INTERVAL = 10.0
@@ -573,17 +572,7 @@ class RedisStore:
         return d.addTimeout(seconds, self._clock)
 
     def _decode_all(self, mapping: dict) -> list[tuple[bytes, StoredJob]]:
-        jobs = []
-        for field, value in mapping.items():
-            try:
-                jobs.append((field, decode_value(value)))
-            except StoredJobError as e:
-                log.warn(
-                    "Skipping unparsable job record {field} in Redis (left in place): {error}",
-                    field=field.decode("utf-8", "replace") if isinstance(field, bytes) else str(field),
-                    error=str(e),
-                )
-        return jobs
+        return decode_hash(mapping, decode_value, StoredJobError, "job record", log)
 
 
 def field_of(job: StoredJob) -> bytes:

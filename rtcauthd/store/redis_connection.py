@@ -10,7 +10,7 @@ rest of rtcauthd) does not take its connection machinery from the caller.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import txredisapi
 from twisted.internet import defer, error
@@ -217,3 +217,25 @@ def is_transient(failure: Failure) -> bool:
         # A server that answers is up; only a restarting one is worth waiting for.
         return str(failure.value).startswith(("LOADING", "MASTERDOWN", "TRYAGAIN"))
     return True
+
+
+def decode_hash(
+    mapping: dict, decode: Callable[[Any], Any], error: type, what: str, logger: Logger
+) -> list[tuple[Any, Any]]:
+    """``(field, decode(value))`` for each entry of a Redis hash read with HGETALL.
+
+    An entry that does not decode (``error``) is logged on ``logger`` (the store's own, so
+    its namespace stays) as a ``what`` and skipped, and left in Redis for whoever wrote it
+    (an upstream instance, a newer rtcauthd). ``what`` is our own constant text.
+    """
+    decoded = []
+    for field, value in mapping.items():
+        try:
+            decoded.append((field, decode(value)))
+        except error as e:
+            logger.warn(
+                "Skipping unparsable " + what + " {field} in Redis (left in place): {error}",
+                field=field.decode("utf-8", "replace") if isinstance(field, bytes) else str(field),
+                error=str(e),
+            )
+    return decoded
