@@ -173,7 +173,8 @@ class RedisParticipantStore:
         d = self._redis.hgetall(PARTICIPANTS_KEY).addTimeout(self._load_timeout, self._clock)
 
         def loaded(mapping: dict) -> list[Participant]:
-            return [p for _, p in decode_hash(mapping, decode_record, ParticipantRecordError, "participant record", log)]
+            decoded = decode_hash(mapping, decode_record, ParticipantRecordError, "participant record", log)
+            return [participant for _, participant in decoded]
 
         def failed(failure: Failure) -> list[Participant]:
             log.warn(
