@@ -90,6 +90,21 @@ class SFU(Resource):
         return lk_models.ParticipantInfo(identity=message.identity).SerializeToString()
 
 
+def populate(hs: Homeserver, rooms: int, per_room: int, register) -> list[tuple[str, str, str, str]]:
+    """``rooms`` Matrix rooms of ``per_room`` joined users each; every user is handed to
+    ``register(n, room_id, user_id, livekit_room, livekit_identity)`` (n counts from 0)."""
+    users = []
+    for r in range(rooms):
+        room_id = f"!room{r}:{SERVER}"
+        hs.joined[room_id] = set()
+        for p in range(per_room):
+            user, identity = f"@u{r}_{p}:{SERVER}", f"ID_{r}_{p}"
+            hs.joined[room_id].add(user)
+            register(len(users), room_id, user, f"LK_{r}", identity)
+            users.append((room_id, user, f"LK_{r}", identity))
+    return users
+
+
 def listen(resource) -> str:
     port = reactor.listenTCP(0, Site(resource), interface="127.0.0.1")
     return f"http://127.0.0.1:{port.getHost().port}"
@@ -125,17 +140,12 @@ def main(args) -> None:
         resolve_cs_api=lambda name: defer.succeed(hs_url), rooms=rooms, stop_job=lambda room, identity: False,
         store=MemoryParticipantStore(),
     )
-    per_room = args.participants // args.rooms
-    users = []
-    for r in range(args.rooms):
-        room_id = f"!room{r}:{SERVER}"
-        hs.joined[room_id] = set()
-        for p in range(per_room):
-            user, identity = f"@u{r}_{p}:{SERVER}", f"ID_{r}_{p}"
-            hs.joined[room_id].add(user)
-            monitor.register(matrix_room_id=room_id, matrix_user_id=user, livekit_room=f"LK_{r}", livekit_identity=identity)
-            monitor.tracker.joined(f"LK_{r}", identity)
-            users.append((room_id, user, f"LK_{r}", identity))
+    def register(n: int, room_id: str, user: str, livekit_room: str, identity: str) -> None:
+        monitor.register(matrix_room_id=room_id, matrix_user_id=user, livekit_room=livekit_room,
+                         livekit_identity=identity)
+        monitor.tracker.joined(livekit_room, identity)
+
+    users = populate(hs, args.rooms, args.participants // args.rooms, register)
 
     hs.requests.clear()
     started = time.monotonic()

@@ -34,7 +34,7 @@ from twisted.internet import defer, reactor  # noqa: E402
 from twisted.web.client import Agent, HTTPConnectionPool  # noqa: E402
 
 from bench.bench_failover import start_redis  # noqa: E402
-from bench.bench_membership import KEY, SECRET, SERVER, SFU, Homeserver, listen, run_on_reactor  # noqa: E402
+from bench.bench_membership import KEY, SECRET, SERVER, SFU, Homeserver, listen, populate, run_on_reactor  # noqa: E402
 from rtcauthd.cluster.scripts import ClusterKeys  # noqa: E402
 from rtcauthd.livekit.tokens import TokenMinter  # noqa: E402
 from rtcauthd.livekit.twirp import RoomServiceClient  # noqa: E402
@@ -104,18 +104,11 @@ def run_bench(args, port: int):
         yield monitor._store.load_all()  # connected
         monitors.append(monitor)
 
-    per_room = args.participants // args.rooms
-    users = []
-    for r in range(args.rooms):
-        room_id = f"!room{r}:{SERVER}"
-        hs.joined[room_id] = set()
-        for p in range(per_room):
-            user, identity = f"@u{r}_{p}:{SERVER}", f"ID_{r}_{p}"
-            hs.joined[room_id].add(user)
-            n = len(users)
-            monitors[n % len(monitors)].register(matrix_room_id=room_id, matrix_user_id=user,
-                                                 livekit_room=f"LK_{r}", livekit_identity=identity)
-            users.append((room_id, user, f"LK_{r}", identity))
+    def register(n: int, room_id: str, user: str, livekit_room: str, identity: str) -> None:
+        monitors[n % len(monitors)].register(matrix_room_id=room_id, matrix_user_id=user,
+                                             livekit_room=livekit_room, livekit_identity=identity)
+
+    users = populate(hs, args.rooms, args.participants // args.rooms, register)
     while raw(port, "HLEN", "lk-jwt:participants") < len(users):
         yield deferLater(0.01)
     for n, (_room_id, _user, lk_room_name, identity) in enumerate(users):
