@@ -846,6 +846,13 @@ class BlackBoxCase:
         self.__dict__.setdefault("_daemons", []).append(d)
         return d
 
+    def write(self, name: str, content: bytes) -> str:
+        """A file in this test's working directory (secrets, env files, registrations)."""
+        path = os.path.join(self.workdir, name)
+        with open(path, "wb") as f:
+            f.write(content)
+        return path
+
     def daemon_logs(self) -> str:
         """Everything this test's daemons printed (for failure messages)."""
         return "\n".join(d.describe() for d in self.__dict__.get("_daemons", []))

@@ -68,12 +68,6 @@ class ConfigErrorTests(BlackBoxCase, unittest.TestCase):
         return defer.gatherResults([self.expect_error(env, *needles) for env, *needles in cases],
                                    consumeErrors=True).addErrback(lambda f: f.value.subFailure)
 
-    def write(self, name: str, content: bytes) -> str:
-        path = os.path.join(self.workdir, name)
-        with open(path, "wb") as f:
-            f.write(content)
-        return path
-
     def test_missing_url_key_or_secret(self):
         return self.expect_errors(
             (self.valid_env(LIVEKIT_URL=None), "LIVEKIT_URL", MUST_BE_SET),
@@ -164,12 +158,6 @@ class KeySourceTests(TokenAssertions, BlackBoxCase, unittest.TestCase):
         env = self.service_env(livekit_url=self.lk.url, full_access=self.hs.server_name, **extra)
         del env["LIVEKIT_KEY"], env["LIVEKIT_SECRET"]
         return env
-
-    def write(self, name: str, content: bytes) -> str:
-        path = os.path.join(self.workdir, name)
-        with open(path, "wb") as f:
-            f.write(content)
-        return path
 
     @defer.inlineCallbacks
     def prove(self, daemon, key: str, secret: str):

@@ -86,12 +86,6 @@ class AppServiceSecrecyTests(BlackBoxCase, unittest.TestCase):
             **extra,
         }
 
-    def write(self, name: str, content: bytes) -> str:
-        path = os.path.join(self.workdir, name)
-        with open(path, "wb") as f:
-            f.write(content)
-        return path
-
     @defer.inlineCallbacks
     def run_and_stop(self, env):
         daemon = yield self.start_daemon(env)
