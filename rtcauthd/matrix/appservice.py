@@ -116,19 +116,13 @@ class HomeserverAppservice:
                 return features
             del self._versions[base_url]
         step = "homeserver versions"
-        response = await self._http.request(
-            b"GET",
+        document = await self._get_object(
             base_url.rstrip("/") + "/_matrix/client/versions",
-            headers={"Accept": "application/json"},
-            timeout=VERSIONS_TIMEOUT,
-            max_body=MAX_BODY,
-            step=step,
+            step,
+            VERSIONS_TIMEOUT,
+            MAX_BODY,
+            headers={"Accept": "application/json"},  # public: no as_token
         )
-        if not 200 <= response.code < 300:
-            raise _status_error(step, response.code, response.body)
-        document = _json(response.body, step)
-        if not isinstance(document, dict):
-            raise OutboundError(FailureKind.BAD_BODY, step, "answer is not a JSON object")
         features = document.get("unstable_features")
         if features is None:
             features = {}
@@ -147,10 +141,13 @@ class HomeserverAppservice:
             FailureKind.BAD_BODY, "is_joined", "homeserver does not support is_joined (MSC4502)"
         )
 
-    async def _get_object(self, url: str, step: str, timeout: float, max_body: int) -> dict:
-        """An as_token GET whose 2xx answer must be a JSON object."""
+    async def _get_object(
+        self, url: str, step: str, timeout: float, max_body: int, *, headers: Optional[dict] = None
+    ) -> dict:
+        """A GET (with the as_token unless ``headers`` are given) whose 2xx answer must be a JSON object."""
         response = await self._http.request(
-            b"GET", url, headers=self._auth(), timeout=timeout, max_body=max_body, step=step
+            b"GET", url, headers=self._auth() if headers is None else headers, timeout=timeout, max_body=max_body,
+            step=step,
         )
         if not 200 <= response.code < 300:
             raise _status_error(step, response.code, response.body)
