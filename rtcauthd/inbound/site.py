@@ -17,7 +17,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from zope.interface import implementer
 
-from rtcauthd.inbound.admission import AdmissionQueue
+from rtcauthd.inbound.admission import AdmissionQueue, healthz_now
 from rtcauthd.inbound.client_address import ATTRIBUTE as CLIENT_ATTRIBUTE
 from rtcauthd.inbound.connections import DeadlineChannel, OverflowProtocol
 from rtcauthd.metrics import Metrics
@@ -131,9 +131,11 @@ class RtcAuthSite(Site):
         self._idle_waiters: list[Deferred] = []
         self.admission: Optional[AdmissionQueue] = None
         if admission_batch is not None:
-            options = {"classify": admission_classify} if admission_classify is not None else {}
             self.admission = AdmissionQueue(
-                self._clock, SizeLimitingRequest.handle_now, batch=admission_batch, **options
+                self._clock,
+                SizeLimitingRequest.handle_now,
+                batch=admission_batch,
+                classify=admission_classify or healthz_now,
             )
             self._metrics.inbound_queued.set_function(self.admission.__len__)
         self.requestFactory = _RequestFactory(self)
